@@ -1,0 +1,75 @@
+"""The ``analysisq`` command group and the options every command shares.
+
+Errors from the analysisq tree end the command with their message and exit code 2 (bad input
+or configuration) or 1 (anything else), never a traceback with secrets in it.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from analysisq import __version__
+from analysisq.errors import AnalysisqError, ConfigError, InputError
+from analysisq.logs import setup_logging
+from analysisq.settings import Settings, load_settings
+
+
+class Context:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+
+class AnalysisqGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (ConfigError, InputError) as exc:
+            click.echo(f"error: {exc.message}", err=True)
+            sys.exit(2)
+        except AnalysisqError as exc:
+            click.echo(f"error: {exc.message}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=AnalysisqGroup)
+@click.version_option(__version__, prog_name="analysisq")
+@click.option("--database-url", envvar=None, help="PostgreSQL URL (env DATABASE_URL).")
+@click.option("--data-dir", type=click.Path(), help="Local state: embedded database, results.")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+@click.option("--log-format", type=click.Choice(["json", "text"]))
+@click.pass_context
+def cli(
+    ctx: click.Context,
+    database_url: str | None,
+    data_dir: str | None,
+    log_level: str | None,
+    log_format: str | None,
+) -> None:
+    """analysisq: daily LLM prompt analyses on a PostgreSQL work queue."""
+    try:
+        settings = load_settings(
+            database_url=database_url, data_dir=data_dir, log_level=log_level,
+            log_format=log_format,
+        )  # fmt: skip
+    except ConfigError as exc:
+        raise click.UsageError(exc.message) from None
+    setup_logging(settings.log_level, settings.log_format)
+    ctx.obj = Context(settings)
+
+
+def _register() -> None:
+    from analysisq.cli import db, worker
+
+    for module in (db, worker):
+        for command in module.COMMANDS:
+            cli.add_command(command)
+
+
+_register()
+
+
+def main() -> None:
+    cli(prog_name="analysisq")

@@ -1,0 +1,96 @@
+"""Connections to PostgreSQL, with asyncpg errors translated at this boundary.
+
+Callers use ``pool()`` / ``connect()`` and the ``translated()`` context manager; they see
+``DatabaseUnavailable`` (retry later) or ``DatabaseError`` (a bug or a constraint), never an
+asyncpg exception, and never the password of the URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+import asyncpg
+
+from analysisq.errors import DatabaseError, DatabaseUnavailable, redact
+
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.AdminShutdownError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+def safe_url(url: str) -> str:
+    """The URL with its password removed, for messages."""
+    return redact(url, limit=500)
+
+
+@contextmanager
+def translated(what: str) -> Iterator[None]:
+    """Turn asyncpg and socket errors raised inside into analysisq errors."""
+    try:
+        yield
+    except _UNAVAILABLE as exc:
+        raise DatabaseUnavailable(f"{what}: database unavailable: {redact(str(exc))}") from None
+    except asyncpg.PostgresError as exc:
+        raise DatabaseError(f"{what}: {type(exc).__name__}: {redact(str(exc))}") from None
+
+
+async def _init(conn: asyncpg.Connection) -> None:
+    # Every analysisq session runs in UTC so timestamps read the same everywhere.
+    await conn.execute("SET TIME ZONE 'UTC'")
+
+
+async def connect(url: str, *, timeout: float = 10.0) -> asyncpg.Connection:
+    with translated(f"connecting to {safe_url(url)}"):
+        conn: asyncpg.Connection = await asyncpg.connect(url, timeout=timeout)
+        await _init(conn)
+        return conn
+
+
+async def create_pool(
+    url: str, *, min_size: int = 1, max_size: int = 4, timeout: float = 10.0, **kw: Any
+) -> asyncpg.Pool:
+    with translated(f"connecting to {safe_url(url)}"):
+        pool = await asyncpg.create_pool(
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=timeout,
+            init=_init,
+            # A pooled connection that died with the server is dropped, not reused.
+            max_inactive_connection_lifetime=60.0,
+            **kw,
+        )
+        assert pool is not None
+        return pool
+
+
+@asynccontextmanager
+async def open_pool(url: str, **kw: Any) -> AsyncIterator[asyncpg.Pool]:
+    pool = await create_pool(url, **kw)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@asynccontextmanager
+async def acquire(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled connection; failing to get one is ``DatabaseUnavailable``."""
+    with translated("acquiring a database connection"):
+        conn = await pool.acquire()
+    try:
+        yield conn
+    finally:
+        with contextlib.suppress(Exception):
+            await pool.release(conn)

@@ -1,0 +1,140 @@
+"""The one exception tree of analysisq.
+
+Every error that crosses a module boundary is one of these. Lower-level errors (asyncpg,
+httpx, the Kubernetes client) are translated where they are caught, so callers decide what to
+do from the type alone: a ``TransientError`` is retried with backoff, a ``PermanentError``
+fails the item at once, an ``AuthError`` pauses the target for the run, a ``RateLimited``
+reschedules without burning an attempt. Each class docstring is its default message.
+
+Messages never contain secrets: provider errors carry the status code and a bounded excerpt
+of the body with anything that looks like a credential removed (see ``redact``).
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+
+
+class ErrorClass(StrEnum):
+    """Why an item failed; stored in ``analysis_queue.error_class``."""
+
+    TRANSIENT = "transient"
+    RATE_LIMITED = "rate_limited"
+    PERMANENT = "permanent"
+    AUTH = "auth"
+    INVALID_INPUT = "invalid_input"
+    POISON = "poison"
+    LEASE_LOST = "lease_lost"
+
+
+class AnalysisqError(Exception):
+    """analysisq failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
+class ConfigError(AnalysisqError):
+    """The configuration is invalid."""
+
+
+class SpecError(ConfigError):
+    """The AnalysisRun spec is invalid."""
+
+
+class InputError(AnalysisqError):
+    """The input file has invalid rows."""
+
+
+class DatabaseError(AnalysisqError):
+    """The database failed."""
+
+
+class DatabaseUnavailable(DatabaseError):
+    """The database cannot be reached."""
+
+
+class SchemaMismatch(DatabaseError):
+    """The database schema is not the one this analysisq knows; run `analysisq migrate`."""
+
+
+class RunNotFound(AnalysisqError):
+    """No such run."""
+
+
+class LeaseLost(AnalysisqError):
+    """The claim on this item is no longer ours: another worker or the rescuer took it."""
+
+
+class ProviderError(AnalysisqError):
+    """The provider failed."""
+
+    error_class: ErrorClass = ErrorClass.PERMANENT
+
+    def __init__(self, message: str | None = None, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class TransientError(ProviderError):
+    """The provider failed in a way that may succeed on retry."""
+
+    error_class = ErrorClass.TRANSIENT
+
+    def __init__(
+        self, message: str | None = None, *, status: int | None = None, delay: float | None = None
+    ) -> None:
+        super().__init__(message, status=status)
+        #: Seconds the provider asked us to wait (``Retry-After``), if it said.
+        self.delay = delay
+
+
+class RateLimited(TransientError):
+    """The provider is rate limiting us (HTTP 429)."""
+
+    error_class = ErrorClass.RATE_LIMITED
+
+
+class PermanentError(ProviderError):
+    """The provider refused this request; retrying will not help."""
+
+    error_class = ErrorClass.PERMANENT
+
+
+class InvalidInput(PermanentError):
+    """The prompt cannot be sent (empty, too long, or refused as content)."""
+
+    error_class = ErrorClass.INVALID_INPUT
+
+
+class AuthError(ProviderError):
+    """The provider refused our credentials (HTTP 401/403); the target is paused for the run."""
+
+    error_class = ErrorClass.AUTH
+
+
+_SECRETISH = re.compile(
+    r"(?i)(bearer\s+[A-Za-z0-9._~+/=-]+|sk-[A-Za-z0-9_-]{6,}|"
+    r"(api[_-]?key|x-api-key|authorization|password|token)(\"?\s*[:=]\s*\"?)[^\s\",}]+|"
+    r"postgres(?:ql)?://[^\s@/]+@)"
+)
+
+
+def redact(text: str, limit: int = 300) -> str:
+    """Return *text* cut to *limit* characters with anything credential-like masked."""
+
+    def mask(m: re.Match[str]) -> str:
+        s = m.group(0)
+        if s.lower().startswith("postgres"):
+            return s.split("://", 1)[0] + "://***@"
+        if m.group(2):
+            return f"{m.group(2)}{m.group(3)}***"
+        return "***"
+
+    cleaned = _SECRETISH.sub(mask, text)
+    return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + "…"

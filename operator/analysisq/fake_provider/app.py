@@ -1,0 +1,292 @@
+"""The fake provider's routes: an OpenAI chat completions endpoint plus control routes.
+
+``POST /v1/chat/completions`` handles a request in the order a real provider would:
+record it, check the API key (401), apply the rate cap (429 with ``Retry-After``,
+``retry-after-ms`` and ``x-ratelimit-*``), refuse over-long prompts (400
+``context_length_exceeded``), wait the drawn latency, then fail the prompt's first
+``fail_first`` requests (503), inject a fault from the error mix, or answer. The answer is a
+realistic ``chat.completion`` whose content is JSON derived from the prompt alone.
+
+Control: ``GET /stats`` (``?histogram=1`` adds requests per second), ``POST /reset``,
+``GET``/``POST /config`` (a partial ``FakeConfig`` as JSON), ``GET /healthz``,
+``GET /v1/models``. ``server`` runs this app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import random
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from analysisq.fake_provider.config import ERROR_KINDS, ErrorKind, FakeConfig
+from analysisq.fake_provider.stats import Recorder, prompt_key
+from analysisq.providers.base import approx_tokens
+
+_SENTIMENTS = ("positive", "neutral", "negative")
+
+
+class _TokenBucket:
+    """*rate* tokens a second, at most *burst* saved up; one token per admitted request."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = burst
+        self._stamp: float | None = None
+
+    def take(self, now: float) -> float:
+        """0 if a token was taken, else the seconds until one will be there."""
+        if self._stamp is not None:
+            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return 0.0
+        return (1 - self._tokens) / self.rate
+
+
+class FakeApp:
+    """State and handlers of one fake provider; ``application()`` wires the routes."""
+
+    def __init__(self, config: FakeConfig) -> None:
+        self.recorder = Recorder()
+        #: Set on shutdown: releases every request held by an injected hang.
+        self.closing = asyncio.Event()
+        self.configure(config)
+
+    def configure(self, config: FakeConfig) -> None:
+        """Use *config* from the next request on (rate cap and random draws restart)."""
+        self.config = config
+        self._rng = random.Random(config.seed)
+        rps = config.rate_limit_rps
+        self._bucket = _TokenBucket(rps, config.burst) if rps else None
+
+    def reset(self) -> None:
+        """Forget every counter (``fail_first`` starts over too)."""
+        self.recorder = Recorder()
+        self.configure(self.config)
+
+    def application(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/stats", self.stats)
+        app.router.add_post("/reset", self.reset_route)
+        app.router.add_get("/config", self.get_config)
+        app.router.add_post("/config", self.set_config)
+        app.router.add_get("/healthz", self.healthz)
+        return app
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        self.recorder.request(time.monotonic())
+        cfg = self.config
+        try:
+            body = await request.json()
+        except ValueError:
+            return self._error(400, "We could not parse the JSON body of your request.")
+        prompt = _last_user_message(body)
+        if prompt is None:
+            return self._error(400, "'messages' must end with a user message with text content.")
+        key = prompt_key(prompt)
+        self.recorder.prompt(key)
+        if cfg.require_api_key is not None and _presented_key(request) != cfg.require_api_key:
+            return self._error(401, "Incorrect API key provided.", code="invalid_api_key")
+        if self._bucket is not None:
+            wait = self._bucket.take(time.monotonic())
+            if wait > 0:
+                return self._rate_capped(wait, self._bucket.rate)
+        admitted = self.recorder.admitted(key)
+        if cfg.max_prompt_chars is not None and len(prompt) > cfg.max_prompt_chars:
+            message = (
+                f"This model's maximum context length is {max(1, cfg.max_prompt_chars // 4)}"
+                f" tokens. However, your messages resulted in {approx_tokens(prompt)} tokens."
+                " Please reduce the length of the messages."
+            )
+            return self._error(400, message, code="context_length_exceeded", param="messages")
+        fault = self._draw_fault(cfg)
+        latency_s = self._draw_latency(cfg)
+        if latency_s > 0:
+            await asyncio.sleep(latency_s)
+        if admitted <= cfg.fail_first:
+            message = "The server had an error while processing your request (fail_first)."
+            return self._error(cfg.fail_first_status, message, type_="server_error")
+        if fault is not None:
+            return await self._fault(fault, cfg)
+        return self._completion(body, prompt, key, latency_s)
+
+    async def models(self, request: web.Request) -> web.Response:
+        model = {"id": self.config.model, "object": "model", "created": 0, "owned_by": "fake"}
+        return web.json_response({"object": "list", "data": [model]})
+
+    async def stats(self, request: web.Request) -> web.Response:
+        out = self.recorder.snapshot().to_json()
+        if request.query.get("histogram") in ("1", "true"):
+            out["requests_per_second"] = self.recorder.histogram()
+        return web.json_response(out)
+
+    async def reset_route(self, request: web.Request) -> web.Response:
+        self.reset()
+        return web.json_response({"status": "reset"})
+
+    async def get_config(self, request: web.Request) -> web.Response:
+        return web.json_response(self.config.model_dump(mode="json", exclude={"require_api_key"}))
+
+    async def set_config(self, request: web.Request) -> web.Response:
+        try:
+            patch = await request.json()
+            config = FakeConfig.model_validate({**self.config.model_dump(), **patch})
+        except (ValueError, TypeError) as exc:
+            # ValidationError is a ValueError; its text names the fields, never the key.
+            detail = str(exc) if isinstance(exc, ValidationError) else "body must be a JSON object"
+            return web.json_response({"error": detail}, status=400)
+        self.configure(config)
+        return await self.get_config(request)
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    def _draw_fault(self, cfg: FakeConfig) -> ErrorKind | None:
+        if not cfg.errors:
+            return None
+        draw = self._rng.random()
+        for kind in ERROR_KINDS:
+            draw -= cfg.errors.get(kind, 0.0)
+            if draw < 0:
+                return kind
+        return None
+
+    def _draw_latency(self, cfg: FakeConfig) -> float:
+        mean = cfg.latency_ms
+        if cfg.lognormal_sigma is not None and mean > 0:
+            sigma = cfg.lognormal_sigma
+            return self._rng.lognormvariate(math.log(mean) - sigma**2 / 2, sigma) / 1000
+        if mean <= 0 and cfg.jitter_ms <= 0:
+            return 0.0
+        return max(0.0, self._rng.uniform(mean - cfg.jitter_ms, mean + cfg.jitter_ms)) / 1000
+
+    async def _fault(self, kind: ErrorKind, cfg: FakeConfig) -> web.StreamResponse:
+        if kind == "hang":
+            self.recorder.responded("hang")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.closing.wait(), cfg.hang_s)
+            return web.json_response({"error": {"message": "hung"}}, status=504)
+        if kind == "malformed":
+            self.recorder.responded("malformed")
+            broken = '{"id": "chatcmpl-broken", "object": "chat.completion", "choices": [{"ind'
+            return web.Response(text=broken, content_type="application/json")
+        if kind == "429":
+            message = "Rate limit reached for requests (injected fault). Please try again later."
+            headers = {"Retry-After": f"{cfg.retry_after_s:g}"}
+            return self._error(429, message, "requests", "rate_limit_exceeded", headers=headers)
+        if kind == "401":
+            return self._error(401, "Incorrect API key provided.", code="invalid_api_key")
+        if kind == "400":
+            return self._error(400, "Invalid request (injected fault).")
+        if kind == "503":
+            message = "The engine is currently overloaded, please try again later."
+            return self._error(503, message, type_="server_error")
+        message = "The server had an error while processing your request."
+        return self._error(int(kind), message, type_="server_error")
+
+    def _rate_capped(self, wait_s: float, rps: float) -> web.Response:
+        millis = max(1, math.ceil(wait_s * 1000))
+        headers = {
+            "Retry-After": str(max(1, math.ceil(wait_s))),
+            "retry-after-ms": str(millis),
+            "x-ratelimit-limit-requests": f"{rps:g}",
+            "x-ratelimit-remaining-requests": "0",
+            "x-ratelimit-reset-requests": f"{millis}ms",
+        }
+        message = f"Rate limit reached: limit {rps:g} requests/s. Please try again in {millis}ms."
+        return self._error(429, message, "requests", "rate_limit_exceeded", headers=headers)
+
+    def _completion(
+        self, body: dict[str, Any], prompt: str, key: bytes, latency_s: float
+    ) -> web.Response:
+        content = _answer(prompt, key)
+        prompt_tokens = sum(
+            approx_tokens(m["content"])
+            for m in body["messages"]
+            if isinstance(m, dict) and isinstance(m.get("content"), str)
+        )
+        completion_tokens = approx_tokens(content)
+        reply = {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": str(body.get("model") or self.config.model),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+            "system_fingerprint": "fp_analysisq_fake",
+        }
+        self.recorder.completed(key, time.monotonic())
+        self.recorder.responded(200)
+        headers = {"openai-processing-ms": str(round(latency_s * 1000))}
+        return web.json_response(reply, headers=headers)
+
+    def _error(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        *,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> web.Response:
+        self.recorder.responded(status)
+        error = {"message": message, "type": type_, "param": param, "code": code}
+        return web.json_response({"error": error}, status=status, headers=headers)
+
+
+def _last_user_message(body: Any) -> str | None:
+    """The text of the last user message; list-of-parts content is joined."""
+    messages = body.get("messages") if isinstance(body, dict) else None
+    if not isinstance(messages, list):
+        return None
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):
+                texts = [p.get("text") for p in content if isinstance(p, dict)]
+                content = "".join(t for t in texts if isinstance(t, str))
+            return content if isinstance(content, str) and content else None
+    return None
+
+
+def _presented_key(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    return request.headers.get("x-api-key")
+
+
+def _answer(prompt: str, key: bytes) -> str:
+    """A deterministic, analysis-shaped JSON answer derived from the prompt alone."""
+    words = len(prompt.split())
+    answer = {
+        "summary": f"A prompt of {words} words and {len(prompt)} characters.",
+        "sentiment": _SENTIMENTS[key[0] % len(_SENTIMENTS)],
+        "score": round(key[1] / 255, 3),
+        "prompt_sha256": key.hex(),
+    }
+    return json.dumps(answer)

@@ -1,0 +1,70 @@
+"""What the fake provider does: latency, injected faults, its own rate cap, the API key.
+
+One validated ``FakeConfig`` drives the server (``app``); ``POST /config`` swaps it at run
+time (a chaos test can start an error storm mid-run). The CLI flags of
+``analysisq fake-provider`` map one to one onto these fields (``cli_options``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+#: Faults the error mix can inject: an HTTP status with an OpenAI-shaped error body,
+#: ``malformed`` (200 with a truncated JSON body) or ``hang`` (no answer for ``hang_s``).
+ErrorKind = Literal["400", "401", "429", "500", "503", "malformed", "hang"]
+ERROR_KINDS: tuple[ErrorKind, ...] = ("400", "401", "429", "500", "503", "malformed", "hang")
+
+
+class FakeConfig(BaseModel):
+    """Behaviour of the fake OpenAI-compatible provider. Defaults: instant, flawless."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Model name reported when a request names none (otherwise the request's is echoed).
+    model: str = "fake-model"
+    #: Mean added latency per admitted request, in milliseconds.
+    latency_ms: float = Field(default=0.0, ge=0, le=600_000)
+    #: Uniform jitter: latency is drawn from ``latency_ms ± jitter_ms`` (never below 0).
+    jitter_ms: float = Field(default=0.0, ge=0, le=600_000)
+    #: When set, latency is lognormal with mean ``latency_ms`` and this shape (sigma of the
+    #: underlying normal; 0.5 gives a realistic long tail) and ``jitter_ms`` is ignored.
+    lognormal_sigma: float | None = Field(default=None, gt=0, le=5)
+    #: Probability of each injected fault per admitted request; they must sum to at most 1.
+    errors: dict[ErrorKind, float] = Field(default_factory=dict)
+    #: ``Retry-After`` seconds sent with injected 429s.
+    retry_after_s: float = Field(default=1.0, ge=0, le=3600)
+    #: How long an injected ``hang`` holds the request before giving up with 504.
+    hang_s: float = Field(default=600.0, ge=0, le=86_400)
+    #: Each distinct prompt fails its first N admitted requests with ``fail_first_status``.
+    fail_first: int = Field(default=0, ge=0, le=1000)
+    #: Status of ``fail_first`` failures: a transient one.
+    fail_first_status: Literal[500, 502, 503, 504] = 503
+    #: When set, requests without this key (``Authorization: Bearer`` or ``x-api-key``) get 401.
+    require_api_key: str | None = Field(default=None, min_length=1, repr=False)
+    #: The server's own rate cap in requests per second (429 with Retry-After above it).
+    rate_limit_rps: float | None = Field(default=None, gt=0, le=1_000_000)
+    #: Burst the cap allows; default ``max(1, rate_limit_rps / 10)``, so that no window of
+    #: one second or more admits more than the cap + 10% (+1 below 10 req/s).
+    rate_limit_burst: float | None = Field(default=None, ge=1)
+    #: Prompts longer than this many characters get OpenAI's 400 ``context_length_exceeded``.
+    max_prompt_chars: int | None = Field(default=None, ge=1)
+    #: Seed of the random draws (latency, error mix); ``None`` for a fresh one each start.
+    seed: int | None = 0
+
+    @model_validator(mode="after")
+    def _rates_are_probabilities(self) -> FakeConfig:
+        bad = {k: p for k, p in self.errors.items() if not 0 <= p <= 1}
+        if bad:
+            raise ValueError(f"error rates must be between 0 and 1: {bad}")
+        if sum(self.errors.values()) > 1 + 1e-9:
+            raise ValueError("error rates must sum to at most 1")
+        return self
+
+    @property
+    def burst(self) -> float:
+        """Token-bucket capacity of the rate cap."""
+        if self.rate_limit_burst is not None:
+            return self.rate_limit_burst
+        return max(1.0, (self.rate_limit_rps or 0) / 10)

@@ -1,0 +1,91 @@
+"""Anthropic's Messages API.
+
+``POST {endpoint}/v1/messages`` (endpoint default ``https://api.anthropic.com``) with headers
+``x-api-key`` and ``anthropic-version`` and body ``{"model", "max_tokens", "messages": [user
+prompt], **params}``; ``max_tokens`` defaults to 1024 (the API requires it), ``system``,
+``temperature`` and the rest pass through. ``params.anthropic_version`` overrides the API
+version header and is not sent in the body. The answer is the concatenated ``text`` blocks
+of ``content``; ``stop_reason: refusal`` is ``InvalidInput``.
+"""
+
+from __future__ import annotations
+
+import httpx
+
+from analysisq.errors import ConfigError, InvalidInput, TransientError
+from analysisq.providers.base import Completion, check_prompt, parse_json_text
+from analysisq.providers.client import Reply, decode_json, field, optional_int, post_json
+from analysisq.spec import Target
+
+DEFAULT_ENDPOINT = "https://api.anthropic.com"
+API_VERSION = "2023-06-01"
+DEFAULT_MAX_TOKENS = 1024
+
+
+class AnthropicProvider:
+    """Messages API calls for one target over the shared client."""
+
+    def __init__(self, target: Target, client: httpx.AsyncClient, api_key: str | None) -> None:
+        params = dict(target.params)
+        if params.get("stream"):
+            raise ConfigError(f"target {target.name!r}: streaming responses are not supported")
+        self.target = target
+        self._client = client
+        self._api_key = api_key
+        self._version = str(params.pop("anthropic_version", API_VERSION))
+        params.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
+        self._params = params
+        base = (target.endpoint or DEFAULT_ENDPOINT).rstrip("/")
+        if base.endswith("/v1/messages"):
+            self._url = base
+        elif base.endswith("/v1"):
+            self._url = f"{base}/messages"
+        else:
+            self._url = f"{base}/v1/messages"
+
+    def __repr__(self) -> str:
+        return f"AnthropicProvider(target={self.target.name!r}, url={self._url!r})"
+
+    async def complete(self, prompt: str) -> Completion:
+        check_prompt(prompt)
+        payload = {
+            **self._params,
+            "model": self.target.model,
+            "messages": [{"role": "user", "content": prompt}],
+        }
+        headers = {"anthropic-version": self._version}
+        if self._api_key:
+            headers["x-api-key"] = self._api_key
+        reply = await post_json(
+            self._client,
+            self._url,
+            payload,
+            headers=headers,
+            timeout_s=self.target.timeout_seconds,
+            secrets=(self._api_key or "",),
+        )
+        return self._completion(reply)
+
+    def _completion(self, reply: Reply) -> Completion:
+        body = field(reply, decode_json(reply), expect=dict)
+        blocks = field(reply, body, "content", expect=list)
+        if body.get("stop_reason") == "refusal":
+            raise InvalidInput(f"{reply.where} refused the prompt (stop_reason refusal)")
+        texts = [
+            b["text"]
+            for b in blocks
+            if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
+        ]
+        if not texts:
+            raise TransientError(f"reply from {reply.where} has no text content block")
+        text = "".join(texts)
+        usage = body.get("usage")
+        usage = usage if isinstance(usage, dict) else {}
+        return Completion(
+            text=text,
+            parsed=parse_json_text(text),
+            tokens_in=optional_int(usage.get("input_tokens")),
+            tokens_out=optional_int(usage.get("output_tokens")),
+            model=str(body.get("model") or self.target.model),
+            latency_ms=reply.latency_ms,
+        )

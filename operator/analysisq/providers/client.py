@@ -1,0 +1,163 @@
+"""The one HTTP pipeline every provider uses: a shared client and ``post_json``.
+
+``make_http_client`` builds the ``httpx.AsyncClient`` a worker process shares across every
+target and item (pooled connections, no transport retries: the queue owns retries).
+``post_json`` sends one request with the target's timeouts and translates whatever happens
+at the boundary: httpx exceptions become ``TransientError`` (or ``PermanentError`` for a URL
+that can never work), non-2xx answers go to ``http_errors.error_for_response``, and a 2xx
+body that is not the JSON the provider module expects becomes ``TransientError`` through
+``decode_json`` and ``field``.
+
+Errors are raised outside the ``except`` blocks that caught the httpx exception, so neither
+``__cause__`` nor ``__context__`` links to an exception whose request carries our headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from analysisq import __version__
+from analysisq.errors import PermanentError, ProviderError, TransientError, redact
+from analysisq.providers.http_errors import error_for_response
+
+USER_AGENT = f"analysisq/{__version__}"
+#: Connect quickly or not at all: a provider that does not accept a TCP connection within
+#: this many seconds is down, whatever the target's (read) timeout.
+CONNECT_TIMEOUT_S = 10.0
+
+
+def make_http_client(
+    *,
+    max_connections: int = 100,
+    max_keepalive_connections: int = 20,
+    keepalive_expiry_s: float = 30.0,
+    timeout_s: float = 60.0,
+    trust_env: bool = True,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> httpx.AsyncClient:
+    """The client one worker process shares; close it with ``await client.aclose()``.
+
+    *max_connections* bounds concurrent requests of the process (size it to the batch
+    size); each request overrides *timeout_s* with its target's ``timeoutSeconds``.
+    *trust_env* honours ``HTTPS_PROXY``/``NO_PROXY`` and ``SSL_CERT_FILE``.
+    """
+    return httpx.AsyncClient(
+        limits=httpx.Limits(
+            max_connections=max_connections,
+            max_keepalive_connections=max_keepalive_connections,
+            keepalive_expiry=keepalive_expiry_s,
+        ),
+        timeout=request_timeout(timeout_s),
+        transport=transport or httpx.AsyncHTTPTransport(retries=0, trust_env=trust_env),
+        follow_redirects=False,
+        trust_env=trust_env,
+        headers={"User-Agent": USER_AGENT},
+    )
+
+
+def request_timeout(timeout_s: float) -> httpx.Timeout:
+    """Per-phase timeouts for a target whose whole request may take *timeout_s* seconds."""
+    return httpx.Timeout(
+        timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s), read=timeout_s, write=timeout_s
+    )
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A 2xx answer: its body and how long the exchange took."""
+
+    text: str
+    latency_ms: float
+    #: ``host[:port]/path`` of the request, for error messages (never the query string).
+    where: str
+
+
+async def post_json(
+    client: httpx.AsyncClient,
+    url: str,
+    payload: Mapping[str, Any],
+    *,
+    headers: Mapping[str, str],
+    timeout_s: float,
+    secrets: Iterable[str] = (),
+) -> Reply:
+    """POST *payload* as JSON; the 2xx reply, or a ``ProviderError`` saying what went wrong.
+
+    *timeout_s* bounds the whole exchange (a server that trickles bytes cannot hold a worker
+    past it); *secrets* are masked in any body excerpt that reaches an error message.
+    """
+    secrets = tuple(s for s in secrets if s)
+    failure: ProviderError
+    try:
+        request = client.build_request(
+            "POST",
+            url,
+            json=payload,
+            headers={"User-Agent": USER_AGENT, **headers},
+            timeout=request_timeout(timeout_s),
+        )
+    except httpx.InvalidURL as exc:
+        failure = PermanentError(f"invalid provider URL: {redact(str(exc), 200)}")
+    else:
+        where = _where(request.url)
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(timeout_s):
+                response = await client.send(request)
+        except (TimeoutError, httpx.TimeoutException) as exc:
+            phase = type(exc).__name__ if isinstance(exc, httpx.TimeoutException) else "deadline"
+            failure = TransientError(f"no answer from {where} within {timeout_s:g}s ({phase})")
+        except httpx.UnsupportedProtocol as exc:
+            failure = PermanentError(f"cannot POST to {where}: {redact(str(exc), 200)}")
+        except httpx.HTTPError as exc:
+            # Connection refused/reset, protocol errors, bad content encoding: all may pass.
+            detail = redact(str(exc), 200) or "(no detail)"
+            failure = TransientError(f"{type(exc).__name__} talking to {where}: {detail}")
+        else:
+            latency_ms = (time.perf_counter() - started) * 1000
+            if response.is_success:
+                return Reply(response.text, latency_ms, where)
+            failure = error_for_response(
+                response.status_code, response.headers, response.text, where=where, secrets=secrets
+            )
+    raise failure
+
+
+def decode_json(reply: Reply) -> Any:
+    """The reply's body as JSON; a garbled body is the provider's fault and may pass."""
+    try:
+        return json.loads(reply.text)
+    except ValueError:
+        raise TransientError(
+            f"malformed JSON from {reply.where}: {redact(reply.text, 120)!r}"
+        ) from None
+
+
+def field(reply: Reply, value: Any, *path: str | int, expect: type[Any] = object) -> Any:
+    """``value[path[0]][path[1]]...`` of type *expect*, or ``TransientError`` naming it."""
+    try:
+        for step in path:
+            value = value[step]
+    except (KeyError, IndexError, TypeError):
+        value = None
+    if not isinstance(value, expect) or value is None:
+        dotted = ".".join(str(p) for p in path) or "JSON object body"
+        raise TransientError(f"reply from {reply.where} has no valid {dotted}")
+    return value
+
+
+def optional_int(value: Any) -> int | None:
+    """A token count from a provider's usage block, if it is one."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _where(url: httpx.URL) -> str:
+    host = f"{url.host}:{url.port}" if url.port else url.host
+    return f"{host}{url.path}"

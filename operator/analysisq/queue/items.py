@@ -1,0 +1,158 @@
+"""Claims on items: claim, heartbeat, complete, fail, release — every write fenced.
+
+A claim gives the worker a lease (``lease_expires_at``) and a claim token. Every later write
+for that item presents the token and applies only while the item is still ``processing``
+under it, so a worker whose lease was taken away (rescued, reclaimed) changes nothing: the
+wrappers report which writes applied and the worker logs the rest as lost leases.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+from analysisq.db.connect import translated
+from analysisq.db.sql import query
+from analysisq.errors import ErrorClass, redact
+from analysisq.providers.base import Completion
+
+MAX_ERROR_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class ClaimedItem:
+    id: int
+    token: uuid.UUID
+    prompt_tracking_id: int
+    external_id: str
+    target: str
+    attempt: int
+    deferrals: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A completed item's result, ready to be written."""
+
+    item: ClaimedItem
+    completion: Completion
+
+
+async def claim(
+    conn: asyncpg.Connection,
+    run_id: str,
+    *,
+    worker: str,
+    limit: int,
+    lease_seconds: float,
+    max_attempts: int,
+) -> list[ClaimedItem]:
+    with translated("claiming items"):
+        rows = await conn.fetch(
+            query("claim"), run_id, max_attempts, limit, worker, float(lease_seconds)
+        )
+    return [
+        ClaimedItem(
+            id=r["id"],
+            token=r["claim_token"],
+            prompt_tracking_id=r["prompt_tracking_id"],
+            external_id=r["external_id"],
+            target=r["target"],
+            attempt=r["attempts"],
+            deferrals=r["deferrals"],
+            text=r["text"],
+        )
+        for r in rows
+    ]
+
+
+async def heartbeat(
+    conn: asyncpg.Connection, items: Sequence[ClaimedItem], lease_seconds: float
+) -> set[int]:
+    """Renew the leases; return the ids still held (the others were lost)."""
+    if not items:
+        return set()
+    with translated("renewing leases"):
+        rows = await conn.fetch(
+            query("heartbeat"),
+            [i.id for i in items],
+            [i.token for i in items],
+            float(lease_seconds),
+        )
+    return {r[0] for r in rows}
+
+
+def _parsed_json(value: object) -> str | None:
+    if value is None:
+        return None
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return None
+
+
+async def complete(conn: asyncpg.Connection, outcomes: Sequence[Outcome]) -> set[int]:
+    """Write results for the claims still ours; return the ids written."""
+    if not outcomes:
+        return set()
+    with translated("completing items"):
+        rows = await conn.fetch(
+            query("complete"),
+            [o.item.id for o in outcomes],
+            [o.item.token for o in outcomes],
+            [o.completion.model for o in outcomes],
+            [o.completion.text for o in outcomes],
+            [_parsed_json(o.completion.parsed) for o in outcomes],
+            [o.completion.tokens_in for o in outcomes],
+            [o.completion.tokens_out for o in outcomes],
+            [float(o.completion.latency_ms) for o in outcomes],
+        )
+    return {r[0] for r in rows}
+
+
+async def fail(
+    conn: asyncpg.Connection,
+    item: ClaimedItem,
+    error_class: ErrorClass,
+    message: str,
+    retry_in: float | None,
+) -> bool:
+    """Record a failure; ``retry_in`` None = failed for good. False if the lease was lost."""
+    with translated(f"failing item {item.id}"):
+        row = await conn.fetchval(
+            query("fail"),
+            item.id,
+            item.token,
+            str(error_class),
+            redact(message, MAX_ERROR_CHARS),
+            retry_in,
+        )
+    return row is not None
+
+
+async def release(
+    conn: asyncpg.Connection,
+    item: ClaimedItem,
+    *,
+    delay: float = 0.0,
+    deferral: bool = False,
+    error_class: ErrorClass | None = None,
+    message: str | None = None,
+) -> bool:
+    """Give the item back to the queue without counting an attempt."""
+    with translated(f"releasing item {item.id}"):
+        row = await conn.fetchval(
+            query("release"),
+            item.id,
+            item.token,
+            str(error_class) if error_class else None,
+            redact(message, MAX_ERROR_CHARS) if message else None,
+            1 if deferral else 0,
+            float(delay),
+        )
+    return row is not None

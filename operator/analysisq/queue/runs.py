@@ -1,0 +1,150 @@
+"""Runs: record a run and its targets, fill its queue, read its counts.
+
+A run is identified by a caller-chosen id (the operator uses the AnalysisRun's namespace/name,
+``analysisq run`` a generated one) and carries its validated spec, so a worker started with
+only ``--run ID`` knows the targets, limits and lease of the run it serves.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from analysisq.db.connect import translated
+from analysisq.db.sql import query
+from analysisq.errors import RunNotFound
+from analysisq.queue.states import Counts
+from analysisq.spec import AnalysisRunSpec, parse_spec
+
+
+@dataclass(frozen=True)
+class Run:
+    id: str
+    name: str
+    spec: AnalysisRunSpec
+    filled_at: datetime | None
+    finished_at: datetime | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class FillResult:
+    inserted: int
+    missing_ids: list[str]
+
+
+def _run(row: asyncpg.Record) -> Run:
+    return Run(
+        id=row["id"],
+        name=row["name"],
+        spec=parse_spec(json.loads(row["spec"]), source=f"run {row['id']}"),
+        filled_at=row["filled_at"],
+        finished_at=row["finished_at"],
+        created_at=row["created_at"],
+    )
+
+
+async def create_run(
+    conn: asyncpg.Connection, run_id: str, spec: AnalysisRunSpec, *, name: str | None = None
+) -> None:
+    """Record the run and its targets (idempotent; a changed spec updates the limits)."""
+    with translated(f"recording run {run_id}"):
+        async with conn.transaction():
+            await conn.execute(
+                query("upsert_run"),
+                run_id,
+                name or run_id,
+                json.dumps(spec.to_json()),
+                spec.max_attempts,
+                spec.max_lease_losses,
+                spec.lease_seconds,
+            )
+            for t in spec.targets:
+                rl = t.rate_limit
+                await conn.execute(
+                    query("upsert_run_target"),
+                    run_id,
+                    t.name,
+                    rl.requests_per_second if rl else None,
+                    rl.tokens_per_minute if rl else None,
+                )
+
+
+async def fill(conn: asyncpg.Connection, run_id: str, spec: AnalysisRunSpec) -> FillResult:
+    """Enqueue the selected prompts x targets; safe to repeat after any crash."""
+    sel = spec.prompts
+    with translated(f"filling run {run_id}"):
+        status = await conn.execute(
+            query("fill_run"), run_id, [t.name for t in spec.targets], sel.tags, sel.ids
+        )
+        await conn.execute(query("mark_filled"), run_id)
+        missing = (
+            [r[0] for r in await conn.fetch(query("missing_prompt_ids"), sel.ids)]
+            if sel.ids
+            else []
+        )
+    return FillResult(inserted=int(status.split()[-1]), missing_ids=missing)
+
+
+async def get_run(conn: asyncpg.Connection, run_id: str) -> Run:
+    """The run with this id, or the newest run with this name."""
+    with translated(f"reading run {run_id}"):
+        row = await conn.fetchrow(query("find_run"), run_id)
+    if row is None:
+        raise RunNotFound(f"no run {run_id!r}; `analysisq runs` lists them")
+    return _run(row)
+
+
+async def list_runs(conn: asyncpg.Connection, limit: int = 20) -> list[asyncpg.Record]:
+    with translated("listing runs"):
+        return list(await conn.fetch(query("list_runs"), limit))
+
+
+async def counts(conn: asyncpg.Connection, run_id: str) -> Counts:
+    with translated(f"counting run {run_id}"):
+        row = await conn.fetchrow(query("run_counts"), run_id)
+    assert row is not None
+    return Counts(**dict(row))
+
+
+async def mark_finished(conn: asyncpg.Connection, run_id: str) -> None:
+    with translated(f"finishing run {run_id}"):
+        await conn.execute(query("mark_finished"), run_id)
+
+
+async def delete_run(conn: asyncpg.Connection, run_id: str) -> None:
+    """Remove the run, its queue rows and results."""
+    with translated(f"deleting run {run_id}"):
+        await conn.execute(query("delete_run"), run_id)
+
+
+@dataclass(frozen=True)
+class TargetState:
+    target: str
+    requests_per_second: float | None
+    tokens_per_minute: int | None
+    paused_at: datetime | None
+    pause_reason: str | None
+
+
+async def targets(conn: asyncpg.Connection, run_id: str) -> list[TargetState]:
+    with translated(f"reading targets of run {run_id}"):
+        rows = await conn.fetch(query("run_targets"), run_id)
+    return [TargetState(**dict(r)) for r in rows]
+
+
+async def pause_target(conn: asyncpg.Connection, run_id: str, target: str, reason: str) -> bool:
+    """Pause a target for the run (auth failure); True if this call paused it."""
+    with translated(f"pausing target {target}"):
+        return await conn.fetchval(query("pause_target"), run_id, target, reason) is not None
+
+
+async def resume_targets(
+    conn: asyncpg.Connection, run_id: str, target: str | None = None
+) -> list[str]:
+    """Resume one paused target, or all of the run's; returns those resumed."""
+    with translated(f"resuming targets of run {run_id}"):
+        return [r[0] for r in await conn.fetch(query("resume_target"), run_id, target)]

@@ -1,0 +1,59 @@
+"""Process configuration, validated once at start-up.
+
+One pydantic-settings model; every field can be set by the environment with the prefix
+``ANALYSISQ_`` (``ANALYSISQ_DATABASE_URL``; the bare ``DATABASE_URL`` is honoured too) and by
+the CLI flag of the same name. What a run does lives in its spec (``analysisq.spec``); this is
+how a process runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from analysisq.errors import ConfigError
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "analysisq"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ANALYSISQ_", extra="forbid")
+
+    #: PostgreSQL URL; unset = the embedded PostgreSQL under ``data_dir``.
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("ANALYSISQ_DATABASE_URL", "DATABASE_URL")
+    )
+    #: Where local runs keep the embedded database and results.
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+
+    #: Seconds a worker sleeps when nothing is claimable (jittered).
+    poll_seconds: float = Field(default=0.5, gt=0, le=60)
+    #: First retry backoff ceiling; doubles per attempt (full jitter).
+    retry_base_seconds: float = Field(default=2.0, ge=0, le=3600)
+    retry_cap_seconds: float = Field(default=300.0, ge=0, le=86_400)
+    #: 429s an item may take without burning an attempt.
+    max_deferrals: int = Field(default=20, ge=0, le=1000)
+    #: On SIGTERM, in-flight items get this long to finish before they are released.
+    shutdown_grace_seconds: float = Field(default=20.0, ge=0, le=3600)
+    #: Database pool size per worker process.
+    pool_size: int = Field(default=4, ge=2, le=100)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment plus explicit overrides (CLI flags), or ConfigError."""
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**clean)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = [
+            f"ANALYSISQ_{'.'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+            for e in exc.errors()
+        ]
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

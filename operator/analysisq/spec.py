@@ -1,0 +1,159 @@
+"""The AnalysisRun spec: one pydantic model for the CRD, the CLI's YAML and the database.
+
+Field names are the CRD's (camelCase) on the wire and snake_case in Python. The CRD schema in
+``crds/`` states the same rules for `kubectl apply`; this model is what every entry point
+(operator handler, ``analysisq run``, ``analysisq worker``) validates with, so a spec that the
+API server accepted and one read from a YAML file mean the same thing.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from analysisq.errors import SpecError
+
+Provider = Literal["openai", "anthropic", "http", "echo"]
+PROVIDERS: tuple[str, ...] = ("openai", "anthropic", "http", "echo")
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+class SecretKeyRef(_Model):
+    """A key of a Kubernetes Secret in the run's namespace."""
+
+    name: str = Field(min_length=1, max_length=253)
+    key: str = Field(min_length=1, max_length=253)
+
+
+class RateLimit(_Model):
+    """Aggregate limits for one target across every worker of the run."""
+
+    requests_per_second: float | None = Field(default=None, gt=0, le=100_000)
+    tokens_per_minute: int | None = Field(default=None, gt=0)
+
+
+class Target(_Model):
+    """Where a prompt is sent: a provider, a model and its parameters."""
+
+    name: str = Field(min_length=1, max_length=63)
+    provider: Provider
+    model: str = Field(min_length=1, max_length=200)
+    endpoint: str | None = Field(default=None, max_length=2048)
+    api_key_secret_ref: SecretKeyRef | None = None
+    #: Local runs: the environment variable holding the API key (never the key itself).
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    rate_limit: RateLimit | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    timeout_seconds: float = Field(default=60.0, gt=0, le=3600)
+
+    @field_validator("name")
+    @classmethod
+    def _dns_label(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("must be a DNS label: lowercase letters, digits and '-'")
+        return v
+
+    @field_validator("endpoint")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^\s]+$", v):
+            raise ValueError("must be an http:// or https:// URL")
+        return v
+
+    @model_validator(mode="after")
+    def _endpoint_needed(self) -> Target:
+        if self.provider == "http" and not self.endpoint:
+            raise ValueError("provider 'http' needs an endpoint")
+        return self
+
+
+class PromptSelector(_Model):
+    """Which stored prompts the run analyses; empty means every active prompt."""
+
+    tags: list[str] = Field(default_factory=list)
+    ids: list[str] = Field(default_factory=list)
+
+
+OnDelete = Literal["Keep", "Delete"]
+
+
+class AnalysisRunSpec(_Model):
+    """What one run does. Defaults are the seed's (NUM_WORKERS=20, BATCH_SIZE=5, 3 attempts)."""
+
+    prompts: PromptSelector = Field(default_factory=PromptSelector)
+    targets: list[Target] = Field(min_length=1, max_length=50)
+    workers: int = Field(default=20, ge=0, le=1000)
+    batch_size: int = Field(default=5, ge=1, le=1000)
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    lease_seconds: int = Field(default=60, ge=5, le=3600)
+    #: A processing item whose lease expired is stuck; this is the seed's 10-15 minute net
+    #: kept as a second condition for rows written without a lease.
+    stuck_after_seconds: int = Field(default=900, ge=30, le=86_400)
+    max_lease_losses: int = Field(default=3, ge=1, le=20)
+    #: Fraction of items allowed to fail for good before the run is Failed (seed: < 1%).
+    max_failed_ratio: float = Field(default=0.01, ge=0, le=1)
+    max_prompt_chars: int = Field(default=100_000, ge=1, le=10_000_000)
+    suspend: bool = False
+    deadline: datetime | None = None
+    database_secret_ref: SecretKeyRef | None = None
+    on_delete: OnDelete = "Keep"
+
+    @model_validator(mode="after")
+    def _unique_targets(self) -> AnalysisRunSpec:
+        names = [t.name for t in self.targets]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"target names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    def target(self, name: str) -> Target:
+        for t in self.targets:
+            if t.name == name:
+                return t
+        raise SpecError(f"unknown target {name!r}; the run has {[t.name for t in self.targets]}")
+
+    def to_json(self) -> dict[str, Any]:
+        """The spec as the CRD spells it, defaults included."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def parse_spec(data: Any, *, source: str = "spec") -> AnalysisRunSpec:
+    """Validate *data* into a spec, or raise ``SpecError`` naming every wrong field."""
+    try:
+        return AnalysisRunSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(root)"
+            problems.append(f"{where}: {err['msg']}")
+        raise SpecError(f"invalid {source}: " + "; ".join(problems)) from None
+
+
+def load_spec_file(path: Path) -> AnalysisRunSpec:
+    """Read a spec from YAML: either a bare spec or a whole AnalysisRun manifest."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise SpecError(f"cannot read {path}: {exc}") from None
+    if isinstance(data, dict) and data.get("kind") == "AnalysisRun":
+        data = data.get("spec")
+    return parse_spec(data, source=str(path))

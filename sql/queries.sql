@@ -1,0 +1,280 @@
+-- Every query analysisq runs, as named blocks. `-- name: X` starts a block; the loader
+-- (analysisq.db.sql) reads them once into a dict, and each has one typed wrapper in
+-- analysisq.queue. Values are always bind parameters, never formatted into the text.
+
+-- name: upsert_prompt
+-- Import: insert prompts or update them in place by external id. Tags arrive as JSON arrays
+-- (one text per row) because unnest would flatten a two-dimensional array.
+INSERT INTO prompts (external_id, text, tags, active, metadata)
+SELECT i.external_id, i.text, ARRAY(SELECT jsonb_array_elements_text(i.tags::jsonb)),
+       i.active, i.metadata::jsonb
+FROM unnest($1::text[], $2::text[], $3::text[], $4::boolean[], $5::text[])
+    AS i(external_id, text, tags, active, metadata)
+ON CONFLICT (external_id) DO UPDATE SET
+    text = excluded.text, tags = excluded.tags, active = excluded.active,
+    metadata = excluded.metadata, updated_at = now()
+WHERE (prompts.text, prompts.tags, prompts.active, prompts.metadata)
+      IS DISTINCT FROM (excluded.text, excluded.tags, excluded.active, excluded.metadata)
+RETURNING (xmax = 0) AS inserted;
+
+-- name: upsert_run
+-- Record a run (idempotent: the operator calls it on every resume).
+INSERT INTO analysis_runs (id, name, spec, max_attempts, max_lease_losses, lease_seconds)
+VALUES ($1, $2, $3::jsonb, $4, $5, $6)
+ON CONFLICT (id) DO UPDATE SET
+    spec = excluded.spec, max_attempts = excluded.max_attempts,
+    max_lease_losses = excluded.max_lease_losses, lease_seconds = excluded.lease_seconds
+RETURNING id, filled_at;
+
+-- name: upsert_run_target
+INSERT INTO run_targets (run_id, target, requests_per_second, tokens_per_minute)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (run_id, target) DO UPDATE SET
+    requests_per_second = excluded.requests_per_second,
+    tokens_per_minute = excluded.tokens_per_minute;
+
+-- name: get_run
+SELECT id, name, spec::text AS spec, max_attempts, max_lease_losses, lease_seconds,
+       filled_at, finished_at, created_at
+FROM analysis_runs WHERE id = $1;
+
+-- name: find_run
+-- A run by id, or the newest run with that name.
+SELECT id, name, spec::text AS spec, max_attempts, max_lease_losses, lease_seconds,
+       filled_at, finished_at, created_at
+FROM analysis_runs WHERE id = $1 OR name = $1
+ORDER BY (id = $1) DESC, created_at DESC LIMIT 1;
+
+-- name: list_runs
+SELECT id, name, created_at, filled_at, finished_at FROM analysis_runs
+ORDER BY created_at DESC LIMIT $1;
+
+-- name: delete_run
+DELETE FROM analysis_runs WHERE id = $1;
+
+-- name: fill_run
+-- The one idempotent fill: every selected prompt x every target of the run. ON CONFLICT makes
+-- a second run, or a run after a crash half-way, add exactly what is missing.
+-- Selection: explicit ids (active or not) when given; else every active prompt; tags, when
+-- given, keep the prompts having at least one of them.
+INSERT INTO analysis_queue (run_id, prompt_tracking_id, target)
+SELECT $1, p.id, t.target
+FROM prompts p
+CROSS JOIN unnest($2::text[]) AS t(target)
+WHERE (CASE WHEN cardinality($4::text[]) > 0 THEN p.external_id = ANY ($4::text[]) ELSE p.active END)
+  AND (cardinality($3::text[]) = 0 OR p.tags && $3::text[])
+ORDER BY p.id, t.target
+ON CONFLICT (run_id, prompt_tracking_id, target) DO NOTHING;
+
+-- name: mark_filled
+UPDATE analysis_runs SET filled_at = coalesce(filled_at, now()) WHERE id = $1;
+
+-- name: mark_finished
+UPDATE analysis_runs SET finished_at = coalesce(finished_at, now()) WHERE id = $1;
+
+-- name: missing_prompt_ids
+-- Explicit ids of a selector that match no stored prompt (reported, not fatal).
+SELECT i FROM unnest($1::text[]) AS i
+WHERE NOT EXISTS (SELECT 1 FROM prompts p WHERE p.external_id = i);
+
+-- name: claim
+-- Claim up to $3 items of run $1 for worker $4 with a lease of $5 seconds.
+WITH candidates AS (
+    -- pending items first, then failed items whose backoff elapsed and attempts remain;
+    -- next_attempt_at also defers pending items released after a 429.
+    SELECT q.id
+    FROM analysis_queue q
+    WHERE q.run_id = $1
+      AND q.status IN ('pending', 'failed')
+      AND q.next_attempt_at IS NOT NULL
+      AND q.next_attempt_at <= now()
+      AND q.attempts < $2
+      -- a target paused after an auth failure keeps its items waiting, unburned
+      AND NOT EXISTS (
+          SELECT 1 FROM run_targets t
+          WHERE t.run_id = q.run_id AND t.target = q.target AND t.paused_at IS NOT NULL)
+    ORDER BY (q.status = 'failed'), q.next_attempt_at
+    LIMIT $3
+    -- rows another worker is claiming are skipped, not waited for
+    FOR UPDATE OF q SKIP LOCKED
+)
+UPDATE analysis_queue q SET
+    status = 'processing',
+    attempts = q.attempts + 1,
+    lease_owner = $4,
+    lease_expires_at = now() + make_interval(secs => $5),
+    -- the fence: every later write for this claim must present this token
+    claim_token = gen_random_uuid(),
+    next_attempt_at = NULL,
+    updated_at = now()
+FROM candidates c, prompts p
+WHERE q.id = c.id AND p.id = q.prompt_tracking_id
+RETURNING q.id, q.claim_token, q.prompt_tracking_id, q.target, q.attempts, q.deferrals,
+          p.external_id, p.text;
+
+-- name: heartbeat
+-- Renew the leases still ours; the ids not returned were lost.
+UPDATE analysis_queue q SET
+    lease_expires_at = now() + make_interval(secs => $3),
+    updated_at = now()
+FROM unnest($1::bigint[], $2::uuid[]) AS h(id, token)
+WHERE q.id = h.id AND q.claim_token = h.token AND q.status = 'processing'
+RETURNING q.id;
+
+-- name: complete
+-- Fenced completion of a batch: the status flips and the result row is written in one
+-- statement, only for claims that are still the writer's. UNIQUE (queue_id) on results makes
+-- a second result for an item impossible.
+WITH input AS (
+    SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::text[],
+                         $6::integer[], $7::integer[], $8::double precision[])
+        AS i(id, token, model, response_text, parsed, tokens_in, tokens_out, latency_ms)
+), done AS (
+    UPDATE analysis_queue q SET
+        status = 'completed', completed_at = now(), updated_at = now(),
+        error_class = NULL, error_message = NULL,
+        lease_owner = NULL, lease_expires_at = NULL, claim_token = NULL
+    FROM input i
+    WHERE q.id = i.id AND q.claim_token = i.token AND q.status = 'processing'
+    RETURNING q.id, q.run_id, q.prompt_tracking_id, q.target, q.attempts
+)
+INSERT INTO analysis_results (queue_id, run_id, prompt_tracking_id, target, model,
+                              response_text, parsed, tokens_in, tokens_out, latency_ms, attempt)
+SELECT d.id, d.run_id, d.prompt_tracking_id, d.target, i.model, i.response_text,
+       i.parsed::jsonb, i.tokens_in, i.tokens_out, i.latency_ms, d.attempts
+FROM done d JOIN input i ON i.id = d.id
+RETURNING queue_id;
+
+-- name: fail
+-- Fenced failure. $5 = seconds until the retry, NULL = failed for good.
+UPDATE analysis_queue SET
+    status = 'failed', error_class = $3, error_message = $4,
+    next_attempt_at = CASE WHEN $5::double precision IS NULL THEN NULL
+                           ELSE now() + make_interval(secs => $5) END,
+    lease_owner = NULL, lease_expires_at = NULL, claim_token = NULL, updated_at = now()
+WHERE id = $1 AND claim_token = $2 AND status = 'processing'
+RETURNING id;
+
+-- name: release
+-- Fenced release back to pending that does not count as an attempt: shutdown, a 429
+-- ($5 = 1 counts a deferral), a paused target. $3/$4 record why (may be NULL).
+UPDATE analysis_queue SET
+    status = 'pending', attempts = greatest(attempts - 1, 0),
+    deferrals = deferrals + $5,
+    error_class = coalesce($3, error_class), error_message = coalesce($4, error_message),
+    next_attempt_at = now() + make_interval(secs => $6),
+    lease_owner = NULL, lease_expires_at = NULL, claim_token = NULL, updated_at = now()
+WHERE id = $1 AND claim_token = $2 AND status = 'processing'
+RETURNING id;
+
+-- name: cleanup_stuck
+SELECT reset_count, poisoned_count
+FROM cleanup_stuck_queue_items($1, make_interval(secs => $2));
+
+-- name: rate_acquire
+-- Reserve the next request slot of a target across every worker (GCRA): the row's theoretical
+-- arrival time moves by 1/rate per request and by tokens*60/tpm per estimated token cost.
+-- Returns how long this caller must wait before sending.
+UPDATE run_targets SET
+    rate_tat = CASE WHEN requests_per_second IS NULL THEN rate_tat
+        ELSE greatest(rate_tat, clock_timestamp())
+             + make_interval(secs => 1.0 / requests_per_second) END,
+    token_tat = CASE WHEN tokens_per_minute IS NULL THEN token_tat
+        ELSE greatest(token_tat, clock_timestamp())
+             + make_interval(secs => $3 * 60.0 / tokens_per_minute) END
+WHERE run_id = $1 AND target = $2
+RETURNING greatest(0.0,
+    CASE WHEN requests_per_second IS NULL THEN 0.0 ELSE extract(epoch FROM
+        rate_tat - make_interval(secs => 1.0 / requests_per_second) - clock_timestamp()) END,
+    CASE WHEN tokens_per_minute IS NULL THEN 0.0 ELSE extract(epoch FROM
+        token_tat - interval '60 seconds' - clock_timestamp()) END)::double precision
+    AS wait_seconds;
+
+-- name: rate_backoff
+-- A provider answered 429 with Retry-After: no worker sends to the target before then.
+UPDATE run_targets SET rate_tat = greatest(rate_tat, clock_timestamp() + make_interval(secs => $3))
+WHERE run_id = $1 AND target = $2;
+
+-- name: pause_target
+UPDATE run_targets SET paused_at = now(), pause_reason = $3
+WHERE run_id = $1 AND target = $2 AND paused_at IS NULL
+RETURNING target;
+
+-- name: resume_target
+UPDATE run_targets SET paused_at = NULL, pause_reason = NULL
+WHERE run_id = $1 AND ($2::text IS NULL OR target = $2) AND paused_at IS NOT NULL
+RETURNING target;
+
+-- name: run_targets
+SELECT target, requests_per_second, tokens_per_minute, paused_at, pause_reason
+FROM run_targets WHERE run_id = $1 ORDER BY target;
+
+-- name: run_counts
+-- Counts for status: failed = failed for good, retrying = failed but will be retried,
+-- stuck = processing with an expired lease.
+SELECT count(*) AS total,
+       count(*) FILTER (WHERE status = 'pending') AS pending,
+       count(*) FILTER (WHERE status = 'processing') AS processing,
+       count(*) FILTER (WHERE status = 'completed') AS completed,
+       count(*) FILTER (WHERE status = 'failed' AND next_attempt_at IS NULL) AS failed,
+       count(*) FILTER (WHERE status = 'failed' AND next_attempt_at IS NOT NULL) AS retrying,
+       count(*) FILTER (WHERE status = 'processing' AND lease_expires_at < now()) AS stuck
+FROM analysis_queue WHERE run_id = $1;
+
+-- name: status_breakdown
+-- The seed's first monitoring query, optionally for one run.
+SELECT status, count(*) AS cantidad,
+       round(100.0 * count(*) / nullif(sum(count(*)) OVER (), 0), 2) AS porcentaje
+FROM analysis_queue
+WHERE $1::text IS NULL OR run_id = $1
+GROUP BY status
+ORDER BY CASE status WHEN 'pending' THEN 1 WHEN 'processing' THEN 2
+                     WHEN 'completed' THEN 3 WHEN 'failed' THEN 4 END;
+
+-- name: stuck_items
+-- The seed's stuck query, with the lease made visible.
+SELECT count(*) AS stuck_items, min(updated_at) AS mas_antiguo,
+       count(*) FILTER (WHERE lease_expires_at < now()) AS lease_expired
+FROM analysis_queue
+WHERE status = 'processing'
+  AND ($1::text IS NULL OR run_id = $1)
+  AND (updated_at < now() - make_interval(secs => $2) OR lease_expires_at < now());
+
+-- name: failed_items
+SELECT q.id, q.prompt_tracking_id, p.external_id, q.target, q.attempts, q.error_class,
+       q.error_message, q.updated_at, q.next_attempt_at IS NOT NULL AS will_retry
+FROM analysis_queue q JOIN prompts p ON p.id = q.prompt_tracking_id
+WHERE q.status = 'failed' AND ($1::text IS NULL OR q.run_id = $1)
+ORDER BY q.updated_at DESC
+LIMIT $2;
+
+-- name: error_summary
+SELECT error_class, error_message, count(*) AS count
+FROM analysis_queue
+WHERE status = 'failed' AND ($1::text IS NULL OR run_id = $1)
+GROUP BY error_class, error_message
+ORDER BY count(*) DESC, error_message
+LIMIT $2;
+
+-- name: error_classes
+-- Errors by class across the run, including the last error of items now retrying or pending.
+SELECT error_class, count(*) AS count
+FROM analysis_queue
+WHERE run_id = $1 AND error_class IS NOT NULL
+GROUP BY error_class ORDER BY count(*) DESC;
+
+-- name: results_page
+-- Results of a run by keyset paging.
+SELECT r.id, r.queue_id, p.external_id, r.target, r.model, r.response_text, r.parsed::text,
+       r.tokens_in, r.tokens_out, r.latency_ms, r.attempt, r.created_at
+FROM analysis_results r JOIN prompts p ON p.id = r.prompt_tracking_id
+WHERE r.run_id = $1 AND r.id > $2
+ORDER BY r.id LIMIT $3;
+
+-- name: throughput
+-- Items completed in the last $2 seconds (for items/s and ETA).
+SELECT count(*) AS n FROM analysis_queue
+WHERE run_id = $1 AND status = 'completed' AND completed_at > now() - make_interval(secs => $2);
+
+-- name: delete_run_items
+DELETE FROM analysis_queue WHERE run_id = $1;

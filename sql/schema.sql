@@ -1,0 +1,162 @@
+-- The canonical schema: what a database migrated to the latest version looks like.
+-- tests/db/test_schema.py proves that sql/migrations produce exactly this database.
+-- Change it together with a new migration, never alone.
+
+CREATE DOMAIN queue_status AS text
+    CHECK (VALUE IN ('pending', 'processing', 'completed', 'failed'));
+
+CREATE DOMAIN error_class AS text
+    CHECK (VALUE IN ('transient', 'rate_limited', 'permanent', 'auth', 'invalid_input',
+                     'poison', 'lease_lost'));
+
+CREATE TABLE prompts (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    external_id text        NOT NULL UNIQUE CHECK (length(external_id) BETWEEN 1 AND 512),
+    text        text        NOT NULL CHECK (length(btrim(text)) > 0),
+    tags        text[]      NOT NULL DEFAULT '{}',
+    active      boolean     NOT NULL DEFAULT true,
+    metadata    jsonb       NOT NULL DEFAULT '{}',
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX prompts_tags_idx ON prompts USING gin (tags);
+CREATE INDEX prompts_active_idx ON prompts (id) WHERE active;
+
+CREATE TABLE analysis_runs (
+    id                text        PRIMARY KEY CHECK (length(id) BETWEEN 1 AND 253),
+    name              text        NOT NULL,
+    spec              jsonb       NOT NULL,
+    max_attempts      integer     NOT NULL DEFAULT 3 CHECK (max_attempts BETWEEN 1 AND 20),
+    max_lease_losses  integer     NOT NULL DEFAULT 3 CHECK (max_lease_losses BETWEEN 1 AND 20),
+    lease_seconds     integer     NOT NULL DEFAULT 60 CHECK (lease_seconds BETWEEN 5 AND 3600),
+    filled_at         timestamptz,
+    finished_at       timestamptz,
+    created_at        timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX analysis_runs_name_idx ON analysis_runs (name, created_at DESC);
+
+-- One row per (run, target): its pause state (auth failures) and its aggregate rate limit.
+-- The limiter is GCRA: each request reserves the slot rate_tat and pushes it by 1/rate.
+CREATE TABLE run_targets (
+    run_id          text        NOT NULL REFERENCES analysis_runs (id) ON DELETE CASCADE,
+    target          text        NOT NULL,
+    requests_per_second double precision CHECK (requests_per_second > 0),
+    tokens_per_minute   integer CHECK (tokens_per_minute > 0),
+    rate_tat        timestamptz NOT NULL DEFAULT '-infinity',
+    token_tat       timestamptz NOT NULL DEFAULT '-infinity',
+    paused_at       timestamptz,
+    pause_reason    text,
+    PRIMARY KEY (run_id, target),
+    CHECK ((paused_at IS NULL) = (pause_reason IS NULL))
+);
+
+CREATE TABLE analysis_queue (
+    id                 bigint       GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    run_id             text         NOT NULL,
+    prompt_tracking_id bigint       NOT NULL REFERENCES prompts (id),
+    target             text         NOT NULL,
+    status             queue_status NOT NULL DEFAULT 'pending',
+    attempts           integer      NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+    error_message      text,
+    error_class        error_class,
+    next_attempt_at    timestamptz  DEFAULT now(),
+    lease_owner        text,
+    lease_expires_at   timestamptz,
+    claim_token        uuid,
+    lease_losses       integer      NOT NULL DEFAULT 0 CHECK (lease_losses >= 0),
+    deferrals          integer      NOT NULL DEFAULT 0 CHECK (deferrals >= 0),
+    created_at         timestamptz  NOT NULL DEFAULT now(),
+    updated_at         timestamptz  NOT NULL DEFAULT now(),
+    completed_at       timestamptz,
+    UNIQUE (run_id, prompt_tracking_id, target),
+    FOREIGN KEY (run_id, target) REFERENCES run_targets (run_id, target) ON DELETE CASCADE,
+    -- A claim exists exactly while the item is processing.
+    CONSTRAINT processing_has_lease CHECK (
+        (status = 'processing')
+        = (lease_owner IS NOT NULL AND lease_expires_at IS NOT NULL AND claim_token IS NOT NULL)
+    ),
+    CONSTRAINT completed_has_time CHECK ((status = 'completed') = (completed_at IS NOT NULL)),
+    CONSTRAINT failed_has_reason CHECK (
+        status <> 'failed' OR (error_message IS NOT NULL AND error_class IS NOT NULL)
+    ),
+    -- Only pending and retryable failed items wait for a next attempt.
+    CONSTRAINT next_attempt_only_when_waiting CHECK (
+        (status = 'pending' AND next_attempt_at IS NOT NULL)
+        OR status = 'failed'
+        OR (status IN ('processing', 'completed') AND next_attempt_at IS NULL)
+    )
+);
+-- The claim's index: claimable items of a run in the order they are served.
+CREATE INDEX analysis_queue_claim_idx
+    ON analysis_queue (run_id, (status = 'failed'), next_attempt_at)
+    WHERE status IN ('pending', 'failed') AND next_attempt_at IS NOT NULL;
+-- The rescuer's index: leases that may have expired.
+CREATE INDEX analysis_queue_lease_idx ON analysis_queue (lease_expires_at)
+    WHERE status = 'processing';
+-- The seed's runbook groups and filters by status over the whole table.
+CREATE INDEX analysis_queue_status_idx ON analysis_queue (status, updated_at);
+
+CREATE TABLE analysis_results (
+    id                 bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    queue_id           bigint      NOT NULL UNIQUE REFERENCES analysis_queue (id) ON DELETE CASCADE,
+    run_id             text        NOT NULL,
+    prompt_tracking_id bigint      NOT NULL,
+    target             text        NOT NULL,
+    model              text        NOT NULL,
+    response_text      text        NOT NULL,
+    parsed             jsonb,
+    tokens_in          integer     CHECK (tokens_in >= 0),
+    tokens_out         integer     CHECK (tokens_out >= 0),
+    latency_ms         double precision NOT NULL CHECK (latency_ms >= 0),
+    attempt            integer     NOT NULL CHECK (attempt >= 1),
+    created_at         timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX analysis_results_run_idx ON analysis_results (run_id, id);
+
+-- The seed's SQL function, same name and meaning: put items stuck in 'processing' back in the
+-- queue. Stuck = lease expired, or (for rows without a live heartbeat) not updated for
+-- p_stuck_after. An item that lost its lease max_lease_losses times fails for good as poison
+-- instead of looping. Callable by people, pg_cron, the worker at start and the operator.
+CREATE FUNCTION cleanup_stuck_queue_items(
+    p_run_id text DEFAULT NULL,
+    p_stuck_after interval DEFAULT interval '15 minutes'
+) RETURNS TABLE (reset_count integer, poisoned_count integer)
+LANGUAGE sql AS $$
+    WITH stuck AS (
+        SELECT q.id, q.lease_losses + 1 >= r.max_lease_losses AS poison
+        FROM analysis_queue q
+        JOIN analysis_runs r ON r.id = q.run_id
+        WHERE q.status = 'processing'
+          AND (p_run_id IS NULL OR q.run_id = p_run_id)
+          AND (q.lease_expires_at < now() OR q.updated_at < now() - p_stuck_after)
+        ORDER BY q.id
+        FOR UPDATE OF q SKIP LOCKED
+    ), reset AS (
+        UPDATE analysis_queue q SET
+            status = CASE WHEN s.poison THEN 'failed' ELSE 'pending' END,
+            -- the lost attempt is not counted: the item did not get an answer
+            attempts = greatest(q.attempts - 1, 0),
+            lease_losses = q.lease_losses + 1,
+            error_class = CASE WHEN s.poison THEN 'poison' ELSE 'lease_lost' END,
+            error_message = CASE WHEN s.poison
+                THEN format('poison: lease lost %s times (worker %s died or hung each time)',
+                            q.lease_losses + 1, q.lease_owner)
+                ELSE format('lease lost by worker %s; requeued', q.lease_owner) END,
+            next_attempt_at = CASE WHEN s.poison THEN NULL ELSE now() END,
+            lease_owner = NULL, lease_expires_at = NULL, claim_token = NULL,
+            updated_at = now()
+        FROM stuck s
+        WHERE q.id = s.id
+        RETURNING s.poison
+    )
+    SELECT (count(*) FILTER (WHERE NOT poison))::integer,
+           (count(*) FILTER (WHERE poison))::integer
+    FROM reset
+$$;
+
+CREATE TABLE IF NOT EXISTS analysisq_migrations (
+    version    integer     PRIMARY KEY,
+    name       text        NOT NULL,
+    checksum   text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);

