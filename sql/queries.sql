@@ -81,7 +81,9 @@ WHERE NOT EXISTS (SELECT 1 FROM prompts p WHERE p.external_id = i);
 -- Claim up to $3 items of run $1 for worker $4 with a lease of $5 seconds.
 WITH candidates AS (
     -- pending items first, then failed items whose backoff elapsed and attempts remain;
-    -- next_attempt_at also defers pending items released after a 429.
+    -- next_attempt_at also defers pending items released after a 429, and parks the items
+    -- of a paused target at 'infinity', so this scan needs no other condition and walks
+    -- analysis_queue_claim_idx in order, stopping at the LIMIT.
     SELECT q.id
     FROM analysis_queue q
     WHERE q.run_id = $1
@@ -89,10 +91,6 @@ WITH candidates AS (
       AND q.next_attempt_at IS NOT NULL
       AND q.next_attempt_at <= now()
       AND q.attempts < $2
-      -- a target paused after an auth failure keeps its items waiting, unburned
-      AND NOT EXISTS (
-          SELECT 1 FROM run_targets t
-          WHERE t.run_id = q.run_id AND t.target = q.target AND t.paused_at IS NOT NULL)
     ORDER BY (q.status = 'failed'), q.next_attempt_at
     LIMIT $3
     -- rows another worker is claiming are skipped, not waited for
@@ -157,12 +155,14 @@ RETURNING id;
 
 -- name: release
 -- Fenced release back to pending that does not count as an attempt: shutdown, a 429
--- ($5 = 1 counts a deferral), a paused target. $3/$4 record why (may be NULL).
+-- ($5 = 1 counts a deferral), a paused target ($7 = true parks it until the target resumes).
+-- $3/$4 record why (may be NULL).
 UPDATE analysis_queue SET
     status = 'pending', attempts = greatest(attempts - 1, 0),
     deferrals = deferrals + $5,
     error_class = coalesce($3, error_class), error_message = coalesce($4, error_message),
-    next_attempt_at = now() + make_interval(secs => $6),
+    next_attempt_at = CASE WHEN $7::boolean THEN 'infinity'
+                           ELSE now() + make_interval(secs => $6) END,
     lease_owner = NULL, lease_expires_at = NULL, claim_token = NULL, updated_at = now()
 WHERE id = $1 AND claim_token = $2 AND status = 'processing'
 RETURNING id;
@@ -196,14 +196,31 @@ UPDATE run_targets SET rate_tat = greatest(rate_tat, clock_timestamp() + make_in
 WHERE run_id = $1 AND target = $2;
 
 -- name: pause_target
-UPDATE run_targets SET paused_at = now(), pause_reason = $3
-WHERE run_id = $1 AND target = $2 AND paused_at IS NULL
-RETURNING target;
+-- Pause a target for the run (its provider refused our credentials) and park its waiting
+-- items at next_attempt_at = 'infinity': none is claimed, none burns an attempt.
+WITH paused AS (
+    UPDATE run_targets SET paused_at = now(), pause_reason = $3
+    WHERE run_id = $1 AND target = $2 AND paused_at IS NULL
+    RETURNING target
+), parked AS (
+    UPDATE analysis_queue SET next_attempt_at = 'infinity'
+    WHERE run_id = $1 AND target = $2 AND status IN ('pending', 'failed')
+      AND next_attempt_at IS NOT NULL
+)
+SELECT target FROM paused;
 
 -- name: resume_target
-UPDATE run_targets SET paused_at = NULL, pause_reason = NULL
-WHERE run_id = $1 AND ($2::text IS NULL OR target = $2) AND paused_at IS NOT NULL
-RETURNING target;
+-- Resume paused targets (one, or all of the run's with $2 NULL); their items are due now.
+WITH resumed AS (
+    UPDATE run_targets SET paused_at = NULL, pause_reason = NULL
+    WHERE run_id = $1 AND ($2::text IS NULL OR target = $2) AND paused_at IS NOT NULL
+    RETURNING target
+), unparked AS (
+    UPDATE analysis_queue SET next_attempt_at = now()
+    WHERE run_id = $1 AND target IN (SELECT target FROM resumed)
+      AND next_attempt_at = 'infinity'
+)
+SELECT target FROM resumed;
 
 -- name: run_targets
 SELECT target, requests_per_second, tokens_per_minute, paused_at, pause_reason

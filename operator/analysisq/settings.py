@@ -45,6 +45,18 @@ class Settings(BaseSettings):
     #: Database pool size per worker process.
     pool_size: int = Field(default=4, ge=2, le=100)
 
+    # -- local runs (``analysisq run`` / ``demo``) and prompt import ------------------------
+    #: Import refuses prompts longer than this many characters.
+    max_prompt_chars: int = Field(default=100_000, ge=1, le=10_000_000)
+    #: Prompts written per statement by the import.
+    import_batch_size: int = Field(default=1000, ge=1, le=100_000)
+    #: How often ``analysisq run`` resets stuck items itself (workers also do, every lease).
+    rescue_interval_seconds: float = Field(default=30.0, gt=0, le=3600)
+    #: Worker processes ``analysisq run`` may restart after unexpected exits before giving up.
+    max_worker_restarts: int = Field(default=100, ge=0, le=100_000)
+    #: Seconds between progress lines when the output is not a terminal.
+    progress_interval_seconds: float = Field(default=5.0, gt=0, le=3600)
+
 
 def load_settings(**overrides: object) -> Settings:
     """Settings from the environment plus explicit overrides (CLI flags), or ConfigError."""

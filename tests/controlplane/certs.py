@@ -148,10 +148,10 @@ def generate() -> ControlPlaneCerts:
         [x509.DNSName(name) for name in _SERVING_DNS_NAMES]
         + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in _SERVING_IPS]
     )
-    serving = _leaf(
-        ca_cert, ca_key, _name("kube-apiserver"), ExtendedKeyUsageOID.SERVER_AUTH, san
+    serving = _leaf(ca_cert, ca_key, _name("kube-apiserver"), ExtendedKeyUsageOID.SERVER_AUTH, san)
+    admin = _leaf(
+        ca_cert, ca_key, _name("admin", "system:masters"), ExtendedKeyUsageOID.CLIENT_AUTH
     )
-    admin = _leaf(ca_cert, ca_key, _name("admin", "system:masters"), ExtendedKeyUsageOID.CLIENT_AUTH)
     sa_key = _new_key()
     sa_public = sa_key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo

@@ -59,10 +59,11 @@ class ControlPlaneError(RuntimeError):
     """The control plane could not be built, started or reached; the message says why."""
 
 
-def resolve_bin_dir() -> Path:
+def resolve_bin_dir(show_build: bool = False) -> Path:
     """The directory holding the four binaries: ``$ANALYSISQ_CONTROLPLANE_BIN``, else build.sh.
 
-    build.sh returns at once when the binaries are cached; a cold build takes minutes.
+    build.sh returns at once when the binaries are cached; a cold build takes minutes, and
+    ``show_build`` lets its progress through to stderr.
     """
     configured = os.environ.get(BIN_ENV)
     if configured:
@@ -70,12 +71,16 @@ def resolve_bin_dir() -> Path:
     else:
         log.info("%s is not set; running %s", BIN_ENV, BUILD_SCRIPT)
         result = subprocess.run(
-            ["bash", str(BUILD_SCRIPT)], capture_output=True, text=True, check=False
+            ["bash", str(BUILD_SCRIPT)],
+            stdout=subprocess.PIPE,
+            stderr=None if show_build else subprocess.PIPE,
+            text=True,
+            check=False,
         )
         if result.returncode != 0:
             raise ControlPlaneError(
                 f"{BUILD_SCRIPT} failed with exit code {result.returncode}:\n"
-                + "\n".join(result.stderr.splitlines()[-40:])
+                + "\n".join((result.stderr or "(see above)").splitlines()[-40:])
             )
         bin_dir = Path(result.stdout.strip().splitlines()[-1])
     missing = [b for b in BINARIES if not os.access(bin_dir / b, os.X_OK)]
@@ -334,7 +339,10 @@ class ControlPlane:
                 }
             ],
             "contexts": [
-                {"name": "analysisq-test", "context": {"cluster": "analysisq-test", "user": "admin"}}
+                {
+                    "name": "analysisq-test",
+                    "context": {"cluster": "analysisq-test", "user": "admin"},
+                }
             ],
             "current-context": "analysisq-test",
         }

@@ -42,7 +42,9 @@ def raw(call: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any] |
     return result
 
 
-def ignoring(statuses: tuple[int, ...], call: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
+def ignoring(
+    statuses: tuple[int, ...], call: Callable[..., Any], *args: Any, **kwargs: Any
+) -> bool:
     """Call an API method for its effect; False when it failed with one of ``statuses``."""
     try:
         raw(call, *args, **kwargs)

@@ -67,7 +67,7 @@ class EnvResolver:
                     env[prefix + key] = value
         for var in container.get("env") or []:
             name = var["name"]
-            if "valueFrom" in var and var["valueFrom"]:
+            if var.get("valueFrom"):
                 value = self._value_from(var["valueFrom"], container)
                 if value is None:
                     continue

@@ -10,6 +10,7 @@ The normal path unregisters each group after stopping it, so the reaper then has
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -24,7 +25,7 @@ from typing import ClassVar
 
 log = logging.getLogger(__name__)
 
-_REAPER_SCRIPT = """
+_REAPER_SCRIPT = """# analysisq control-plane reaper
 import os, signal, sys, time
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -72,6 +73,7 @@ class Reaper:
         with cls._instance_lock:
             if cls._instance is None or cls._instance._proc.poll() is not None:
                 cls._instance = Reaper()
+                atexit.register(cls.close_shared)
             return cls._instance
 
     def _send(self, line: str) -> None:
@@ -93,6 +95,7 @@ class Reaper:
     @classmethod
     def close_shared(cls) -> None:
         """Stop the reaper (groups still registered are killed by it)."""
+        atexit.unregister(cls.close_shared)
         with cls._instance_lock:
             reaper, cls._instance = cls._instance, None
         if reaper is not None:
@@ -209,4 +212,3 @@ def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval)
-

@@ -1,3 +1,4 @@
+# ruff: noqa: W291 - the seed queries are copied verbatim, trailing spaces included
 """Every monitoring and troubleshooting query of the seed runs verbatim and tells the truth.
 
 The queries below are copied character for character from the seed's "Monitoreo" and
@@ -67,14 +68,10 @@ async def _populate(db: asyncpg.Connection) -> None:
     6 failed (4 'timeout', 2 'bad request')."""
     await add_prompts(db, 40)
     await new_run(db)
-    claimed = await items.claim(
-        db, "run-1", worker="w", limit=20, lease_seconds=60, max_attempts=3
-    )
+    claimed = await items.claim(db, "run-1", worker="w", limit=20, lease_seconds=60, max_attempts=3)
     from analysisq.providers.base import Completion
 
-    done = [
-        items.Outcome(i, Completion("ok", None, 1, 1, "echo-1", 1.0)) for i in claimed[:10]
-    ]
+    done = [items.Outcome(i, Completion("ok", None, 1, 1, "echo-1", 1.0)) for i in claimed[:10]]
     assert len(await items.complete(db, done)) == 10
     for i in claimed[10:14]:
         assert await items.fail(db, i, ErrorClass.TRANSIENT, "timeout", None)

@@ -58,7 +58,7 @@ class FakeProvider:
         )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self.host, self.port, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+            site = web.TCPSite(runner, self.host, self.port)
             await site.start()
         except BaseException:
             await runner.cleanup()

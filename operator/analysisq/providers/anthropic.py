@@ -14,7 +14,7 @@ import httpx
 
 from analysisq.errors import ConfigError, InvalidInput, TransientError
 from analysisq.providers.base import Completion, check_prompt, parse_json_text
-from analysisq.providers.client import Reply, decode_json, field, optional_int, post_json
+from analysisq.providers.client import Reply, decode_json, dig, optional_int, post_json, with_path
 from analysisq.spec import Target
 
 DEFAULT_ENDPOINT = "https://api.anthropic.com"
@@ -35,13 +35,10 @@ class AnthropicProvider:
         self._version = str(params.pop("anthropic_version", API_VERSION))
         params.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
         self._params = params
-        base = (target.endpoint or DEFAULT_ENDPOINT).rstrip("/")
-        if base.endswith("/v1/messages"):
-            self._url = base
-        elif base.endswith("/v1"):
-            self._url = f"{base}/messages"
-        else:
-            self._url = f"{base}/v1/messages"
+        endpoint = target.endpoint or DEFAULT_ENDPOINT
+        if httpx.URL(endpoint).path.rstrip("/").endswith("/v1"):
+            endpoint = with_path(endpoint, "/messages")
+        self._url = with_path(endpoint, "/v1/messages")
 
     def __repr__(self) -> str:
         return f"AnthropicProvider(target={self.target.name!r}, url={self._url!r})"
@@ -67,8 +64,8 @@ class AnthropicProvider:
         return self._completion(reply)
 
     def _completion(self, reply: Reply) -> Completion:
-        body = field(reply, decode_json(reply), expect=dict)
-        blocks = field(reply, body, "content", expect=list)
+        body = dig(reply, decode_json(reply), expect=dict)
+        blocks = dig(reply, body, "content", expect=list)
         if body.get("stop_reason") == "refusal":
             raise InvalidInput(f"{reply.where} refused the prompt (stop_reason refusal)")
         texts = [

@@ -6,7 +6,7 @@ target and item (pooled connections, no transport retries: the queue owns retrie
 at the boundary: httpx exceptions become ``TransientError`` (or ``PermanentError`` for a URL
 that can never work), non-2xx answers go to ``http_errors.error_for_response``, and a 2xx
 body that is not the JSON the provider module expects becomes ``TransientError`` through
-``decode_json`` and ``field``.
+``decode_json`` and ``dig``.
 
 Errors are raised outside the ``except`` blocks that caught the httpx exception, so neither
 ``__cause__`` nor ``__context__`` links to an exception whose request carries our headers.
@@ -18,14 +18,14 @@ import asyncio
 import json
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
 from analysisq import __version__
 from analysisq.errors import PermanentError, ProviderError, TransientError, redact
-from analysisq.providers.http_errors import error_for_response
+from analysisq.providers.http_errors import error_for_response, excerpt
 
 USER_AGENT = f"analysisq/{__version__}"
 #: Connect quickly or not at all: a provider that does not accept a TCP connection within
@@ -77,6 +77,8 @@ class Reply:
     latency_ms: float
     #: ``host[:port]/path`` of the request, for error messages (never the query string).
     where: str
+    #: Values to mask should the body reach an error message.
+    secrets: tuple[str, ...] = field(default=(), repr=False)
 
 
 async def post_json(
@@ -123,7 +125,7 @@ async def post_json(
         else:
             latency_ms = (time.perf_counter() - started) * 1000
             if response.is_success:
-                return Reply(response.text, latency_ms, where)
+                return Reply(response.text, latency_ms, where, secrets)
             failure = error_for_response(
                 response.status_code, response.headers, response.text, where=where, secrets=secrets
             )
@@ -135,12 +137,12 @@ def decode_json(reply: Reply) -> Any:
     try:
         return json.loads(reply.text)
     except ValueError:
-        raise TransientError(
-            f"malformed JSON from {reply.where}: {redact(reply.text, 120)!r}"
-        ) from None
+        pass  # raised below, so that no JSONDecodeError (holding the body) is chained
+    body = excerpt(reply.text, reply.secrets, limit=120)
+    raise TransientError(f"malformed JSON from {reply.where}: {body!r}")
 
 
-def field(reply: Reply, value: Any, *path: str | int, expect: type[Any] = object) -> Any:
+def dig(reply: Reply, value: Any, *path: str | int, expect: type[Any] = object) -> Any:
     """``value[path[0]][path[1]]...`` of type *expect*, or ``TransientError`` naming it."""
     try:
         for step in path:
@@ -156,6 +158,14 @@ def field(reply: Reply, value: Any, *path: str | int, expect: type[Any] = object
 def optional_int(value: Any) -> int | None:
     """A token count from a provider's usage block, if it is one."""
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def with_path(endpoint: str, suffix: str) -> str:
+    """*endpoint* with *suffix* appended to its path unless it ends with it already; the
+    query string stays (e.g. Azure's ``api-version``)."""
+    url = httpx.URL(endpoint)
+    path = url.path.rstrip("/")
+    return str(url.copy_with(path=path if path.endswith(suffix) else path + suffix))
 
 
 def _where(url: httpx.URL) -> str:

@@ -20,7 +20,7 @@ import httpx
 
 from analysisq.errors import ConfigError
 from analysisq.providers.base import Completion, check_prompt, parse_json_text
-from analysisq.providers.client import decode_json, field, post_json
+from analysisq.providers.client import decode_json, dig, post_json
 from analysisq.spec import Target
 
 _OWN_PARAMS = ("responsePath", "apiKeyHeader")
@@ -63,7 +63,7 @@ class HttpProvider:
         )
         text = reply.text
         if self._path:
-            answer: Any = field(reply, decode_json(reply), *self._path)
+            answer: Any = dig(reply, decode_json(reply), *self._path)
             text = answer if isinstance(answer, str) else json.dumps(answer)
         return Completion(
             text=text,

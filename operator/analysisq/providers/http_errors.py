@@ -69,8 +69,7 @@ def error_for_response(
     secrets: Iterable[str] = (),
 ) -> ProviderError:
     """The ``ProviderError`` that an HTTP *status* with body *text* from *where* means."""
-    codes, detail = _error_detail(text)
-    label = "/".join(sorted(codes))
+    codes, label, detail = _error_detail(text)
     message = f"HTTP {status} from {where}: {label + ': ' if label else ''}"
     message += excerpt(detail or text, secrets) or "(empty body)"
     if status == 429:
@@ -131,8 +130,9 @@ def retry_delay(headers: Mapping[str, str], *, now: datetime | None = None) -> f
     return _clamp(max(waits)) if waits else None
 
 
-def _error_detail(text: str) -> tuple[frozenset[str], str]:
-    """The error codes/types and the human message of an error body, if it is JSON.
+def _error_detail(text: str) -> tuple[frozenset[str], str, str]:
+    """The error code and type, a label (the code, else the type) and the message of an
+    error body, if it is JSON.
 
     Shapes: OpenAI ``{"error": {"message", "type", "code"}}``, Anthropic
     ``{"type": "error", "error": {"type", "message"}}``, vLLM ``{"object": "error",
@@ -141,17 +141,15 @@ def _error_detail(text: str) -> tuple[frozenset[str], str]:
     try:
         body = json.loads(text)
     except ValueError:
-        return frozenset(), ""
-    if not isinstance(body, dict):
-        return frozenset(), ""
-    error = body.get("error", body)
+        return frozenset(), "", ""
+    error = body.get("error", body) if isinstance(body, dict) else None
     if isinstance(error, str):
-        return frozenset(), error
+        return frozenset(), "", error
     if not isinstance(error, dict):
-        return frozenset(), ""
-    codes = frozenset(str(error[k]) for k in ("code", "type") if error.get(k) is not None)
+        return frozenset(), "", ""
+    named = [str(error[k]) for k in ("code", "type") if isinstance(error.get(k), str)]
     message = error.get("message")
-    return codes, message if isinstance(message, str) else ""
+    return frozenset(named), named[0] if named else "", message if isinstance(message, str) else ""
 
 
 def _number(value: str | None) -> float | None:

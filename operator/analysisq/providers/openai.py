@@ -15,7 +15,7 @@ import httpx
 
 from analysisq.errors import ConfigError, InvalidInput, TransientError
 from analysisq.providers.base import Completion, check_prompt, parse_json_text
-from analysisq.providers.client import Reply, decode_json, field, optional_int, post_json
+from analysisq.providers.client import Reply, decode_json, dig, optional_int, post_json, with_path
 from analysisq.spec import Target
 
 DEFAULT_ENDPOINT = "https://api.openai.com/v1"
@@ -30,8 +30,7 @@ class OpenAIProvider:
         self.target = target
         self._client = client
         self._api_key = api_key
-        base = (target.endpoint or DEFAULT_ENDPOINT).rstrip("/")
-        self._url = base if base.endswith("/chat/completions") else f"{base}/chat/completions"
+        self._url = with_path(target.endpoint or DEFAULT_ENDPOINT, "/chat/completions")
 
     def __repr__(self) -> str:
         return f"OpenAIProvider(target={self.target.name!r}, url={self._url!r})"
@@ -55,9 +54,9 @@ class OpenAIProvider:
         return self._completion(reply)
 
     def _completion(self, reply: Reply) -> Completion:
-        body = field(reply, decode_json(reply), expect=dict)
-        choice = field(reply, body, "choices", 0, expect=dict)
-        message = field(reply, choice, "message", expect=dict)
+        body = dig(reply, decode_json(reply), expect=dict)
+        choice = dig(reply, body, "choices", 0, expect=dict)
+        message = dig(reply, choice, "message", expect=dict)
         if choice.get("finish_reason") == "content_filter" or message.get("refusal"):
             reason = message.get("refusal") or "finish_reason content_filter"
             raise InvalidInput(f"{reply.where} refused the prompt: {str(reason)[:200]}")

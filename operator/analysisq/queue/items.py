@@ -143,8 +143,11 @@ async def release(
     deferral: bool = False,
     error_class: ErrorClass | None = None,
     message: str | None = None,
+    park: bool = False,
 ) -> bool:
-    """Give the item back to the queue without counting an attempt."""
+    """Give the item back to the queue without counting an attempt.
+
+    ``park`` keeps it waiting until its target is resumed (a paused target)."""
     with translated(f"releasing item {item.id}"):
         row = await conn.fetchval(
             query("release"),
@@ -154,5 +157,6 @@ async def release(
             redact(message, MAX_ERROR_CHARS) if message else None,
             1 if deferral else 0,
             float(delay),
+            park,
         )
     return row is not None

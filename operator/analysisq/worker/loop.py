@@ -310,7 +310,7 @@ class Worker:
                 self._log(logging.ERROR, "target paused for the run: provider refused our "
                           "credentials", item, error=d.message)  # fmt: skip
             self.stats.paused_targets.add(item.target)
-            await self._release(item, error_class=d.error_class, message=d.message)
+            await self._release(item, error_class=d.error_class, message=d.message, park=True)
 
     async def _fail(
         self, item: ClaimedItem, cls: ErrorClass, message: str, retry_in: float | None
@@ -327,11 +327,12 @@ class Worker:
         deferral: bool = False,
         error_class: ErrorClass | None = None,
         message: str | None = None,
+        park: bool = False,
     ) -> None:
         async with acquire(self.pool) as conn:
             ok = await items.release(
                 conn, item, delay=delay, deferral=deferral, error_class=error_class,
-                message=message,
+                message=message, park=park,
             )  # fmt: skip
         if ok and not deferral:
             self.stats.released += 1
