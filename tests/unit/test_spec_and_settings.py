@@ -1,0 +1,82 @@
+"""The shared spec model and the settings: defaults, and errors that name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from analysisq.errors import ConfigError, SpecError, redact
+from analysisq.settings import load_settings
+from analysisq.spec import load_spec_file, parse_spec
+
+pytestmark = pytest.mark.unit
+
+ECHO = {"name": "echo", "provider": "echo", "model": "m"}
+
+
+def test_defaults_are_the_seeds() -> None:
+    s = parse_spec({"targets": [ECHO]})
+    assert (s.workers, s.batch_size, s.max_attempts) == (20, 5, 3)
+    assert s.to_json()["batchSize"] == 5  # CRD spelling on the wire
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({}, "targets: Field required"),
+        ({"targets": []}, "targets: List should have at least 1 item"),
+        ({"targets": [ECHO], "workers": -1}, "workers: Input should be greater than or equal"),
+        ({"targets": [ECHO], "batchSize": 0}, "batchSize: Input should be greater than or equal"),
+        ({"targets": [{**ECHO, "provider": "bard"}]}, "targets.0.provider: Input should be"),
+        ({"targets": [ECHO, ECHO]}, "target names must be unique; repeated: echo"),
+        ({"targets": [{**ECHO, "name": "Bad_Name"}]}, "must be a DNS label"),
+        ({"targets": [{**ECHO, "provider": "http"}]}, "provider 'http' needs an endpoint"),
+        ({"targets": [ECHO], "surprise": 1}, "surprise: Extra inputs are not permitted"),
+        (
+            {"targets": [{**ECHO, "apiKeySecretRef": {"name": "s"}}]},
+            "targets.0.apiKeySecretRef.key: Field required",
+        ),
+    ],
+)
+def test_invalid_specs_name_the_field(data: object, message: str) -> None:
+    with pytest.raises(SpecError) as exc:
+        parse_spec(data)
+    assert message in str(exc.value)
+
+
+def test_spec_file_accepts_a_whole_manifest(tmp_path: Path) -> None:
+    f = tmp_path / "run.yaml"
+    f.write_text(
+        "apiVersion: analysisq.io/v1alpha1\nkind: AnalysisRun\nmetadata: {name: x}\n"
+        "spec:\n  workers: 3\n  targets:\n  - {name: echo, provider: echo, model: m}\n"
+    )
+    assert load_spec_file(f).workers == 3
+    f.write_text("targets: [\n")
+    with pytest.raises(SpecError, match="cannot read"):
+        load_spec_file(f)
+
+
+def test_settings_from_env_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u:p@h/db")
+    monkeypatch.setenv("ANALYSISQ_POLL_SECONDS", "2")
+    s = load_settings()
+    assert s.database_url == "postgresql://u:p@h/db" and s.poll_seconds == 2
+    monkeypatch.setenv("ANALYSISQ_POLL_SECONDS", "-1")
+    with pytest.raises(ConfigError, match="POLL_SECONDS"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("text", "leaked"),
+    [
+        ("Authorization: Bearer sk-abc123def456ghi", "sk-abc123def456ghi"),
+        ('{"api_key": "hunter2hunter2"}', "hunter2hunter2"),
+        ("connecting to postgresql://app:s3cr3t@db:5432/x", "s3cr3t"),
+        ("x-api-key=ant-secret-value", "ant-secret-value"),
+    ],
+)
+def test_redact_removes_credentials(text: str, leaked: str) -> None:
+    out = redact(text)
+    assert leaked not in out
+    assert "***" in out
