@@ -230,3 +230,23 @@ async def test_heartbeat_keeps_a_slow_item_from_being_rescued(pool: asyncpg.Pool
         counts = await check_invariants(db)
         losses = await db.fetchval("SELECT max(lease_losses) FROM analysis_queue")
     assert counts["completed"] == 2 and losses == 0
+
+
+async def test_an_item_of_an_unknown_target_fails_clearly(pool: asyncpg.Pool) -> None:
+    """A run whose spec no longer has an item's target fails that item, and only it."""
+    two = [{"name": "a", "provider": "echo", "model": "m"},
+           {"name": "b", "provider": "echo", "model": "m"}]  # fmt: skip
+    async with pool.acquire() as db:
+        await add_prompts(db, 5)
+        await new_run(db, s=spec(targets=two))
+        await db.execute(
+            "UPDATE analysis_runs SET spec = jsonb_set(spec, '{targets}', spec->'targets'->0 "
+            "|| '[]'::jsonb)"
+        )
+    await drain(pool, spec())
+    async with pool.acquire() as db:
+        counts = await check_invariants(db)
+        msgs = {r[0] for r in await db.fetch("SELECT error_message FROM analysis_queue"
+                                             " WHERE status = 'failed'")}  # fmt: skip
+    assert (counts["completed"], counts["failed"]) == (5, 5)
+    assert len(msgs) == 5 and all("unknown target 'b'" in m for m in msgs)

@@ -37,6 +37,7 @@ from analysisq.errors import (
     InvalidInput,
     ProviderError,
     RateLimited,
+    SpecError,
     redact,
 )
 from analysisq.providers import make_provider, resolve_api_key
@@ -173,7 +174,11 @@ class Worker:
         await self._flush()
         leftover = [i for i in self._held.values() if i.id not in self._done_ids()]
         for item in leftover:
-            await self._release(item, message="released at shutdown")
+            try:
+                await self._release(item, message="released at shutdown")
+            except DatabaseUnavailable:
+                # Nothing is lost: the lease expires and the rescuer requeues the item.
+                self._log(logging.WARNING, "could not release; left to its lease", item)
 
     def _done_ids(self) -> set[int]:
         return {o.item.id for o in self._outcomes}
@@ -248,7 +253,13 @@ class Worker:
             self._tasks.pop(item.id, None)
 
     async def _attempt(self, item: ClaimedItem) -> None:
-        target = self.spec.target(item.target)
+        try:
+            target = self.spec.target(item.target)
+        except SpecError as exc:
+            # The run's spec lost this target after the fill: no retry can send it anywhere.
+            await self._fail(item, ErrorClass.PERMANENT, f"item {item.id}: {exc.message}", None)
+            self.stats.failed += 1
+            return
         if len(item.text) > self.spec.max_prompt_chars:
             err = InvalidInput(
                 f"prompt {item.external_id!r} has {len(item.text)} characters;"
