@@ -45,6 +45,33 @@ class Settings(BaseSettings):
     #: Database pool size per worker process.
     pool_size: int = Field(default=4, ge=2, le=100)
 
+    # --- the operator (``analysisq operator``; see docs/operator.md) -------------------------
+    #: Namespaces to watch, comma-separated; empty = every namespace.
+    namespaces: str = ""
+    #: The image of the worker pods (the operator's own image in a normal install).
+    worker_image: str = "analysisq:latest"
+    #: Service account of the worker pods; workers need no Kubernetes API access.
+    worker_service_account: str | None = None
+    #: terminationGracePeriodSeconds of worker pods: longer than the worker's shutdown grace
+    #: so that a stopping worker releases its claims before it is killed.
+    worker_grace_seconds: int = Field(default=30, ge=1, le=3600)
+    #: The Secret (in each run's namespace) holding the database URL for runs without
+    #: ``databaseSecretRef``, and its key.
+    database_secret_name: str = "analysisq-database"
+    database_secret_key: str = "url"
+    #: Seconds between two status reconciliations of an active run.
+    reconcile_seconds: float = Field(default=15.0, ge=0.2, le=600)
+    #: Seconds between two stuck-item resets per run (the design: hourly at the latest).
+    stuck_reset_seconds: float = Field(default=300.0, ge=1, le=3600)
+    #: Liveness endpoint port (``/healthz``) and Prometheus metrics port (``/metrics``);
+    #: 0 turns one off.
+    health_port: int = Field(default=8080, ge=0, le=65535)
+    metrics_port: int = Field(default=9090, ge=0, le=65535)
+    #: Kubernetes watch timeouts: the server ends a watch after ``watch_server_timeout``
+    #: seconds, the client gives up after ``watch_client_timeout`` (a lost connection).
+    watch_server_timeout: int = Field(default=300, ge=10, le=3600)
+    watch_client_timeout: int = Field(default=330, ge=15, le=3900)
+
     # -- local runs (``analysisq run`` / ``demo``) and prompt import ------------------------
     #: Import refuses prompts longer than this many characters.
     max_prompt_chars: int = Field(default=100_000, ge=1, le=10_000_000)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StringConstraints,
     ValidationError,
     field_validator,
     model_validator,
@@ -89,8 +90,28 @@ class Target(_Model):
 class PromptSelector(_Model):
     """Which stored prompts the run analyses; empty means every active prompt."""
 
-    tags: list[str] = Field(default_factory=list)
-    ids: list[str] = Field(default_factory=list)
+    # Bounded because the CRD must bound them for its CEL rules (prompts cannot change).
+    tags: list[Annotated[str, StringConstraints(min_length=1, max_length=200)]] = Field(
+        default_factory=list, max_length=100
+    )
+    ids: list[Annotated[str, StringConstraints(min_length=1, max_length=512)]] = Field(
+        default_factory=list, max_length=10_000
+    )
+
+
+#: A Kubernetes resource quantity ("100m", "128Mi", 2), as the API server's pattern says.
+QUANTITY = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+Quantity = int | Annotated[str, StringConstraints(pattern=QUANTITY)]
+
+
+class WorkerResources(_Model):
+    """CPU and memory of each worker container (operator only; local runs ignore it)."""
+
+    requests: dict[str, Quantity] = Field(default_factory=dict, max_length=10)
+    limits: dict[str, Quantity] = Field(default_factory=dict, max_length=10)
 
 
 OnDelete = Literal["Keep", "Delete"]
@@ -116,6 +137,8 @@ class AnalysisRunSpec(_Model):
     deadline: datetime | None = None
     database_secret_ref: SecretKeyRef | None = None
     on_delete: OnDelete = "Keep"
+    #: Worker pod resources in a cluster; the operator's defaults when unset.
+    resources: WorkerResources | None = None
 
     @model_validator(mode="after")
     def _unique_targets(self) -> AnalysisRunSpec:

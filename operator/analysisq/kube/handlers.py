@@ -1,0 +1,221 @@
+"""The kopf handlers, registered on an explicit registry: thin on purpose.
+
+Each one turns the body into a ``RunRef`` and the shared ``AnalysisRunSpec``, calls one
+``RunService`` method, and writes the ``Report``: status fields into kopf's patch (kopf sends
+them to the status subresource) and Events on the AnalysisRun. Errors become conditions:
+a retryable one (database, Secret, Kubernetes API) sets ``Degraded`` and raises
+``kopf.TemporaryError`` with an exponential delay; an invalid spec is permanent.
+
+- create / resume → ``ensure``; ``spec.workers`` / ``spec.suspend`` → ``rescale``;
+  other spec fields → ``reconfigure``; the ``analysisq.io/resume-targets`` annotation →
+  ``resume_targets``;
+- timers on active runs only (a finished run matches no timer): ``reconcile`` every
+  ``reconcile_seconds``, ``reset-stuck`` every ``stuck_reset_seconds``;
+- delete: ``delete-rows`` only for ``onDelete: Delete`` (so only those runs carry a
+  finalizer for it; the Deployment goes by garbage collection), ``forget`` for all.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import kopf
+
+from analysisq.errors import SpecError
+from analysisq.kube.deployment import RESUME_ANNOTATION
+from analysisq.kube.ref import GROUP, PLURAL, VERSION, RunRef
+from analysisq.kube.service import (
+    RETRYABLE,
+    NotYet,
+    Report,
+    RunService,
+    degraded_report,
+    problem_of,
+)
+from analysisq.kube.status import FINISHED
+from analysisq.settings import Settings
+from analysisq.spec import AnalysisRunSpec, parse_spec
+
+log = logging.getLogger("analysisq.operator")
+
+Method = Callable[[RunRef, AnalysisRunSpec, Mapping[str, Any], str | None], Awaitable[Report]]
+
+#: Spec fields whose change only scales the workers (``rescale``), nothing else.
+_SCALE_ONLY = {"workers", "suspend"}
+
+
+def backoff(retry: int) -> float:
+    """Seconds before retry number *retry*: 2, 4, 8, ... up to a minute."""
+    return float(min(2 ** (retry + 1), 60))
+
+
+def _active(status: Mapping[str, Any], **_: Any) -> bool:
+    return (status or {}).get("phase") not in FINISHED
+
+
+def _deletes_rows(spec: Mapping[str, Any], **_: Any) -> bool:
+    return (spec or {}).get("onDelete") == "Delete"
+
+
+def _resume_token(body: Mapping[str, Any]) -> str | None:
+    annotations = body.get("metadata", {}).get("annotations") or {}
+    token = annotations.get(RESUME_ANNOTATION)
+    return str(token) if token else None
+
+
+def _spec(body: Mapping[str, Any]) -> AnalysisRunSpec:
+    return parse_spec(_plain(body.get("spec") or {}), source="spec")
+
+
+def _plain(value: Any) -> Any:
+    """kopf's mapping views as plain dicts, for pydantic."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _status(body: Mapping[str, Any]) -> dict[str, Any]:
+    return dict(_plain(body.get("status") or {}))
+
+
+def write(body: kopf.Body, patch: kopf.Patch, report: Report) -> None:
+    """Put the report's status fields into kopf's patch and post its Events."""
+    for key, value in report.status.items():
+        patch.status[key] = value
+    for note in report.notes:
+        kopf.event(body, type=note.type, reason=note.reason, message=note.message)
+        level = logging.INFO if note.type == "Normal" else logging.WARNING
+        log.log(
+            level,
+            note.message,
+            extra={"reason": note.reason, "object": RunRef.from_body(body).display_name},
+        )
+
+
+async def _handle(body: kopf.Body, patch: kopf.Patch, retry: int, method: Method) -> None:
+    ref = RunRef.from_body(body)
+    status = _status(body)
+    try:
+        spec = _spec(body)
+        report = await method(ref, spec, status, _resume_token(body))
+    except SpecError as exc:
+        write(body, patch, degraded_report(status, problem_of(exc)))
+        raise kopf.PermanentError(exc.message) from None
+    except NotYet as exc:
+        raise kopf.TemporaryError(exc.message, delay=2) from None
+    except RETRYABLE as exc:
+        write(body, patch, degraded_report(status, problem_of(exc)))
+        raise kopf.TemporaryError(exc.message, delay=backoff(retry)) from None
+    write(body, patch, report)
+
+
+def register(registry: kopf.OperatorRegistry, service: RunService, settings: Settings) -> None:
+    """Register every handler of the operator on *registry*."""
+    on: dict[str, Any] = {"group": GROUP, "version": VERSION, "plural": PLURAL}
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_via_client(**kwargs)
+
+    @kopf.on.resume(**on, id="ensure", registry=registry)
+    @kopf.on.create(**on, id="ensure", registry=registry)
+    async def ensure(body: kopf.Body, patch: kopf.Patch, retry: int, **_: Any) -> None:
+        await _handle(body, patch, retry, service.ensure)
+
+    @kopf.on.field(**on, id="rescale-workers", field="spec.workers", registry=registry)
+    @kopf.on.field(**on, id="rescale-suspend", field="spec.suspend", registry=registry)
+    async def rescale(body: kopf.Body, patch: kopf.Patch, retry: int, old: Any, **_: Any) -> None:
+        if old is None:
+            return  # creation: ensure() starts the workers at the right scale
+        await _handle(body, patch, retry, service.rescale)
+
+    @kopf.on.update(**on, id="reconfigure", field="spec", registry=registry)
+    async def reconfigure(
+        body: kopf.Body, patch: kopf.Patch, retry: int, diff: kopf.Diff, **_: Any
+    ) -> None:
+        if _changed_fields(diff) <= _SCALE_ONLY:
+            return
+        await _handle(body, patch, retry, service.reconfigure)
+
+    @kopf.on.field(
+        **on,
+        id="resume-targets",
+        field=("metadata", "annotations", RESUME_ANNOTATION),
+        registry=registry,
+    )
+    async def resume_targets(body: kopf.Body, patch: kopf.Patch, retry: int, **_: Any) -> None:
+        await _handle(body, patch, retry, service.resume_targets)
+
+    @kopf.timer(
+        **on, id="reconcile", interval=settings.reconcile_seconds, when=_active, registry=registry
+    )
+    async def reconcile(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        try:
+            spec = _spec(body)
+        except SpecError:
+            return  # the change handlers report it
+        ref = RunRef.from_body(body)
+        write(body, patch, await service.reconcile(ref, spec, _status(body), _resume_token(body)))
+
+    @kopf.timer(
+        **on,
+        id="reset-stuck",
+        interval=settings.stuck_reset_seconds,
+        when=_active,
+        registry=registry,
+    )
+    async def reset_stuck(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        ref = RunRef.from_body(body)
+        try:
+            report = await service.reset_stuck(ref, _spec(body), _status(body))
+        except SpecError:
+            return
+        except RETRYABLE as exc:
+            # The reconcile timer reports the condition; this one tries again next interval.
+            problem = problem_of(exc)
+            service.metrics.reconcile_errors.labels(problem.reason).inc()
+            log.warning(
+                "stuck reset skipped",
+                extra={"run": ref.run_id, "reason": problem.reason, "error": problem.message},
+            )
+            return
+        write(body, patch, report)
+
+    @kopf.on.delete(**on, id="delete-rows", when=_deletes_rows, registry=registry)
+    async def delete_rows(body: kopf.Body, retry: int, **_: Any) -> None:
+        ref = RunRef.from_body(body)
+        try:
+            await service.delete_rows(ref, _spec(body))
+        except SpecError as exc:
+            raise kopf.PermanentError(exc.message) from None
+        except RETRYABLE as exc:
+            problem = problem_of(exc)
+            message = f"cannot delete the queue rows of {ref.run_id} yet: {problem.message}"
+            if problem.reason == "SecretMissing" or retry >= 10:
+                kopf.event(body, type="Warning", reason="RowsKept", message=message)
+                raise kopf.PermanentError(message) from None
+            kopf.event(body, type="Warning", reason=problem.reason, message=message)
+            raise kopf.TemporaryError(message, delay=backoff(retry)) from None
+
+    @kopf.on.delete(**on, id="forget", optional=True, registry=registry)
+    def forget(body: kopf.Body, **_: Any) -> None:
+        service.forget(RunRef.from_body(body))
+
+    @kopf.on.probe(id="database", registry=registry)
+    async def database(**_: Any) -> str:
+        return await service.database_health()
+
+
+def _changed_fields(diff: kopf.Diff) -> set[str]:
+    """Top-level spec fields a diff touches ("*" when the whole spec changed)."""
+    fields: set[str] = set()
+    for item in diff:
+        path = tuple(item[1])
+        if path[:1] == ("spec",):
+            path = path[1:]
+        fields.add(str(path[0]) if path else "*")
+    return fields

@@ -1,0 +1,171 @@
+"""The operator's own Kubernetes calls (kopf does the watching and the AnalysisRun patches).
+
+Deployments are written with server-side apply under one field manager, so creating and
+updating are the same idempotent call. Secrets are read only to check that a reference
+resolves and, for the database URL, to connect; their values never leave this module except
+as the return value of ``secret_value``, and errors never include them.
+
+The official client is synchronous: each call runs in a thread. Its errors are translated
+here: ``SecretMissing`` (a reference does not resolve; retry later) and ``KubeApiError``
+(the API failed; retry later), both in the ``analysisq.errors`` tree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+from collections.abc import Callable
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
+
+from analysisq.errors import AnalysisqError
+from analysisq.kube.deployment import FIELD_MANAGER
+from analysisq.kube.ref import GROUP, PLURAL, VERSION, RunRef
+from analysisq.spec import SecretKeyRef
+
+_APPLY = "application/apply-patch+yaml"
+_MERGE = "application/merge-patch+json"
+
+
+class KubeApiError(AnalysisqError):
+    """The Kubernetes API failed; the operator retries."""
+
+
+class SecretMissing(AnalysisqError):
+    """A Secret (or a key in it) that the run references does not exist."""
+
+
+def load_client() -> client.ApiClient:
+    """In-cluster credentials in a pod, else the kubeconfig (``KUBECONFIG``)."""
+    configuration = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    return client.ApiClient(configuration)
+
+
+class KubeApi:
+    def __init__(self, api: client.ApiClient) -> None:
+        self._api = api
+        self._apps = client.AppsV1Api(api)
+        self._core = client.CoreV1Api(api)
+        self._custom = client.CustomObjectsApi(api)
+
+    def close(self) -> None:
+        self._api.close()  # type: ignore[no-untyped-call]
+
+    async def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        """Run a client call in a thread; the decoded JSON body, or None on 404."""
+
+        def call() -> Any:
+            response = fn(*args, _preload_content=False, **kw)
+            try:
+                return json.loads(response.data) if response.data else {}
+            finally:
+                response.release_conn()
+
+        try:
+            return await asyncio.to_thread(call)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise KubeApiError(f"{what}: HTTP {exc.status} {_reason(exc)}") from None
+        except (HTTPError, OSError) as exc:
+            raise KubeApiError(f"{what}: {type(exc).__name__}: {exc}") from None
+
+    # --- deployments -----------------------------------------------------------------------
+
+    async def apply_deployment(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        meta = manifest["metadata"]
+        result: dict[str, Any] = await self._call(
+            f"applying deployment {meta['namespace']}/{meta['name']}",
+            self._apps.patch_namespaced_deployment,
+            meta["name"],
+            meta["namespace"],
+            manifest,
+            field_manager=FIELD_MANAGER,
+            force=True,
+            _content_type=_APPLY,
+        )
+        return result
+
+    async def read_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        result: dict[str, Any] | None = await self._call(
+            f"reading deployment {namespace}/{name}",
+            self._apps.read_namespaced_deployment,
+            name,
+            namespace,
+        )
+        return result
+
+    async def scale_deployment(self, namespace: str, name: str, replicas: int) -> bool:
+        """Set replicas through the scale subresource; False if there is no such Deployment."""
+        result = await self._call(
+            f"scaling deployment {namespace}/{name}",
+            self._apps.patch_namespaced_deployment_scale,
+            name,
+            namespace,
+            {"spec": {"replicas": replicas}},
+        )
+        return result is not None
+
+    # --- secrets ---------------------------------------------------------------------------
+
+    async def _secret_data(self, namespace: str, ref: SecretKeyRef) -> dict[str, str]:
+        secret = await self._call(
+            f"reading secret {namespace}/{ref.name}",
+            self._core.read_namespaced_secret,
+            ref.name,
+            namespace,
+        )
+        if secret is None:
+            raise SecretMissing(f"secret {ref.name} not found in namespace {namespace}")
+        data: dict[str, str] = secret.get("data") or {}
+        if ref.key not in data:
+            raise SecretMissing(f"secret {namespace}/{ref.name} has no key {ref.key!r}")
+        return data
+
+    async def check_secret(self, namespace: str, ref: SecretKeyRef) -> None:
+        """Raise ``SecretMissing`` unless the Secret exists and has the key."""
+        await self._secret_data(namespace, ref)
+
+    async def secret_value(self, namespace: str, ref: SecretKeyRef) -> str:
+        data = await self._secret_data(namespace, ref)
+        try:
+            return base64.b64decode(data[ref.key]).decode("utf-8").strip()
+        except (binascii.Error, UnicodeDecodeError):
+            raise SecretMissing(
+                f"secret {namespace}/{ref.name} key {ref.key!r} is not UTF-8 text"
+            ) from None
+
+    # --- the AnalysisRun -------------------------------------------------------------------
+
+    async def patch_run_status(self, ref: RunRef, status: dict[str, Any]) -> None:
+        """Patch status now (kopf patches at the end of a handler; a long fill shows sooner)."""
+        await self._call(
+            f"patching status of {ref.display_name}",
+            self._custom.patch_namespaced_custom_object_status,
+            GROUP,
+            VERSION,
+            ref.namespace,
+            PLURAL,
+            ref.name,
+            {"status": status},
+            _content_type=_MERGE,
+        )
+
+
+def _reason(exc: ApiException) -> str:
+    """The API's message for a failed call (a Status object), else its HTTP reason."""
+    try:
+        body = json.loads(exc.body or "{}")
+    except (TypeError, ValueError):
+        body = {}
+    message = body.get("message") if isinstance(body, dict) else None
+    return str(message or exc.reason or "")[:500]
