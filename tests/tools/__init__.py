@@ -1,0 +1,1 @@
+"""Build tools for tests (helm from Go modules) and the chart helpers they share."""

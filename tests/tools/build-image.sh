@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Build the analysisq image without a container engine daemon: buildah (Debian package) with
+# vfs storage and chroot isolation, on a Debian bookworm base made by debootstrap and passed
+# to the Dockerfile as BASE_IMAGE. Then run `analysisq --help` inside it and print its size.
+#
+#   sudo apt-get install buildah debootstrap
+#   sudo bash tests/tools/build-image.sh            # tag: localhost/analysisq:<version>
+#
+# The base (python3, python3-venv, python3-pip; apt lists and docs removed) is cached in
+# buildah's storage as localhost/debian-python:bookworm. If PIP_CERT names a CA bundle (a
+# TLS-intercepting proxy), it is mounted for the RUN steps only, never stored in the image.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+version="$(sed -n 's/^version = "\(.*\)"/\1/p' "$root/pyproject.toml")"
+tag="${IMAGE_TAG:-localhost/analysisq:$version}"
+base="localhost/debian-python:bookworm"
+mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+b=(buildah --storage-driver vfs)
+log() { echo "build-image.sh: $*" >&2; }
+
+for tool in buildah debootstrap; do
+  command -v "$tool" >/dev/null || { log "$tool is not installed (apt-get install buildah debootstrap)"; exit 1; }
+done
+
+if ! "${b[@]}" inspect --type image "$base" >/dev/null 2>&1; then
+  log "making $base with debootstrap"
+  rootfs="$(mktemp -d)"
+  trap 'rm -rf "$rootfs"' EXIT
+  debootstrap --variant=minbase --include=python3,python3-venv,python3-pip bookworm "$rootfs" "$mirror" >&2
+  rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin \
+    "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/usr/share/{doc,man,info}/*
+  ctr="$("${b[@]}" from scratch)"
+  cp -a "$rootfs"/. "$("${b[@]}" mount "$ctr")"/
+  "${b[@]}" config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    --env LANG=C.UTF-8 --cmd /bin/bash "$ctr"
+  "${b[@]}" commit --rm "$ctr" "$base" >&2
+fi
+
+mounts=()
+if [[ -n "${PIP_CERT:-}" && -f "$PIP_CERT" ]]; then
+  conf="$(mktemp)"
+  printf '[global]\ncert = /etc/pip-build-ca.pem\n' >"$conf"
+  mounts=(--volume "$PIP_CERT:/etc/pip-build-ca.pem:ro" --volume "$conf:/etc/pip.conf:ro")
+fi
+
+log "building $tag"
+start=$SECONDS
+"${b[@]}" bud --isolation chroot --network host "${mounts[@]}" \
+  --build-arg "BASE_IMAGE=$base" -t "$tag" "$root" >&2
+log "built in $((SECONDS - start)) s"
+
+ctr="$("${b[@]}" from "$tag")"
+"${b[@]}" run --isolation chroot "$ctr" -- analysisq --help >/dev/null
+[[ "$("${b[@]}" run --isolation chroot "$ctr" -- id -u)" == 65532 ]]
+"${b[@]}" rm "$ctr" >/dev/null
+"${b[@]}" images --format '{{.Name}}:{{.Tag}} {{.Size}}' "$tag"
