@@ -6,7 +6,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit db cluster chaos controlplane bench clean
+.PHONY: demo test lint typecheck unit db cluster chaos controlplane helm tools bench image \
+	image-buildah deploy-manifests clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,12 +18,19 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/analysisq demo
 
+# Go-built tools, cached under ~/.cache/analysisq (ANALYSISQ_CACHE) and rebuilt only when missing.
 controlplane:
 	bash tests/controlplane/build.sh
+
+helm:
+	bash tests/tools/build-helm.sh
+
+tools: controlplane helm
 
 lint: $(STAMP)
 	$(BIN)/ruff check operator tests bench
 	$(BIN)/ruff format --check operator tests bench
+	$(BIN)/hadolint Dockerfile
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -33,19 +41,32 @@ unit: $(STAMP)
 db: $(STAMP)
 	$(BIN)/pytest -m db
 
-cluster: $(STAMP) controlplane
-	$(BIN)/pytest -m cluster
+cluster: $(STAMP) tools
+	ANALYSISQ_CONTROLPLANE_BIN="$$(bash tests/controlplane/build.sh | tail -1)" \
+	ANALYSISQ_HELM="$$(bash tests/tools/build-helm.sh | tail -1)" $(BIN)/pytest -m cluster
 
 chaos: $(STAMP)
 	$(BIN)/pytest -m chaos
 
 # Every tier; a tier that cannot run fails (tests/conftest.py refuses to skip).
-test: $(STAMP) controlplane lint typecheck
-	ANALYSISQ_CONTROLPLANE_BIN="$$(bash tests/controlplane/build.sh | tail -1)" $(BIN)/pytest
+test: $(STAMP) tools lint typecheck
+	ANALYSISQ_CONTROLPLANE_BIN="$$(bash tests/controlplane/build.sh | tail -1)" \
+	ANALYSISQ_HELM="$$(bash tests/tools/build-helm.sh | tail -1)" $(BIN)/pytest
 
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python -m bench all
+
+image:
+	docker build -t analysisq:0.1.0 .
+
+# Without a Docker engine: buildah (Debian) on a debootstrap base; see tests/tools/build-image.sh.
+image-buildah:
+	bash tests/tools/build-image.sh
+
+# Regenerate deploy/analysisq.yaml from the chart (a test fails when it is stale).
+deploy-manifests: $(STAMP) helm
+	$(BIN)/python tests/tools/helm.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import sys
 import textwrap
-import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -109,7 +107,14 @@ def _json(kubectl: Kubectl, *args: str, namespace: str | None = None) -> Any:
 @pytest.fixture(scope="module")
 def widget_crd(kubectl: Kubectl) -> str:
     kubectl("apply", "-f", "-", input=CRD)
-    kubectl("wait", "--for=condition=Established", f"crd/{PLURAL}.{GROUP}", "--timeout=30s")
+
+    # Not `kubectl wait`: it fails outright while the new CRD has no conditions at all.
+    def established() -> None:
+        crd = _json(kubectl, "get", "crd", f"{PLURAL}.{GROUP}")
+        conditions = {c["type"]: c["status"] for c in crd["status"].get("conditions") or []}
+        assert conditions.get("Established") == "True", conditions
+
+    eventually(established)
     return f"{PLURAL}.{GROUP}"
 
 
@@ -132,42 +137,34 @@ def test_custom_resource_schema_cel_status_watch_and_conflicts(
     created = _json(kubectl, "get", "widget", "w1", namespace=namespace)
     assert created["spec"] == {"size": 2, "mode": "careful", "minReplicas": 1, "maxReplicas": 3}
 
-    events: queue.Queue[dict[str, Any]] = queue.Queue()
+    status = {"status": {"phase": "Ready", "observedGeneration": 1}}
+    kubectl(
+        "patch",
+        "widget",
+        "w1",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps(status),
+        namespace=namespace,
+    )
+    # A watch from the creation's resourceVersion replays the status change.
     watcher = watch.Watch()
-
-    def follow() -> None:
-        for event in watcher.stream(
-            custom.list_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            namespace,
-            PLURAL,
-            resource_version=created["metadata"]["resourceVersion"],
-            timeout_seconds=30,
-        ):
-            events.put(event)
-
-    thread = threading.Thread(target=follow, daemon=True)
-    thread.start()
-    try:
-        status = {"status": {"phase": "Ready", "observedGeneration": 1}}
-        kubectl(
-            "patch",
-            "widget",
-            "w1",
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            json.dumps(status),
-            namespace=namespace,
-        )
-        event = events.get(timeout=20)
+    for event in watcher.stream(
+        custom.list_namespaced_custom_object,
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        resource_version=created["metadata"]["resourceVersion"],
+        timeout_seconds=20,
+    ):
         assert event["type"] == "MODIFIED"
         assert event["object"]["status"] == {"phase": "Ready", "observedGeneration": 1}
         assert event["object"]["metadata"]["generation"] == 1
-    finally:
-        watcher.stop()
-        thread.join(timeout=35)
+        break
+    else:
+        pytest.fail("the watch saw no event")
 
     # Status is only writable through /status; spec changes bump the generation.
     kubectl(
@@ -272,20 +269,26 @@ def test_deployment_runs_scales_and_stops_real_processes(
     kubectl("scale", "deployment/web", "--replicas=1", namespace=namespace)
 
     def scaled_down() -> dict[tuple[str, str], int]:
-        terminated = sorted(p.stem for p in tmp_path.glob("*.terminated"))
-        assert len(terminated) == 2, terminated
         remaining = pod_runner.pids(namespace)
         assert len(remaining) == 1, remaining
+        exits = {
+            (e.name, e.pid, e.exit_code)
+            for e in pod_runner.events_for(namespace)
+            if e.kind == "exited"
+        }
+        stopped = {
+            (name, pid, 0) for (_, name), pid in processes.items() if pid not in remaining.values()
+        }
+        assert exits == stopped
         return remaining
 
     remaining = eventually(scaled_down, timeout=60)
     stopped = {key: pid for key, pid in processes.items() if key not in remaining}
     assert len(stopped) == 2
     for (_, pod_name), pid in stopped.items():
+        # The marker proves the process itself handled SIGTERM before exiting 0.
         assert (tmp_path / f"{pod_name}.terminated").read_text() == str(pid)
         assert not _alive(pid)
-        exits = [e for e in pod_runner.events_for(namespace, pod_name) if e.kind == "exited"]
-        assert [e.exit_code for e in exits] == [0]
     kubectl("rollout", "status", "deployment/web", "--timeout=60s", namespace=namespace)
 
     kubectl("delete", "deployment", "web", "--wait=true", namespace=namespace)
@@ -461,6 +464,7 @@ def test_pod_environment_resolves_secrets_config_maps_and_fields(
                     "name": "main",
                     "image": "analysisq:test",
                     "command": ["python", "-c", dump],
+                    "resources": {"limits": {"memory": "64Mi"}, "requests": {"cpu": "250m"}},
                     "envFrom": [
                         {"configMapRef": {"name": "settings"}},
                         {"secretRef": {"name": "provider"}, "prefix": "PROVIDER_"},
@@ -505,6 +509,18 @@ def test_pod_environment_resolves_secrets_config_maps_and_fields(
                             "value": "$(PLAIN) in $(POD_NAMESPACE), $$(PLAIN), $(LATER)",
                         },
                         {"name": "LATER", "value": "later"},
+                        {
+                            "name": "MEMORY_MB",
+                            "valueFrom": {
+                                "resourceFieldRef": {"resource": "limits.memory", "divisor": "1Mi"}
+                            },
+                        },
+                        {
+                            "name": "CPU_MILLIS",
+                            "valueFrom": {
+                                "resourceFieldRef": {"resource": "requests.cpu", "divisor": "1m"}
+                            },
+                        },
                     ],
                 }
             ],
@@ -567,8 +583,18 @@ def test_pod_environment_resolves_secrets_config_maps_and_fields(
         "POD_IP": "127.0.0.1",
         "TIER": "batch",
         "HOSTNAME": "env",
+        "MEMORY_MB": "64",
+        "CPU_MILLIS": "250",
     }
     assert {key: env.get(key) for key in expected} == expected
     assert "MISSING_OPTIONAL" not in env
     # Commands resolve in the project's virtualenv first.
     assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+
+
+async def test_kubectl_runs_without_blocking_the_event_loop(kubectl: Kubectl) -> None:
+    result = await kubectl.run_async("get", "namespace", "default", "-o", "name")
+    assert result.stdout.strip() == "namespace/default"
+    with pytest.raises(KubectlError) as missing:
+        await kubectl.run_async("get", "namespace", "no-such-namespace")
+    assert 'namespaces "no-such-namespace" not found' in str(missing.value)

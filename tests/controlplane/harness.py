@@ -24,6 +24,7 @@ import ssl
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 BUILD_SCRIPT = Path(__file__).with_name("build.sh")
 BIN_ENV = "ANALYSISQ_CONTROLPLANE_BIN"
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl")
+_WORKDIR_PREFIX = "analysisq-cp-"
 
 CONTROLLERS = (
     "deployment-controller",
@@ -105,6 +107,24 @@ def _has_default_route() -> bool:
             return any(line.split()[1] == "00000000" for line in list(routes)[1:])
     except (OSError, IndexError):
         return False
+
+
+def _prune_stale_workdirs(parent: Path, max_age: float = 3600.0) -> None:
+    """Remove work dirs (~130 MB of etcd WAL each) left by killed runs: older than
+    ``max_age`` and named on no running process's command line."""
+    cutoff = time.time() - max_age
+    stale = [
+        d for d in parent.glob(f"{_WORKDIR_PREFIX}*") if d.is_dir() and d.stat().st_mtime < cutoff
+    ]
+    if not stale:
+        return
+    command_lines = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            command_lines.append(cmdline.read_bytes())
+    for directory in stale:
+        if not any(str(directory).encode() in line for line in command_lines):
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 @dataclass
@@ -186,8 +206,9 @@ class ControlPlane:
         """
         began = time.monotonic()
         if self.workdir is None:
-            self.workdir = Path(tempfile.mkdtemp(prefix="analysisq-cp-"))
+            self.workdir = Path(tempfile.mkdtemp(prefix=_WORKDIR_PREFIX))
             self._own_workdir = True
+            _prune_stale_workdirs(self.workdir.parent)
         self.workdir.mkdir(parents=True, exist_ok=True)
         atexit.register(self.stop)
         try:
@@ -238,9 +259,8 @@ class ControlPlane:
         self._children[name] = child
         return child
 
-    def _wait(self, what: str, check: object, timeout: float | None = None) -> None:
+    def _wait(self, what: str, check: Callable[[], bool], timeout: float | None = None) -> None:
         """Poll ``check()`` until true; fail early, with the log, when a component died."""
-        assert callable(check)
         deadline = time.monotonic() + (timeout or self.start_timeout)
         while True:
             for child in self._children.values():

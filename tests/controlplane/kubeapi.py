@@ -26,9 +26,19 @@ def api_client(kubeconfig: Path, pool_size: int = 32) -> client.ApiClient:
     return client.ApiClient(configuration)
 
 
+REQUEST_TIMEOUT = (5, 30)
+"""Connect and read timeouts, so that no call hangs on a stopped or stuck apiserver."""
+
+
 def raw(call: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any] | None:
     """Call an API method and return the JSON body as a dict; None on 404."""
-    response = call(*args, _preload_content=False, **kwargs)
+    kwargs.setdefault("_request_timeout", REQUEST_TIMEOUT)
+    try:
+        response = call(*args, _preload_content=False, **kwargs)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
     try:
         status = response.status
         body = response.data

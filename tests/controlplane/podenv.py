@@ -68,10 +68,9 @@ class EnvResolver:
         for var in container.get("env") or []:
             name = var["name"]
             if var.get("valueFrom"):
-                value = self._value_from(var["valueFrom"], container)
-                if value is None:
-                    continue
-                env[name] = value
+                resolved = self._value_from(var["valueFrom"], container)
+                if resolved is not None:
+                    env[name] = resolved
             else:
                 env[name] = expand(var.get("value") or "", env)
         return env
@@ -122,7 +121,7 @@ class EnvResolver:
 
     def _field(self, path: str) -> str:
         meta, spec = self._pod["metadata"], self._pod["spec"]
-        simple = {
+        simple: dict[str, str] = {
             "metadata.name": meta["name"],
             "metadata.namespace": meta["namespace"],
             "metadata.uid": meta.get("uid", ""),
@@ -136,7 +135,7 @@ class EnvResolver:
         if path in simple:
             return simple[path]
         if match := _FIELD_SUBSCRIPT.match(path):
-            return (meta.get(match.group(1)) or {}).get(match.group(2), "")
+            return str((meta.get(match.group(1)) or {}).get(match.group(2), ""))
         raise ContainerConfigError(f"unsupported fieldRef fieldPath {path!r}")
 
     def _resource(self, ref: dict[str, Any], container: dict[str, Any]) -> str:

@@ -76,6 +76,7 @@ class PodRunner:
         backoff_initial: float = 1.0,
         backoff_max: float = 10.0,
         stop_grace: float = 5.0,
+        keep_workdir: bool = False,
     ) -> None:
         self.kubeconfig = kubeconfig
         self.node_name = node_name
@@ -87,9 +88,10 @@ class PodRunner:
         self._backoff = (backoff_initial, backoff_max)
         self._stop_grace = stop_grace
         self._own_workdir = workdir is None
+        self.keep_workdir = keep_workdir
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="analysisq-pods-"))
         self.events: list[PodEvent] = []
-        self._events_changed = threading.Condition()
+        self._events_lock = threading.Lock()
         self._lock = threading.Lock()
         self._workers: dict[str, PodWorker] = {}
         self._finished: set[str] = set()
@@ -124,17 +126,20 @@ class PodRunner:
         )
         log.addHandler(self._log_handler)
         log.setLevel(logging.INFO)
-        self._api = api_client(self.kubeconfig)
-        core = client.CoreV1Api(self._api)
-        self._node = self._node_context(core)
-        self._register_node(core)
-        self._thread = threading.Thread(
-            target=self._watch_loop, name="podrunner watch", daemon=True
-        )
-        self._thread.start()
-        if not self._synced.wait(timeout):
+        try:
+            self._api = api_client(self.kubeconfig)
+            core = client.CoreV1Api(self._api)
+            self._node = self._node_context(core)
+            self._register_node(core)
+            self._thread = threading.Thread(
+                target=self._watch_loop, name="podrunner watch", daemon=True
+            )
+            self._thread.start()
+            if not self._synced.wait(timeout):
+                raise RuntimeError(f"the pod runner could not list pods within {timeout}s")
+        except BaseException:
             self.stop()
-            raise RuntimeError(f"the pod runner could not list pods within {timeout}s")
+            raise
 
     def stop(self) -> None:
         """Kill every pod process (SIGTERM, SIGKILL after ``stop_grace``) and stop watching."""
@@ -152,6 +157,7 @@ class PodRunner:
             worker.shutdown()
         for worker in workers:
             worker.join(timeout=self._stop_grace + 10)
+            worker.kill()
         if self._api is not None:
             self._api.close()
             self._api = None
@@ -159,10 +165,7 @@ class PodRunner:
             log.removeHandler(self._log_handler)
             self._log_handler.close()
             self._log_handler = None
-
-    def cleanup(self) -> None:
-        """Remove the work dir (pod logs) if the runner created it."""
-        if self._own_workdir:
+        if self._own_workdir and not self.keep_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     # --- for tests ------------------------------------------------------------------------------
@@ -208,7 +211,7 @@ class PodRunner:
         return max(matches, key=lambda p: p.stat().st_mtime)
 
     def events_for(self, namespace: str, name: str | None = None) -> list[PodEvent]:
-        with self._events_changed:
+        with self._events_lock:
             return [
                 e
                 for e in self.events
@@ -216,9 +219,8 @@ class PodRunner:
             ]
 
     def _record(self, event: PodEvent) -> None:
-        with self._events_changed:
+        with self._events_lock:
             self.events.append(event)
-            self._events_changed.notify_all()
 
     # --- node -----------------------------------------------------------------------------------
 
@@ -331,7 +333,9 @@ class PodRunner:
                 # the error was not a transport one.
                 if self._stopping.is_set():
                     break
-                if isinstance(exc, (ApiException, HTTPError, OSError)):
+                if isinstance(exc, ApiException) and exc.status == 410:
+                    resource_version = None
+                elif isinstance(exc, (ApiException, HTTPError, OSError)):
                     log.warning("pod watch failed (%s); retrying", exc)
                 else:
                     log.exception("pod watch failed; relisting")
@@ -356,7 +360,8 @@ class PodRunner:
 
     def _watch(self, core: client.CoreV1Api, resource_version: str) -> str | None:
         """Follow one watch request; the next resourceVersion, or None to relist (410)."""
-        response = core.list_pod_for_all_namespaces(
+        # An undecoded urllib3 response, streamed line by line.
+        response: Any = core.list_pod_for_all_namespaces(
             watch=True,
             resource_version=resource_version,
             allow_watch_bookmarks=True,
@@ -393,8 +398,6 @@ class PodRunner:
         meta, spec = pod["metadata"], pod["spec"]
         if self.namespaces is not None and meta["namespace"] not in self.namespaces:
             return
-        if spec.get("nodeName") not in (None, "", self.node_name):
-            return
         uid = meta["uid"]
         with self._lock:
             worker = self._workers.get(uid)
@@ -407,6 +410,8 @@ class PodRunner:
                 worker.update(pod)
                 return
             if uid in self._finished or self._stopping.is_set():
+                return
+            if spec.get("nodeName") not in (None, "", self.node_name):
                 return
             if pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
                 return

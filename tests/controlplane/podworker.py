@@ -105,6 +105,7 @@ class PodWorker:
         self._wake = threading.Event()
         self._gone = False
         self._shutdown = False
+        self._shutdown_at = 0.0
         self.dir = node.workdir / "pods" / f"{self.namespace}_{self.name}_{self.uid[:8]}"
         container = pod["spec"]["containers"][0]
         self.container_name: str = container["name"]
@@ -141,8 +142,15 @@ class PodWorker:
 
     def shutdown(self) -> None:
         """The runner stops: kill the process soon, leave the pod object alone."""
+        self._shutdown_at = time.monotonic()
         self._shutdown = True
         self._wake.set()
+
+    def kill(self) -> None:
+        """Last resort when the worker thread is stuck: SIGKILL the process group now."""
+        child = self._child
+        if child is not None:
+            child.release()
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -171,6 +179,10 @@ class PodWorker:
             if self._gone:
                 self._stop_process(_MIN_GRACE)
                 return
+            node_name = pod["spec"].get("nodeName")
+            if node_name and node_name != self._node.node_name:
+                log.info("pod %s/%s: bound to %s; not ours", self.namespace, self.name, node_name)
+                return
             try:
                 if pod["metadata"].get("deletionTimestamp"):
                     self._delete(pod)
@@ -182,6 +194,10 @@ class PodWorker:
             except (ApiException, HTTPError, OSError) as exc:
                 log.warning("pod %s/%s: %s; retrying", self.namespace, self.name, exc)
                 self._wake.wait(1.0)
+            except Exception:
+                # A bug here must not orphan the process: log it and keep supervising.
+                log.exception("pod %s/%s: unexpected error; retrying", self.namespace, self.name)
+                self._wake.wait(1.0)
             self._wake.wait(_TICK)
             self._wake.clear()
 
@@ -192,13 +208,17 @@ class PodWorker:
                 kind="Node", api_version="v1", name=self._node.node_name
             ),
         )
-        # The client cannot decode the Status this call returns, hence raw(); a 409 means the
-        # pod is bound already (the next watch event shows where).
+        # The client cannot decode the Status this call returns, hence raw(); a 409 means
+        # someone else bound it first: read where to.
         if ignoring(
             (409,), self._core.create_namespaced_pod_binding, self.name, self.namespace, body
         ):
             self._pod["spec"]["nodeName"] = self._node.node_name
             log.info("pod %s/%s: bound to %s", self.namespace, self.name, self._node.node_name)
+        elif (pod := raw(self._core.read_namespaced_pod, self.name, self.namespace)) is None:
+            self._gone = True
+        else:
+            self._pod = pod
 
     def _step(self, pod: dict[str, Any]) -> None:
         if self._phase in ("Succeeded", "Failed"):
@@ -236,13 +256,17 @@ class PodWorker:
             self._record_exit(pod, 128, "StartError", message, pid=None)
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._child = Child(
-            f"pod {self.namespace}/{self.name}",
-            [executable, *argv[1:]],
-            self.log_path,
-            env=env,
-            cwd=self.dir,
-        )
+        try:
+            self._child = Child(
+                f"pod {self.namespace}/{self.name}",
+                [executable, *argv[1:]],
+                self.log_path,
+                env=env,
+                cwd=self.dir,
+            )
+        except OSError as exc:
+            self._record_exit(pod, 128, "StartError", f"exec: {exc}", pid=None)
+            return
         self._waiting = None
         self._phase = "Running"
         self._node.record(
@@ -393,7 +417,13 @@ class PodWorker:
             self._node.record(
                 PodEvent("terminating", self.namespace, self.name, self.uid, pid=child.pid)
             )
-            if child.wait(grace) is None:
+            deadline = time.monotonic() + grace
+            while child.wait(_TICK) is None:
+                if self._shutdown:
+                    deadline = min(deadline, self._shutdown_at + self._node.stop_grace)
+                if time.monotonic() >= deadline:
+                    break
+            if child.poll() is None:
                 self._node.record(
                     PodEvent("killed", self.namespace, self.name, self.uid, pid=child.pid)
                 )

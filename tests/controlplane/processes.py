@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -140,41 +140,66 @@ class Child:
         reaper.register(self.pid)
         self._reaper = reaper
         self._released = False
+        self._lock = threading.Lock()
 
     def poll(self) -> int | None:
-        return self.proc.poll()
+        """The exit code once the main process exited, else None.
+
+        The rest of the group is killed *before* the main process is reaped: while it is a
+        zombie its pid, which is also the group id, cannot be reused by another process.
+        """
+        with self._lock:
+            if self.proc.returncode is not None:
+                return self.proc.returncode
+            try:
+                exited = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return self.proc.poll()
+            if exited is None:
+                return None
+            self.kill_group(signal.SIGKILL)
+            return self.proc.wait()
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return self.poll() is None
 
     def send_signal(self, sig: int) -> None:
         """Signal the main process only, as a container runtime does with SIGTERM."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, sig)
+        with self._lock:
+            if self.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, sig)
 
     def kill_group(self, sig: int = signal.SIGKILL) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, sig)
 
     def wait(self, timeout: float | None = None) -> int | None:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
+        """Wait for the main process to exit; None if it still runs after ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            time.sleep(0.02)
+        return code
 
     def stop(self, grace: float = 10.0, sig: int = signal.SIGTERM) -> int:
         """Send ``sig`` to the group, SIGKILL it after ``grace`` seconds; return the exit code."""
-        if self.proc.poll() is None:
-            self.kill_group(sig)
+        if self.poll() is None:
+            with self._lock:
+                if self.proc.returncode is None:
+                    self.kill_group(sig)
             if self.wait(grace) is None:
-                log.warning("%s (pid %d) ignored %s; killing it", self.name, self.pid, sig)
+                log.warning("%s (pid %d) ignored signal %s; killing it", self.name, self.pid, sig)
         return self.release()
 
     def release(self) -> int:
         """Kill whatever is left of the group, reap the process and unregister it."""
-        self.kill_group(signal.SIGKILL)
-        code = self.proc.wait()
+        with self._lock:
+            if self.proc.returncode is None:
+                self.kill_group(signal.SIGKILL)
+        code = self.wait()
+        assert code is not None
         if not self._released:
             self._released = True
             self._reaper.unregister(self.pid)
@@ -191,6 +216,33 @@ class Child:
         return "\n".join(text.splitlines()[-lines:])
 
 
+def run(
+    argv: Sequence[str], *, input: str | None = None, timeout: float | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``subprocess.run`` with captured text output, for short commands such as kubectl: the
+    process gets its own group, registered with the reaper, so it dies with this process."""
+    reaper = Reaper.shared()
+    with subprocess.Popen(
+        list(argv),
+        stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as proc:
+        reaper.register(proc.pid)
+        try:
+            stdout, stderr = proc.communicate(input, timeout=timeout)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+        finally:
+            reaper.unregister(proc.pid)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
 def rss_bytes(pid: int) -> int:
     """Resident set size of one process, from /proc (0 when it is gone)."""
     try:
@@ -201,14 +253,3 @@ def rss_bytes(pid: int) -> int:
     except OSError:
         pass
     return 0
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.2) -> bool:
-    """Poll ``predicate()`` until it is true or ``timeout`` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
