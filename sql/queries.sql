@@ -295,3 +295,33 @@ WHERE run_id = $1 AND status = 'completed' AND completed_at > now() - make_inter
 
 -- name: delete_run_items
 DELETE FROM analysis_queue WHERE run_id = $1;
+
+-- ---------------------------------------------------------------------------------------
+-- Local runs and the runbook commands (analysisq.local.monitor)
+-- ---------------------------------------------------------------------------------------
+
+-- name: target_backlog
+-- Open items per target: processing, and waiting (pending or failed-but-retrying). A local
+-- run whose every waiting item belongs to a paused target stops instead of idling.
+SELECT target,
+       count(*) FILTER (WHERE status = 'processing') AS processing,
+       count(*) FILTER (WHERE status = 'pending'
+                           OR (status = 'failed' AND next_attempt_at IS NOT NULL)) AS waiting
+FROM analysis_queue
+WHERE run_id = $1 AND (status IN ('pending', 'processing')
+                       OR (status = 'failed' AND next_attempt_at IS NOT NULL))
+GROUP BY target ORDER BY target;
+
+-- name: completed_by_attempt
+-- How many attempts the completed items of a run needed.
+SELECT attempts AS attempt, count(*) AS count
+FROM analysis_queue
+WHERE run_id = $1 AND status = 'completed'
+GROUP BY attempts ORDER BY attempts;
+
+-- name: retry_totals
+-- 429 deferrals (not attempts) and items that lost a lease (a worker died holding them).
+SELECT coalesce(sum(deferrals), 0)::bigint AS deferrals,
+       count(*) FILTER (WHERE deferrals > 0) AS deferred_items,
+       count(*) FILTER (WHERE lease_losses > 0) AS lease_lost_items
+FROM analysis_queue WHERE run_id = $1;

@@ -171,12 +171,19 @@ def parse_spec(data: Any, *, source: str = "spec") -> AnalysisRunSpec:
         raise SpecError(f"invalid {source}: " + "; ".join(problems)) from None
 
 
-def load_spec_file(path: Path) -> AnalysisRunSpec:
-    """Read a spec from YAML: either a bare spec or a whole AnalysisRun manifest."""
+def read_spec_data(path: Path) -> dict[str, Any]:
+    """The spec mapping of a YAML file: a bare spec or an AnalysisRun manifest's ``spec``."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
         raise SpecError(f"cannot read {path}: {exc}") from None
     if isinstance(data, dict) and data.get("kind") == "AnalysisRun":
         data = data.get("spec")
-    return parse_spec(data, source=str(path))
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: expected a mapping of AnalysisRun spec fields")
+    return data
+
+
+def load_spec_file(path: Path) -> AnalysisRunSpec:
+    """Read and validate a spec from YAML (a bare spec or a whole AnalysisRun manifest)."""
+    return parse_spec(read_spec_data(path), source=str(path))

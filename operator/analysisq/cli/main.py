@@ -6,6 +6,7 @@ or configuration) or 1 (anything else), never a traceback with secrets in it.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Any
 
@@ -22,7 +23,42 @@ class Context:
         self.settings = settings
 
 
+#: Command name -> the module that defines it (in its ``COMMANDS`` list). Modules are imported
+#: only when their command runs, so a worker process never loads kopf, kubernetes or rich.
+LAZY_COMMANDS = {
+    "migrate": "db",
+    "worker": "worker",
+    "run": "run",
+    "demo": "demo",
+    "status": "runbook",
+    "stuck": "runbook",
+    "failed": "runbook",
+    "errors": "runbook",
+    "cleanup": "runbook",
+    "runs": "runbook",
+    "results": "runbook",
+    "targets": "runbook",
+    "prompts": "prompts",
+    "fake-provider": "fake",
+    "trigger": "trigger_cmd",
+    "operator": "operator_cmd",
+}
+
+
 class AnalysisqGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(LAZY_COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module_name = LAZY_COMMANDS.get(cmd_name)
+        if module_name is None:
+            return None
+        module = importlib.import_module(f"analysisq.cli.{module_name}")
+        for command in module.COMMANDS:
+            if command.name == cmd_name:
+                return command  # type: ignore[no-any-return]
+        raise RuntimeError(f"analysisq.cli.{module_name} does not define {cmd_name!r}")
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -58,17 +94,6 @@ def cli(
         raise click.UsageError(exc.message) from None
     setup_logging(settings.log_level, settings.log_format)
     ctx.obj = Context(settings)
-
-
-def _register() -> None:
-    from analysisq.cli import db, worker
-
-    for module in (db, worker):
-        for command in module.COMMANDS:
-            cli.add_command(command)
-
-
-_register()
 
 
 def main() -> None:

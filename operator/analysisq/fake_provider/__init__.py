@@ -10,9 +10,27 @@ Modules: ``config`` (``FakeConfig``), ``app`` (the routes), ``stats`` (the count
 ``cli_options`` (the command's flags).
 """
 
-from analysisq.fake_provider.config import ERROR_KINDS, ErrorKind, FakeConfig
-from analysisq.fake_provider.server import FakeProvider, serve
-from analysisq.fake_provider.stats import FakeStats, PromptCounts
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from analysisq.fake_provider.config import ERROR_KINDS, ErrorKind, FakeConfig
+    from analysisq.fake_provider.server import FakeProvider, serve
+    from analysisq.fake_provider.stats import FakeStats, PromptCounts
+
+# Loaded on first use: every `analysisq` process imports the CLI, and only the fake-provider
+# command, the demo and tests need the aiohttp server.
+_WHERE = {
+    "ERROR_KINDS": "config",
+    "ErrorKind": "config",
+    "FakeConfig": "config",
+    "FakeProvider": "server",
+    "serve": "server",
+    "FakeStats": "stats",
+    "PromptCounts": "stats",
+}
 
 __all__ = [
     "ERROR_KINDS",
@@ -23,3 +41,9 @@ __all__ = [
     "PromptCounts",
     "serve",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

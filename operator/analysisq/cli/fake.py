@@ -1,0 +1,28 @@
+"""``analysisq fake-provider``: the OpenAI-compatible fake provider as a server, until
+SIGTERM or Ctrl-C. Its flags map one to one onto ``FakeConfig`` (see
+``analysisq.fake_provider.cli_options``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from analysisq.cli.common import run_async
+from analysisq.fake_provider.cli_options import config_from_options, fake_provider_options
+
+
+@click.command("fake-provider")
+@fake_provider_options
+def fake_provider(host: str, port: int, **options: Any) -> None:
+    """Serve a fake OpenAI-compatible API (latency, faults, 429s, a rate cap) for tests,
+    the demo and benchmarks. Point a target at http://HOST:PORT/v1; GET /stats counts
+    requests per prompt."""
+    from analysisq.fake_provider.server import serve  # aiohttp: only this command needs it
+
+    config = config_from_options(options)
+    click.echo(f"fake provider on http://{host}:{port}/v1 (stats: http://{host}:{port}/stats)")
+    run_async(serve(config, host, port))
+
+
+COMMANDS = [fake_provider]

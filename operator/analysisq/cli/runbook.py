@@ -1,0 +1,348 @@
+"""The runbook commands: the seed's monitoring and troubleshooting, one command each.
+
+``status`` (its first query: count and percentage per status, plus our retrying/stuck split),
+``stuck``, ``failed``, ``errors`` (grouped by class and message), ``cleanup`` (its SQL
+function, now), then ``runs``, ``results`` and ``targets`` (un-pause after fixing a key).
+Tables for people, ``--json`` for scripts. docs/runbook.md maps each to the seed's SQL.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+import click
+
+from analysisq.cli.common import database_url, run_async
+from analysisq.cli.main import Context
+from analysisq.cli.output import (
+    console,
+    json_option,
+    print_json,
+    quiet_logs,
+    session,
+    table,
+)
+from analysisq.db.connect import acquire
+from analysisq.local import monitor
+from analysisq.local.export import export_results, result_format, write_results
+from analysisq.queue import rescue, runs
+
+T = TypeVar("T")
+_RUN = click.argument("run", required=False)
+
+
+def _with_db(obj: Context, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    settings = obj.settings
+    quiet_logs(settings)
+    url = database_url(settings)
+
+    async def go() -> T:
+        async with session(settings, url) as pool, acquire(pool) as conn:
+            return await work(conn)
+
+    return run_async(go())
+
+
+async def _run_id(conn: asyncpg.Connection, run: str | None) -> str | None:
+    """The id of RUN (an id, or the newest run with that name); None for every run."""
+    return None if run is None else (await runs.get_run(conn, run)).id
+
+
+def _scope(run_id: str | None) -> str:
+    return f"run {run_id}" if run_id else "all runs"
+
+
+@click.command()
+@_RUN
+@json_option
+@click.pass_obj
+def status(obj: Context, run: str | None, as_json: bool) -> None:
+    """Items per status with percentages (the seed's first query), for RUN or all runs."""
+
+    async def work(conn: asyncpg.Connection) -> dict[str, Any]:
+        run_id = await _run_id(conn, run)
+        out: dict[str, Any] = {
+            "run": run_id,
+            "statuses": [
+                {"status": r["status"], "count": r["cantidad"], "percent": r["porcentaje"]}
+                for r in await monitor.status_breakdown(conn, run_id)
+            ],
+        }
+        if run_id is not None:
+            out["counts"] = (await runs.counts(conn, run_id)).as_dict()
+            out["items_per_second"] = round(await monitor.throughput(conn, run_id, 60), 2)
+            out["paused_targets"] = {
+                t.target: t.pause_reason for t in await runs.targets(conn, run_id) if t.paused_at
+            }
+        return out
+
+    data = _with_db(obj, work)
+    if as_json:
+        print_json(data)
+        return
+    out = console()
+    rows = [(s["status"], s["count"], f"{s['percent']}%") for s in data["statuses"]]
+    out.print(table(f"Queue, {_scope(data['run'])}", ["status", "count", "percent"], rows))
+    if "counts" in data:
+        c = data["counts"]
+        out.print(
+            f"total {c['total']:,}: failed {c['failed']:,} for good, {c['retrying']:,} "
+            f"retrying; {c['stuck']:,} stuck (lease expired); "
+            f"{data['items_per_second']} items/s over the last minute",
+            soft_wrap=True,
+        )
+        for target, reason in data["paused_targets"].items():
+            out.print(f"target {target} PAUSED: {reason}")
+
+
+@click.command()
+@_RUN
+@click.option(
+    "--older-than",
+    default=600.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds without an update (the seed used 10 minutes).",
+)
+@json_option
+@click.pass_obj
+def stuck(obj: Context, run: str | None, older_than: float, as_json: bool) -> None:
+    """Items stuck in processing: not updated for --older-than seconds, or lease expired."""
+
+    async def work(conn: asyncpg.Connection) -> dict[str, Any]:
+        run_id = await _run_id(conn, run)
+        row = await monitor.stuck_items(conn, run_id, older_than)
+        return {
+            "run": run_id,
+            "older_than_seconds": older_than,
+            "stuck_items": row["stuck_items"],
+            "oldest_updated_at": row["mas_antiguo"],
+            "lease_expired": row["lease_expired"],
+        }
+
+    data = _with_db(obj, work)
+    if as_json:
+        print_json(data)
+        return
+    rows = [(data["stuck_items"], data["lease_expired"], data["oldest_updated_at"])]
+    columns = ["stuck items", "lease expired", "oldest update"]
+    console().print(table(f"Stuck items, {_scope(data['run'])}", columns, rows))
+    if data["stuck_items"]:
+        console().print("Reset them now with `analysisq cleanup`.")
+
+
+@click.command()
+@_RUN
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 100_000))
+@json_option
+@click.pass_obj
+def failed(obj: Context, run: str | None, limit: int, as_json: bool) -> None:
+    """The newest failed items (retrying or failed for good), with their errors."""
+
+    async def work(conn: asyncpg.Connection) -> dict[str, Any]:
+        run_id = await _run_id(conn, run)
+        return {"run": run_id, "items": await monitor.failed_items(conn, run_id, limit)}
+
+    data = _with_db(obj, work)
+    if as_json:
+        print_json(data)
+        return
+    columns = ["id", "prompt", "target", "attempts", "class", "error", "updated", "retry"]
+    rows = [
+        (
+            i["id"],
+            i["external_id"],
+            i["target"],
+            i["attempts"],
+            i["error_class"],
+            i["error_message"],
+            i["updated_at"],
+            i["will_retry"],
+        )
+        for i in data["items"]
+    ]
+    console().print(table(f"Failed items, {_scope(data['run'])}", columns, rows, wrap=["error"]))
+
+
+@click.command()
+@_RUN
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100_000))
+@json_option
+@click.pass_obj
+def errors(obj: Context, run: str | None, limit: int, as_json: bool) -> None:
+    """Failed items grouped by error class and message, most frequent first."""
+
+    async def work(conn: asyncpg.Connection) -> dict[str, Any]:
+        run_id = await _run_id(conn, run)
+        out: dict[str, Any] = {
+            "run": run_id,
+            "errors": await monitor.error_summary(conn, run_id, limit),
+        }
+        if run_id is not None:
+            out["classes"] = await monitor.error_classes(conn, run_id)
+        return out
+
+    data = _with_db(obj, work)
+    if as_json:
+        print_json(data)
+        return
+    rows = [(e["count"], e["error_class"], e["error_message"]) for e in data["errors"]]
+    columns = ["count", "class", "message"]
+    console().print(table(f"Errors, {_scope(data['run'])}", columns, rows, wrap=["message"]))
+    if data.get("classes"):
+        classes = ", ".join(f"{k} {v:,}" for k, v in data["classes"].items())
+        console().print(f"last error of every item, by class (retrying included): {classes}")
+
+
+@click.command()
+@_RUN
+@click.option(
+    "--stuck-after",
+    default=900.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Also reset items not updated for this long (seed: 15 minutes).",
+)
+@json_option
+@click.pass_obj
+def cleanup(obj: Context, run: str | None, stuck_after: float, as_json: bool) -> None:
+    """Reset stuck items now: SELECT * FROM cleanup_stuck_queue_items()."""
+
+    async def work(conn: asyncpg.Connection) -> dict[str, Any]:
+        run_id = await _run_id(conn, run)
+        res = await rescue.cleanup_stuck(conn, run_id, stuck_after)
+        return {"run": run_id, "reset_count": res.reset, "poisoned_count": res.poisoned}
+
+    data = _with_db(obj, work)
+    if as_json:
+        print_json(data)
+        return
+    rows = [(data["reset_count"], data["poisoned_count"])]
+    columns = ["reset_count", "poisoned_count"]
+    console().print(table(f"cleanup_stuck_queue_items(), {_scope(data['run'])}", columns, rows))
+
+
+@click.command("runs")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10_000))
+@json_option
+@click.pass_obj
+def runs_command(obj: Context, limit: int, as_json: bool) -> None:
+    """The newest runs with their progress."""
+
+    async def work(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+        out = []
+        for r in await runs.list_runs(conn, limit):
+            out.append({**dict(r), "counts": (await runs.counts(conn, r["id"])).as_dict()})
+        return out
+
+    data = _with_db(obj, work)
+    if as_json:
+        print_json({"runs": data})
+        return
+    columns = ["run", "created", "total", "completed", "failed", "left", "finished"]
+    rows = [
+        (
+            r["id"],
+            r["created_at"],
+            r["counts"]["total"],
+            r["counts"]["completed"],
+            r["counts"]["failed"],
+            r["counts"]["total"] - r["counts"]["completed"] - r["counts"]["failed"],
+            r["finished_at"],
+        )
+        for r in data
+    ]
+    console().print(table("Runs", columns, rows))
+
+
+@click.command()
+@click.argument("run")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write to this file (default: JSONL on standard output).",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["jsonl", "csv"]),
+    help="Default: from --output's extension, else jsonl.",
+)
+@click.pass_obj
+def results(obj: Context, run: str, output: Path | None, fmt: str | None) -> None:
+    """Write RUN's results (one row per completed item) as JSONL or CSV."""
+
+    async def work(conn: asyncpg.Connection) -> int:
+        run_id = (await runs.get_run(conn, run)).id
+        if output is None:
+            return await write_results(conn, run_id, sys.stdout, result_format(None, fmt))
+        return await export_results(conn, run_id, output, fmt)
+
+    written = _with_db(obj, work)
+    if output is not None:
+        click.echo(f"{output}: {written:,} results", err=True)
+
+
+class _ListByDefault(click.Group):
+    """``targets RUN`` means ``targets list RUN``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["list", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_ListByDefault)
+def targets() -> None:
+    """A run's targets: rate limits and pauses (`targets RUN`, `targets resume RUN`)."""
+
+
+@targets.command("list")
+@click.argument("run")
+@json_option
+@click.pass_obj
+def targets_list(obj: Context, run: str, as_json: bool) -> None:
+    """RUN's targets, their rate limits, and whether an auth failure paused them."""
+
+    async def work(conn: asyncpg.Connection) -> dict[str, Any]:
+        run_id = (await runs.get_run(conn, run)).id
+        return {"run": run_id, "targets": await runs.targets(conn, run_id)}
+
+    data = _with_db(obj, work)
+    if as_json:
+        print_json(data)
+        return
+    columns = ["target", "req/s", "tokens/min", "paused since", "reason"]
+    rows = [
+        (t.target, t.requests_per_second, t.tokens_per_minute, t.paused_at, t.pause_reason)
+        for t in data["targets"]
+    ]
+    console().print(table(f"Targets of run {data['run']}", columns, rows, wrap=["reason"]))
+
+
+@targets.command("resume")
+@click.argument("run")
+@click.argument("target", required=False)
+@json_option
+@click.pass_obj
+def targets_resume(obj: Context, run: str, target: str | None, as_json: bool) -> None:
+    """Un-pause TARGET (or every paused target) of RUN after fixing its credentials."""
+
+    async def work(conn: asyncpg.Connection) -> dict[str, Any]:
+        run_id = (await runs.get_run(conn, run)).id
+        return {"run": run_id, "resumed": await runs.resume_targets(conn, run_id, target)}
+
+    data = _with_db(obj, work)
+    if as_json:
+        print_json(data)
+    elif data["resumed"]:
+        click.echo(f"resumed {', '.join(data['resumed'])}; the run's workers take them up again")
+    else:
+        click.echo("no paused target to resume")
+
+
+COMMANDS = [status, stuck, failed, errors, cleanup, runs_command, results, targets]

@@ -1,0 +1,335 @@
+"""The supervisor of a local run: what ``analysisq run`` and ``analysisq demo`` do after the
+prompts are stored.
+
+``launch`` opens the run; ``Supervisor`` then starts the worker processes (``workers``), and
+every tick reads the run's counts, shows them
+(``progress``), resets stuck items every ``rescue_interval_seconds`` and decides whether the
+run is over:
+
+- every item terminal: the workers exit by themselves; the run is marked finished and its
+  results are written (``export``);
+- only items of paused targets are left (an auth failure): stop rather than wait forever;
+- SIGINT/SIGTERM: SIGTERM to the workers, which release what they hold (not counted as an
+  attempt); a second signal kills them (their items return when their leases expire);
+- the workers cannot run (bad configuration, crash loop): stop and say why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+import asyncpg
+from rich.console import Console
+
+from analysisq.db.connect import acquire
+from analysisq.errors import DatabaseUnavailable, InputError
+from analysisq.local import monitor
+from analysisq.local.export import export_results
+from analysisq.local.progress import Display, RateMeter, Snapshot, duration
+from analysisq.local.workers import WorkerPool
+from analysisq.providers import api_key_env_names
+from analysisq.queue import rescue, runs
+from analysisq.queue.runs import Run
+from analysisq.queue.states import Counts
+from analysisq.settings import Settings
+from analysisq.spec import Target
+
+TICK_SECONDS = 0.5
+#: How long finished workers get to notice the run is done and exit by themselves.
+EXIT_WAIT_SECONDS = 15.0
+
+
+class Ending(StrEnum):
+    FINISHED = "finished"
+    PAUSED = "paused"
+    INTERRUPTED = "interrupted"
+
+
+@dataclass
+class Outcome:
+    """How a local run ended."""
+
+    run: Run
+    ending: Ending
+    counts: Counts
+    elapsed: float
+    #: Items that became terminal during this session (a resumed run had some already).
+    done_here: int = 0
+    restarts: int = 0
+    paused: dict[str, str] = field(default_factory=dict)
+    results_path: Path | None = None
+    results_written: int = 0
+    retry: monitor.RetryReport | None = None
+
+    @property
+    def failed_ratio(self) -> float:
+        return self.counts.failed / self.counts.total if self.counts.total else 0.0
+
+    @property
+    def within_allowance(self) -> bool:
+        return self.failed_ratio <= self.run.spec.max_failed_ratio
+
+    @property
+    def exit_code(self) -> int:
+        """0 finished within the failure allowance; 1 too many failures; 3 paused; 130 Ctrl-C."""
+        if self.ending is Ending.INTERRUPTED:
+            return 130
+        if self.ending is Ending.PAUSED:
+            return 3
+        return 0 if self.within_allowance else 1
+
+
+def run_dir(settings: Settings, run_id: str) -> Path:
+    """Where a local run keeps its worker logs and, by default, its results."""
+    return settings.data_dir / "runs" / run_id.replace("/", "_")
+
+
+def worker_env(settings: Settings, url: str) -> dict[str, str]:
+    """The environment of a worker: ours, plus every setting and the database URL."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump(exclude={"database_url"}).items():
+        if value is not None:
+            env[f"ANALYSISQ_{name.upper()}"] = str(value)
+    env["DATABASE_URL"] = env["ANALYSISQ_DATABASE_URL"] = url
+    env["ANALYSISQ_LOG_FORMAT"] = "json"
+    return env
+
+
+class Supervisor:
+    """Runs one run's workers to an end, with live progress."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        run: Run,
+        settings: Settings,
+        url: str,
+        *,
+        workers: int,
+        console: Console,
+        output: Path | None = None,
+        output_format: str | None = None,
+        live: bool | None = None,
+    ) -> None:
+        if workers < 1:
+            raise InputError("a local run needs at least one worker (--workers)")
+        self.pool = pool
+        self.run = run
+        self.settings = settings
+        self.output = output or run_dir(settings, run.id) / "results.jsonl"
+        self.output_format = output_format
+        self.display = Display(console, interval=settings.progress_interval_seconds, live=live)
+        self.workers = WorkerPool(
+            run.id,
+            workers,
+            env=worker_env(settings, url),
+            log_dir=run_dir(settings, run.id),
+            run_done=self._done,
+            max_restarts=settings.max_worker_restarts,
+            notify=self.display.note,
+        )
+        self._interrupted = asyncio.Event()
+        self._meter = RateMeter()
+        self._started = time.monotonic()
+        self._terminal_at_start: int | None = None
+
+    async def run_to_end(self) -> Outcome:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal)
+        try:
+            with self.display:
+                try:
+                    ending, snap = await self._watch()
+                finally:
+                    await self._stop_workers()
+                snap = await self._snapshot()
+                self.display.update(snap)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+        if self.workers.fatal is not None:
+            raise self.workers.fatal
+        outcome = Outcome(
+            run=self.run,
+            ending=ending,
+            counts=snap.counts,
+            elapsed=snap.elapsed,
+            done_here=snap.counts.terminal - (self._terminal_at_start or 0),
+            restarts=self.workers.restarts,
+            paused=snap.paused,
+        )
+        if ending is Ending.FINISHED:
+            await self._finish(outcome)
+        return outcome
+
+    def _on_signal(self) -> None:
+        if self._interrupted.is_set():
+            self.display.note("second interrupt: killing the workers now")
+            self.workers.kill()
+            return
+        self._interrupted.set()
+        self.display.note(
+            "interrupted: stopping the workers; they release their items (not counted as "
+            "attempts). Press Ctrl-C again to kill them at once."
+        )
+
+    async def _watch(self) -> tuple[Ending, Snapshot]:
+        next_rescue = time.monotonic() + self.settings.rescue_interval_seconds
+        while True:
+            try:
+                snap = await self._snapshot()
+            except DatabaseUnavailable as exc:
+                self.display.note(f"database unavailable, retrying: {exc.message}")
+                await self._pause(TICK_SECONDS * 4)
+                continue
+            self.display.update(snap)
+            if not self.workers.started and not snap.counts.done:
+                self.workers.start()
+            if self._interrupted.is_set():
+                return Ending.INTERRUPTED, snap
+            if self.workers.fatal is not None:  # raised once the others are stopped
+                return Ending.INTERRUPTED, snap
+            if snap.counts.done:
+                await self.workers.wait_exited(EXIT_WAIT_SECONDS)
+                return Ending.FINISHED, snap
+            if snap.paused and await self._only_paused_left(snap.paused):
+                return Ending.PAUSED, snap
+            if time.monotonic() >= next_rescue:
+                next_rescue = time.monotonic() + self.settings.rescue_interval_seconds
+                await self._rescue()
+            await self._pause(TICK_SECONDS)
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._interrupted.wait(), timeout=seconds)
+
+    async def _snapshot(self) -> Snapshot:
+        async with acquire(self.pool) as conn:
+            counts = await runs.counts(conn, self.run.id)
+            errors = await monitor.error_classes(conn, self.run.id)
+            targets = await runs.targets(conn, self.run.id)
+        self._meter.add(counts.terminal)
+        if self._terminal_at_start is None:
+            self._terminal_at_start = counts.terminal
+        return Snapshot(
+            run_id=self.run.id,
+            counts=counts,
+            elapsed=time.monotonic() - self._started,
+            rate=self._meter.rate,
+            errors=errors,
+            paused={t.target: t.pause_reason or "" for t in targets if t.paused_at},
+            workers_alive=self.workers.alive,
+            workers=self.workers.count,
+            restarts=self.workers.restarts,
+        )
+
+    async def _only_paused_left(self, paused: dict[str, str]) -> bool:
+        async with acquire(self.pool) as conn:
+            backlog = await monitor.target_backlog(conn, self.run.id)
+        return all(b.target in paused and b.processing == 0 for b in backlog)
+
+    async def _rescue(self) -> None:
+        try:
+            async with acquire(self.pool) as conn:
+                res = await rescue.cleanup_stuck(
+                    conn, self.run.id, self.run.spec.stuck_after_seconds
+                )
+        except DatabaseUnavailable:
+            return
+        if res.reset or res.poisoned:
+            self.display.note(f"reset {res.reset} stuck items ({res.poisoned} failed as poison)")
+
+    async def _done(self) -> bool:
+        try:
+            async with acquire(self.pool) as conn:
+                return (await runs.counts(conn, self.run.id)).done
+        except DatabaseUnavailable:
+            return False
+
+    async def _stop_workers(self) -> None:
+        await self.workers.stop(grace=self.settings.shutdown_grace_seconds + 5)
+
+    async def _finish(self, outcome: Outcome) -> None:
+        async with acquire(self.pool) as conn:
+            await runs.mark_finished(conn, self.run.id)
+            outcome.retry = await monitor.retry_report(conn, self.run.id)
+            outcome.results_written = await export_results(
+                conn, self.run.id, self.output, self.output_format
+            )
+        outcome.results_path = self.output
+
+
+def summary(outcome: Outcome, *, resume: str = "analysisq run --resume") -> list[str]:
+    """What a person reads when the run is over; *resume* is the command that continues it."""
+    c, run = outcome.counts, outcome.run
+    rate = outcome.done_here / outcome.elapsed if outcome.elapsed > 0 else 0.0
+    lines: list[str] = []
+    if outcome.ending is Ending.FINISHED:
+        lines.append(
+            f"Run {run.id} finished in {duration(outcome.elapsed)}: {c.total:,} items, "
+            f"{c.completed:,} completed, {c.failed:,} failed for good "
+            f"({100 * outcome.failed_ratio:.2f}%; allowed {100 * run.spec.max_failed_ratio:g}%)"
+            f", {rate:,.1f} items/s."
+        )
+    else:
+        lines.append(
+            f"Run {run.id} stopped ({outcome.ending}) after {duration(outcome.elapsed)}: "
+            f"{c.terminal:,} of {c.total:,} items done ({c.completed:,} completed, "
+            f"{c.failed:,} failed), {c.pending + c.retrying + c.processing:,} left."
+        )
+    if outcome.retry is not None:
+        lines.extend(_retry_lines(outcome.retry, c))
+    if outcome.restarts:
+        lines.append(f"Workers: {outcome.restarts} unexpected exits, each restarted.")
+    if outcome.results_path is not None:
+        lines.append(f"Results: {outcome.results_path} ({outcome.results_written:,} rows).")
+    for target, reason in outcome.paused.items():
+        lines.append(f"Target {target!r} is PAUSED: {reason}")
+    if outcome.ending is Ending.PAUSED:
+        keys = ", ".join(_key_variable(run.spec.target(t)) for t in outcome.paused)
+        lines.append(
+            f"Only items of paused targets are left. Fix the API key ({keys}), "
+            f"then: {resume} {run.id}"
+        )
+    elif outcome.ending is Ending.INTERRUPTED:
+        lines.append(f"Nothing is lost. Continue with: {resume} {run.id}")
+    elif not outcome.within_allowance:
+        lines.append(
+            f"Too many items failed for good; see `analysisq errors {run.id}` and "
+            f"`analysisq failed {run.id}`."
+        )
+    return lines
+
+
+def _key_variable(target: Target) -> str:
+    return target.api_key_env or api_key_env_names(target)[0]
+
+
+def _retry_lines(retry: monitor.RetryReport, counts: Counts) -> list[str]:
+    by_attempt = ", ".join(f"{n:,} on attempt {a}" for a, n in retry.completed_by_attempt.items())
+    lines = [f"Attempts: {by_attempt or 'none completed'}."]
+    if retry.recovered:
+        tail = (
+            "every item recovered"
+            if counts.failed == 0
+            else f"{counts.failed:,} items failed for good"
+        )
+        lines.append(f"Retries recovered {retry.recovered:,} items that failed at first; {tail}.")
+    if retry.deferrals:
+        lines.append(
+            f"Rate limits: {retry.deferrals:,} answers 429 deferred {retry.deferred_items:,} "
+            "items without spending an attempt."
+        )
+    if retry.lease_lost_items:
+        lines.append(
+            f"Recovered from dead workers: {retry.lease_lost_items:,} items whose lease expired."
+        )
+    return lines

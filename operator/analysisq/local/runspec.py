@@ -1,0 +1,89 @@
+"""The spec of a local run, from a YAML file, from flags, or both (flags win).
+
+The YAML holds the same fields as an AnalysisRun's ``spec`` (or a whole AnalysisRun
+manifest); flags use the same names in kebab case. ``--target`` is the short form of one
+target: ``NAME=PROVIDER:MODEL[@ENDPOINT]``. Whatever the source, the result is validated by
+``analysisq.spec.parse_spec``, the model the operator uses too.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic.alias_generators import to_camel
+
+from analysisq.errors import SpecError
+from analysisq.spec import PROVIDERS, AnalysisRunSpec, parse_spec, read_spec_data
+
+_TARGET = re.compile(
+    r"^(?:(?P<name>[^=\s]+)=)?(?P<provider>[a-z]+):(?P<model>[^\s@]+(?:@(?!https?://)[^\s@]+)*)"
+    r"(?:@(?P<endpoint>https?://\S+))?$"
+)
+
+
+def parse_target(value: str) -> dict[str, Any]:
+    """``NAME=PROVIDER:MODEL[@ENDPOINT]`` as a spec target (NAME defaults to the model's)."""
+    m = _TARGET.match(value.strip())
+    if not m or m["provider"] not in PROVIDERS:
+        raise SpecError(
+            f"--target {value!r}: expected NAME=PROVIDER:MODEL[@ENDPOINT] with PROVIDER one of "
+            f"{', '.join(PROVIDERS)}, e.g. gpt=openai:gpt-4o-mini"
+        )
+    name = m["name"] or re.sub(r"[^a-z0-9]+", "-", m["model"].lower()).strip("-")[:63]
+    target: dict[str, Any] = {"name": name, "provider": m["provider"], "model": m["model"]}
+    if m["endpoint"]:
+        target["endpoint"] = m["endpoint"]
+    return target
+
+
+def build_spec(
+    spec_file: Path | None,
+    targets: list[str],
+    *,
+    tags: list[str] | None = None,
+    requests_per_second: float | None = None,
+    tokens_per_minute: int | None = None,
+    timeout_seconds: float | None = None,
+    api_key_env: str | None = None,
+    **fields: Any,
+) -> AnalysisRunSpec:
+    """Merge the YAML file and the flags into one validated spec.
+
+    *fields* are top-level spec fields in snake case (``workers``, ``batch_size``...; ``None``
+    means not given). ``--target`` flags replace the file's targets; the per-target flags
+    (rate limits, timeout, API key variable) apply to every target.
+    """
+    data: dict[str, Any] = read_spec_data(spec_file) if spec_file else {}
+    if targets:
+        data["targets"] = [parse_target(t) for t in targets]
+    if not data.get("targets"):
+        raise SpecError("no target: give --target NAME=PROVIDER:MODEL[@ENDPOINT] or --spec FILE")
+    data.update({to_camel(k): v for k, v in fields.items() if v is not None})
+    if tags:
+        data["prompts"] = {**(data.get("prompts") or {}), "tags": list(tags)}
+    overrides = _given(timeoutSeconds=timeout_seconds, apiKeyEnv=api_key_env)
+    limits = _given(requestsPerSecond=requests_per_second, tokensPerMinute=tokens_per_minute)
+    data["targets"] = [_with_flags(t, overrides, limits) for t in data["targets"]]
+    return parse_spec(data, source=str(spec_file) if spec_file else "run options")
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _with_flags(target: Any, overrides: dict[str, Any], limits: dict[str, Any]) -> Any:
+    if not isinstance(target, dict):
+        return target  # parse_spec names the problem
+    out = {**target, **overrides}
+    if limits:
+        out["rateLimit"] = {**(out.get("rateLimit") or {}), **limits}
+    return out
+
+
+def new_run_id(name: str) -> str:
+    """``NAME-YYYYMMDD-HHMMSS-xxxx``: sortable, readable, and unique enough for local runs."""
+    return f"{name}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
