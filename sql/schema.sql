@@ -142,7 +142,8 @@ LANGUAGE sql AS $$
                 THEN format('poison: lease lost %s times (worker %s died or hung each time)',
                             q.lease_losses + 1, q.lease_owner)
                 ELSE format('lease lost by worker %s; requeued', q.lease_owner) END,
-            next_attempt_at = CASE WHEN s.poison THEN NULL ELSE now() END,
+            -- '-infinity': rescued items go to the head of the queue, not behind the backlog
+            next_attempt_at = CASE WHEN s.poison THEN NULL ELSE '-infinity'::timestamptz END,
             lease_owner = NULL, lease_expires_at = NULL, claim_token = NULL,
             updated_at = now()
         FROM stuck s

@@ -196,3 +196,13 @@ async def test_paused_target_keeps_its_items_waiting(db: asyncpg.Connection) -> 
     assert {i.target for i in got} == {"b"} and len(got) == 3
     assert await runs.resume_targets(db, "run-1") == ["a"]
     assert {i.target for i in await claim(db, 10)} == {"a"}
+
+
+async def test_rescued_items_are_claimed_before_the_backlog(db: asyncpg.Connection) -> None:
+    await add_prompts(db, 50)
+    await new_run(db)
+    lost = await claim(db, 2, worker="dead")
+    await db.execute("UPDATE analysis_queue SET lease_expires_at = now() - interval '1 second'"
+                     " WHERE status = 'processing'")  # fmt: skip
+    assert (await rescue.cleanup_stuck(db, "run-1")).reset == 2
+    assert {i.id for i in await claim(db, 2, worker="alive")} == {i.id for i in lost}

@@ -45,15 +45,25 @@ def translated(what: str) -> Iterator[None]:
         raise DatabaseError(f"{what}: {type(exc).__name__}: {redact(str(exc))}") from None
 
 
-async def _init(conn: asyncpg.Connection) -> None:
-    # Every analysisq session runs in UTC so timestamps read the same everywhere.
-    await conn.execute("SET TIME ZONE 'UTC'")
+#: Every analysisq session runs in UTC, so timestamps read the same everywhere. Set as a
+#: startup parameter, not with SET: a pool's reset (RESET ALL) would undo a SET.
+_SERVER_SETTINGS = {"timezone": "UTC", "application_name": "analysisq"}
+
+
+async def _no_reset(conn: asyncpg.Connection) -> None:
+    """Pool release without asyncpg's reset round trip.
+
+    analysisq leaves no session state behind (no LISTEN, cursors, advisory locks held across
+    calls or SETs), and the default reset costs one round trip per release, the largest cost
+    of a no-op item (docs/benchmarks.md).
+    """
 
 
 async def connect(url: str, *, timeout: float = 10.0) -> asyncpg.Connection:
     with translated(f"connecting to {safe_url(url)}"):
-        conn: asyncpg.Connection = await asyncpg.connect(url, timeout=timeout)
-        await _init(conn)
+        conn: asyncpg.Connection = await asyncpg.connect(
+            url, timeout=timeout, server_settings=_SERVER_SETTINGS
+        )
         return conn
 
 
@@ -66,7 +76,8 @@ async def create_pool(
             min_size=min_size,
             max_size=max_size,
             timeout=timeout,
-            init=_init,
+            server_settings=_SERVER_SETTINGS,
+            reset=_no_reset,
             # A pooled connection that died with the server is dropped, not reused.
             max_inactive_connection_lifetime=60.0,
             **kw,

@@ -7,8 +7,8 @@ One asyncio process, four loops sharing a small database pool:
 - ``_heartbeat_loop`` renews the lease of every held item every third of a lease, and drops
   the items whose lease was lost (their late writes would be refused anyway);
 - ``_flush_loop`` writes completed results in batches (one fenced statement per batch);
-- ``_housekeeping_loop`` runs the stuck-item reset for the run every lease period, so a crashed
-  worker's items come back within about one lease.
+- ``_housekeeping_loop`` runs the stuck-item reset for the run every quarter lease (at most
+  15 s), so a crashed worker's items come back within about 1.25 leases.
 
 At start the worker resets its run's stuck items, as the seed's ``process-queue`` did. On stop
 (SIGTERM) it claims nothing more, gives in-flight items ``shutdown_grace_seconds`` to finish,
@@ -102,6 +102,9 @@ class Worker:
         self._clock = clock
         self._stopping = asyncio.Event()
         self._held: dict[int, ClaimedItem] = {}
+        #: Items whose final write (complete, fail, release) is under way: a heartbeat that
+        #: does not renew them has not lost them.
+        self._finishing: set[int] = set()
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._outcomes: list[Outcome] = []
         self._slot_freed = asyncio.Event()
@@ -268,10 +271,11 @@ class Worker:
             await self._handle_error(item, err)
             return
         await self._wait_local_backoff(item.target)
-        async with acquire(self.pool) as conn:
-            wait = await ratelimit.acquire(conn, self.run.id, target, item.text)
-        if wait > 0:
-            await asyncio.sleep(wait)
+        if ratelimit.is_limited(target):
+            async with acquire(self.pool) as conn:
+                wait = await ratelimit.acquire(conn, self.run.id, target, item.text)
+            if wait > 0:
+                await asyncio.sleep(wait)
         assert self._providers is not None
         try:
             completion = await self._providers[item.target].complete(item.text)
@@ -326,6 +330,7 @@ class Worker:
     async def _fail(
         self, item: ClaimedItem, cls: ErrorClass, message: str, retry_in: float | None
     ) -> None:
+        self._finishing.add(item.id)
         async with acquire(self.pool) as conn:
             ok = await items.fail(conn, item, cls, message, retry_in)
         self._after_write(item, ok)
@@ -340,6 +345,7 @@ class Worker:
         message: str | None = None,
         park: bool = False,
     ) -> None:
+        self._finishing.add(item.id)
         async with acquire(self.pool) as conn:
             ok = await items.release(
                 conn, item, delay=delay, deferral=deferral, error_class=error_class,
@@ -357,6 +363,7 @@ class Worker:
 
     def _forget(self, item: ClaimedItem) -> None:
         self._held.pop(item.id, None)
+        self._finishing.discard(item.id)
         self._slot_freed.set()
 
     # -- background loops --------------------------------------------------------------------
@@ -365,12 +372,14 @@ class Worker:
         if not self._outcomes:
             return
         batch, self._outcomes = self._outcomes, []
+        self._finishing.update(o.item.id for o in batch)
         try:
             async with acquire(self.pool) as conn:
                 written = await items.complete(conn, batch)
         except DatabaseUnavailable as exc:
             # Keep them: the lease is still renewed and the next flush retries the write.
             self._outcomes = batch + self._outcomes
+            self._finishing.difference_update(o.item.id for o in batch)
             self._log(logging.WARNING, "results not written yet", error=exc.message)
             return
         for o in batch:
@@ -400,7 +409,7 @@ class Worker:
                 self._log(logging.WARNING, "heartbeat failed", error=exc.message)
                 continue
             for item in held:
-                if item.id not in kept and item.id in self._held:
+                if item.id not in kept and item.id in self._held and item.id not in self._finishing:
                     # Someone else owns it now; stop working on it, write nothing.
                     self.stats.lost += 1
                     self._log(logging.WARNING, "lease lost; abandoning item", item)
@@ -411,8 +420,11 @@ class Worker:
                     self._forget(item)
 
     async def _housekeeping_loop(self) -> None:
+        # A dead worker's lease runs out at most one lease after its last heartbeat; checking
+        # every quarter lease (at most 15 s) brings its items back within about 1.25 leases.
+        period = min(self.lease / 4, 15.0)
         while True:
-            await asyncio.sleep(self.lease * self._rng.uniform(0.8, 1.2))
+            await asyncio.sleep(period * self._rng.uniform(0.8, 1.2))
             try:
                 async with acquire(self.pool) as conn:
                     res = await rescue.cleanup_stuck(
