@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,21 @@ def apply_monitoring_crds(kubectl: Kubectl) -> None:
 
 
 def create_namespace(kubectl: Kubectl, name: str, *, restricted: bool = True) -> None:
-    """A namespace (idempotent); ``restricted`` enforces the restricted Pod Security level."""
+    """A namespace (idempotent); ``restricted`` enforces the restricted Pod Security level.
+
+    A namespace of the same name still terminating (an earlier test deleted it without
+    waiting) is waited out first: applying over it would succeed and then vanish.
+    """
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        phase = kubectl(
+            "get", "namespace", name, "-o", "jsonpath={.status.phase}", check=False
+        ).stdout.strip()
+        if phase != "Terminating":
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"namespace {name} is still terminating after 120 s")
     labels = {"analysisq.io/test": "true"}
     if restricted:
         labels["pod-security.kubernetes.io/enforce"] = "restricted"
