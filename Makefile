@@ -6,14 +6,21 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit db cluster chaos controlplane helm tools bench image \
+.PHONY: demo test constraints lint typecheck unit db cluster chaos controlplane helm tools bench image \
 	image-buildah deploy-manifests clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
+
+# Pin what a green `make test` ran with: a new release of a dependency cannot turn CI red
+# (warnings are errors) without a change here.
+constraints: $(STAMP)
+	{ echo "# Versions make test and make demo install (pip -c). Every test ran green with these."; \
+	  echo "# Regenerate after changing dependencies: make constraints"; \
+	  $(BIN)/pip freeze --exclude-editable | grep -v '^#' | grep -v '^-e' | sort -f; } > constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/analysisq demo
@@ -54,7 +61,7 @@ test: $(STAMP) tools lint typecheck
 	ANALYSISQ_HELM="$$(bash tests/tools/build-helm.sh | tail -1)" $(BIN)/pytest
 
 bench: $(STAMP)
-	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[bench]'
 	$(BIN)/python -m bench all
 
 image:

@@ -26,6 +26,14 @@ ON CONFLICT (id) DO UPDATE SET
     max_lease_losses = excluded.max_lease_losses, lease_seconds = excluded.lease_seconds
 RETURNING id, filled_at;
 
+-- name: finalize_exhausted
+-- After maxAttempts was lowered: retrying items that have no attempt left fail for good, so
+-- "failed with a next attempt time" always means "will be retried".
+UPDATE analysis_queue q SET next_attempt_at = NULL, updated_at = now()
+FROM analysis_runs r
+WHERE r.id = $1 AND q.run_id = r.id AND q.status = 'failed'
+  AND q.next_attempt_at IS NOT NULL AND q.attempts >= r.max_attempts;
+
 -- name: upsert_run_target
 INSERT INTO run_targets (run_id, target, requests_per_second, tokens_per_minute)
 VALUES ($1, $2, $3, $4)

@@ -35,6 +35,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
         report.longrepr = f"tests may not skip; this one tried to: {report.longrepr}"
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    """A module skipped at collection (importorskip, allow_module_level) fails too."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.skipped:
+        report.outcome = "failed"
+        report.longrepr = f"test modules may not skip; this one tried to: {report.longrepr}"
+
+
 def _with_db(url: str, name: str) -> str:
     base, _, _ = url.rpartition("/")
     return f"{base}/{name}"

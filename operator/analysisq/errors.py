@@ -121,7 +121,7 @@ class AuthError(ProviderError):
 _SECRETISH = re.compile(
     r"(?i)(bearer\s+[A-Za-z0-9._~+/=-]+|sk-[A-Za-z0-9_-]{6,}|"
     r"(api[_-]?key|x-api-key|authorization|password|token)(\"?\s*[:=]\s*\"?)[^\s\",}]+|"
-    r"postgres(?:ql)?://[^\s@/]+@)"
+    r"\b[a-z][a-z0-9+.-]*://[^\s/]*@)"
 )
 
 
@@ -130,11 +130,12 @@ def redact(text: str, limit: int = 300) -> str:
 
     def mask(m: re.Match[str]) -> str:
         s = m.group(0)
-        if s.lower().startswith("postgres"):
+        if "://" in s and s.endswith("@"):
             return s.split("://", 1)[0] + "://***@"
         if m.group(2):
             return f"{m.group(2)}{m.group(3)}***"
         return "***"
 
-    cleaned = _SECRETISH.sub(mask, text)
+    # PostgreSQL text cannot hold NUL; a provider's message may contain one.
+    cleaned = _SECRETISH.sub(mask, text.replace("\x00", "\ufffd"))
     return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + "…"

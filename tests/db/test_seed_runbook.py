@@ -133,11 +133,11 @@ async def test_cleanup_function_resets_only_the_stuck_items(db: asyncpg.Connecti
 
 
 async def test_cron_check_query_runs(db: asyncpg.Connection) -> None:
-    """Where pg_cron is not installed the seed's check must still run and say 'no job'.
+    """The seed's pg_cron check needs pg_cron, which analysisq does not ship (the operator's
+    timer does the hourly reset): without it the query fails, as docs/runbook.md says.
 
-    analysisq ships no pg_cron dependency (the operator's timer does the hourly reset), so we
-    create the catalog pg_cron would have, the way docs/runbook.md tells people to schedule
-    the function when they do use pg_cron, and check the query finds the job.
+    With a stand-in for pg_cron's catalog holding the job docs/runbook.md schedules, the
+    query finds the job and the job's command runs against our schema.
     """
     with pytest.raises(asyncpg.exceptions.UndefinedTableError):
         await db.fetch(SEED_CRON)

@@ -74,9 +74,35 @@ def test_settings_from_env_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
         ('{"api_key": "hunter2hunter2"}', "hunter2hunter2"),
         ("connecting to postgresql://app:s3cr3t@db:5432/x", "s3cr3t"),
         ("x-api-key=ant-secret-value", "ant-secret-value"),
+        ("GET https://user:hunter2@api.example.com/v1 failed", "hunter2"),
+        ("postgresql://app:p@ss@db:5432/x", "p@ss"),
     ],
 )
 def test_redact_removes_credentials(text: str, leaked: str) -> None:
     out = redact(text)
     assert leaked not in out
     assert "***" in out
+
+
+def test_redact_replaces_nul_which_postgresql_text_refuses() -> None:
+    assert "\x00" not in redact("bad\x00byte")
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        "CrashShutdownError",
+        "AdminShutdownError",
+        "CannotConnectNowError",
+        "QueryCanceledError",
+        "ReadOnlySQLTransactionError",
+    ],
+)
+def test_server_restarts_and_failovers_are_unavailable_not_bugs(exc: str) -> None:
+    import asyncpg
+
+    from analysisq.db.connect import translated
+    from analysisq.errors import DatabaseUnavailable
+
+    with pytest.raises(DatabaseUnavailable), translated("testing"):
+        raise getattr(asyncpg, exc)("server says no")

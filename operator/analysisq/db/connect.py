@@ -20,12 +20,15 @@ from analysisq.errors import DatabaseError, DatabaseUnavailable, redact
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,
     asyncio.TimeoutError,
-    asyncpg.CannotConnectNowError,
     asyncpg.ConnectionDoesNotExistError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
-    asyncpg.AdminShutdownError,
+    # admin/crash shutdown and "cannot connect now": the server is restarting
+    asyncpg.OperatorInterventionError,
     asyncpg.TooManyConnectionsError,
+    # a failover left us on a read-only standby; a statement_timeout cancelled us
+    asyncpg.ReadOnlySQLTransactionError,
+    asyncpg.QueryCanceledError,
 )
 
 

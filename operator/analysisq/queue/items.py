@@ -87,11 +87,17 @@ async def heartbeat(
     return {r[0] for r in rows}
 
 
+def _text(value: str) -> str:
+    """PostgreSQL text cannot hold NUL, which model output occasionally contains."""
+    return value.replace("\x00", "\ufffd")
+
+
 def _parsed_json(value: object) -> str | None:
     if value is None:
         return None
     try:
-        return json.dumps(value)
+        # jsonb refuses the \u0000 escape for the same reason
+        return json.dumps(value).replace("\\u0000", "\\ufffd")
     except (TypeError, ValueError):
         return None
 
@@ -105,8 +111,8 @@ async def complete(conn: asyncpg.Connection, outcomes: Sequence[Outcome]) -> set
             query("complete"),
             [o.item.id for o in outcomes],
             [o.item.token for o in outcomes],
-            [o.completion.model for o in outcomes],
-            [o.completion.text for o in outcomes],
+            [_text(o.completion.model) for o in outcomes],
+            [_text(o.completion.text) for o in outcomes],
             [_parsed_json(o.completion.parsed) for o in outcomes],
             [o.completion.tokens_in for o in outcomes],
             [o.completion.tokens_out for o in outcomes],

@@ -62,6 +62,7 @@ async def create_run(
                 spec.max_lease_losses,
                 spec.lease_seconds,
             )
+            await conn.execute(query("finalize_exhausted"), run_id)
             for t in spec.targets:
                 rl = t.rate_limit
                 await conn.execute(

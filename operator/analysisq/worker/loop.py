@@ -32,12 +32,14 @@ import httpx
 
 from analysisq.db.connect import acquire
 from analysisq.errors import (
+    DatabaseError,
     DatabaseUnavailable,
     ErrorClass,
     InvalidInput,
     ProviderError,
     RateLimited,
     SpecError,
+    TransientError,
     redact,
 )
 from analysisq.providers import make_provider, resolve_api_key
@@ -179,7 +181,7 @@ class Worker:
         for item in leftover:
             try:
                 await self._release(item, message="released at shutdown")
-            except DatabaseUnavailable:
+            except DatabaseError:
                 # Nothing is lost: the lease expires and the rescuer requeues the item.
                 self._log(logging.WARNING, "could not release; left to its lease", item)
 
@@ -206,8 +208,8 @@ class Worker:
                         lease_seconds=self.lease,
                         max_attempts=self.spec.max_attempts,
                     )
-            except DatabaseUnavailable as exc:
-                self._log(logging.WARNING, "claim failed; database unavailable", error=exc.message)
+            except DatabaseError as exc:
+                self._log(logging.WARNING, "claim failed; database error", error=exc.message)
                 await self._sleep(self._poll_delay() * 4)
                 continue
             if not claimed:
@@ -225,7 +227,7 @@ class Worker:
         try:
             async with acquire(self.pool) as conn:
                 return (await runs.counts(conn, self.run.id)).done
-        except DatabaseUnavailable:
+        except DatabaseError:
             return False
 
     def _poll_delay(self) -> float:
@@ -243,17 +245,36 @@ class Worker:
         except asyncio.CancelledError:
             # shutdown past the grace period: _drain releases what is still held
             raise
-        except DatabaseUnavailable as exc:
-            # The outcome could not be written; the lease will expire and the item return.
-            self._log(logging.WARNING, "database unavailable; item left to its lease", item,
-                      error=exc.message)  # fmt: skip
-            self._forget(item)
-        except Exception as exc:  # a bug in analysisq: count it, keep the worker alive
+        except DatabaseError as exc:
+            # The database failed us, not the item: give it back unspent once we can.
+            self._log(logging.WARNING, "database error; releasing item", item, error=exc.message)
+            await self._release_when_possible(item)
+        except Exception as exc:  # a bug in analysisq: count it as a transient failure
             self._log(logging.ERROR, "unexpected error", item, error=redact(repr(exc)))
-            with contextlib.suppress(DatabaseUnavailable):
-                await self._fail(item, ErrorClass.TRANSIENT, f"internal error: {exc!r}", 5.0)
+            err = TransientError(f"internal error: {redact(repr(exc))}")
+            try:
+                await self._handle_error(item, err)
+            except DatabaseError:
+                await self._release_when_possible(item)
         finally:
             self._tasks.pop(item.id, None)
+
+    async def _release_when_possible(self, item: ClaimedItem) -> None:
+        """Release *item* (not an attempt), retrying while the database is away.
+
+        The item stays held meanwhile, so the heartbeat keeps its lease once the database is
+        back; an outage is not counted as a lost lease against the item.
+        """
+        delay = 0.5
+        while item.id in self._held:
+            try:
+                await self._release(item, message="released after a database error")
+                return
+            except DatabaseError as exc:
+                self._log(logging.WARNING, "release failed; retrying", item, error=exc.message)
+                self._finishing.discard(item.id)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     async def _attempt(self, item: ClaimedItem) -> None:
         try:
@@ -378,16 +399,43 @@ class Worker:
                 written = await items.complete(conn, batch)
         except DatabaseUnavailable as exc:
             # Keep them: the lease is still renewed and the next flush retries the write.
-            self._outcomes = batch + self._outcomes
-            self._finishing.difference_update(o.item.id for o in batch)
+            self._requeue_outcomes(batch)
             self._log(logging.WARNING, "results not written yet", error=exc.message)
             return
+        except DatabaseError as exc:
+            # A value the database refuses must not sink the whole batch: one by one.
+            self._log(logging.WARNING, "batch of results refused; writing one by one",
+                      error=exc.message)  # fmt: skip
+            written = await self._complete_one_by_one(batch)
         for o in batch:
             if o.item.id in written:
                 self.stats.completed += 1
                 self._forget(o.item)
-            else:
+            elif o.item.id in self._held and o.item.id in self._finishing:
                 self._after_write(o.item, False)
+
+    def _requeue_outcomes(self, batch: list[Outcome]) -> None:
+        self._outcomes = batch + self._outcomes
+        self._finishing.difference_update(o.item.id for o in batch)
+
+    async def _complete_one_by_one(self, batch: list[Outcome]) -> set[int]:
+        written: set[int] = set()
+        for o in batch:
+            try:
+                async with acquire(self.pool) as conn:
+                    written |= await items.complete(conn, [o])
+            except DatabaseUnavailable:
+                self._requeue_outcomes([o])
+            except DatabaseError as exc:
+                # This answer cannot be stored; another attempt gets another answer.
+                self._finishing.discard(o.item.id)
+                err = TransientError(f"the result could not be stored: {exc.message}")
+                try:
+                    await self._handle_error(o.item, err)
+                except DatabaseError:
+                    task = asyncio.create_task(self._release_when_possible(o.item))
+                    self._tasks[o.item.id] = task
+        return written
 
     async def _flush_loop(self) -> None:
         while True:
@@ -397,19 +445,23 @@ class Worker:
             await self._flush()
 
     async def _heartbeat_loop(self) -> None:
+        # Renewals also touch updated_at: beating at least three times per stuck threshold
+        # (and per the seed's 10-minute stuck query) keeps a live claim from looking stuck.
+        interval = min(self.lease, float(self.spec.stuck_after_seconds), 600.0) / 3
         while True:
-            await asyncio.sleep(self.lease / 3)
+            await asyncio.sleep(interval)
             held = list(self._held.values())
             if not held:
                 continue
             try:
                 async with acquire(self.pool) as conn:
                     kept = await items.heartbeat(conn, held, self.lease)
-            except DatabaseUnavailable as exc:
+            except DatabaseError as exc:
                 self._log(logging.WARNING, "heartbeat failed", error=exc.message)
                 continue
             for item in held:
-                if item.id not in kept and item.id in self._held and item.id not in self._finishing:
+                current = self._held.get(item.id)
+                if item.id not in kept and current is item and item.id not in self._finishing:
                     # Someone else owns it now; stop working on it, write nothing.
                     self.stats.lost += 1
                     self._log(logging.WARNING, "lease lost; abandoning item", item)
@@ -430,7 +482,7 @@ class Worker:
                     res = await rescue.cleanup_stuck(
                         conn, self.run.id, self.spec.stuck_after_seconds
                     )
-            except DatabaseUnavailable:
+            except DatabaseError:
                 continue
             if res.reset or res.poisoned:
                 self._log(logging.WARNING, "reset stuck items", **vars(res))
