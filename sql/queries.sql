@@ -26,6 +26,9 @@ ON CONFLICT (id) DO UPDATE SET
     max_lease_losses = excluded.max_lease_losses, lease_seconds = excluded.lease_seconds
 RETURNING id, filled_at;
 
+-- name: run_max_attempts
+SELECT max_attempts FROM analysis_runs WHERE id = $1;
+
 -- name: finalize_exhausted
 -- After maxAttempts was lowered: retrying items that have no attempt left fail for good, so
 -- "failed with a next attempt time" always means "will be retried".

@@ -53,6 +53,7 @@ async def create_run(
     """Record the run and its targets (idempotent; a changed spec updates the limits)."""
     with translated(f"recording run {run_id}"):
         async with conn.transaction():
+            before = await conn.fetchval(query("run_max_attempts"), run_id)
             await conn.execute(
                 query("upsert_run"),
                 run_id,
@@ -62,7 +63,9 @@ async def create_run(
                 spec.max_lease_losses,
                 spec.lease_seconds,
             )
-            await conn.execute(query("finalize_exhausted"), run_id)
+            if before is not None and spec.max_attempts < before:
+                # Only a lowered maxAttempts touches the queue (a fill may hold its lock).
+                await conn.execute(query("finalize_exhausted"), run_id)
             for t in spec.targets:
                 rl = t.rate_limit
                 await conn.execute(
