@@ -62,6 +62,12 @@ SCHEMA_WHATIFS = {
     "partial-status-idx": "DROP INDEX analysis_queue_status_idx;"
     " CREATE INDEX analysis_queue_processing_updated_idx ON analysis_queue (updated_at)"
     " WHERE status = 'processing'",
+    "no-status-idx": "DROP INDEX analysis_queue_status_idx",
+    # results keyed by their item: one index and no sequence per result row
+    "results-by-queue-id": "ALTER TABLE analysis_results DROP CONSTRAINT analysis_results_pkey;"
+    " ALTER TABLE analysis_results DROP COLUMN id;"
+    " ALTER TABLE analysis_results DROP CONSTRAINT analysis_results_queue_id_key;"
+    " ALTER TABLE analysis_results ADD PRIMARY KEY (queue_id)",
 }
 
 
