@@ -18,12 +18,14 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 # operator/analysisq/sql is a symlink to ../../sql: both trees are needed for the wheel.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY sql/ sql/
 COPY operator/ operator/
+# constraints.txt: the dependency versions the test suite last passed with.
 RUN python3 -m pip wheel --no-deps --wheel-dir /wheels . \
  && python3 -m venv --without-pip /opt/analysisq \
- && python3 -m pip --python /opt/analysisq/bin/python install --no-compile /wheels/*.whl \
+ && python3 -m pip --python /opt/analysisq/bin/python install --no-compile \
+        -c constraints.txt /wheels/*.whl \
  && /opt/analysisq/bin/python -m compileall -q -j 0 /opt/analysisq/lib \
  && /opt/analysisq/bin/analysisq --help >/dev/null
 

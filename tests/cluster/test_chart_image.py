@@ -100,7 +100,8 @@ def test_builder_stage_installs_a_working_cli(tmp_path: Path, empty_database: st
     run(python, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", wheels, ".", cwd=src)
     (wheel,) = wheels.glob("analysisq-*.whl")
     run(python, "-m", "venv", "--without-pip", venv)
-    run(python, "-m", "pip", "--python", venv / "bin" / "python", "install", "--no-compile", wheel)
+    run(python, "-m", "pip", "--python", venv / "bin" / "python", "install", "--no-compile",
+        "-c", src / "constraints.txt", wheel)  # fmt: skip
     run(venv / "bin" / "python", "-m", "compileall", "-q", "-j", "0", venv / "lib")
     help_text = run(venv / "bin" / "analysisq", "--help")
 
