@@ -34,11 +34,11 @@ from controlplane.fixtures import Kubectl, eventually
 from controlplane.harness import ControlPlane, free_port
 from controlplane.podrunner import PodRunner
 from controlplane.processes import Child, rss_bytes
+from tools.cluster import apply_analysisrun_crd
 
 T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parents[2]
-CRD_PATH = REPO / "crds" / "analysisrun.yaml"
 ANALYSISQ = str(Path(sys.executable).with_name("analysisq"))
 
 # --- the database ----------------------------------------------------------------------------
@@ -330,12 +330,8 @@ class FakeProviderProcess:
 
 @pytest.fixture(scope="session", name="analysisrun_crd")
 def analysisrun_crd_fixture(control_plane: ControlPlane, kubectl: Kubectl) -> str:
-    """The AnalysisRun CRD from crds/, installed and established."""
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_PATH))
-    kubectl(
-        "wait", "--for=condition=Established", "--timeout=60s",
-        "crd/analysisruns.analysisq.io",
-    )  # fmt: skip
+    """The AnalysisRun CRD from crds/, installed and established (the chart tests' helper)."""
+    apply_analysisrun_crd(kubectl)
     return "analysisruns.analysisq.io"
 
 

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
@@ -27,6 +28,25 @@ F = TypeVar("F", bound=Callable[..., Any])
 def json_option(command: F) -> F:
     """``--json``: machine-readable output instead of tables."""
     return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(command)
+
+
+def results_options(default_output: str) -> Callable[[F], F]:
+    """``--output FILE`` and ``--format jsonl|csv`` for the commands that write results."""
+
+    def decorate(command: F) -> F:
+        command = click.option(
+            "--format",
+            "output_format",
+            type=click.Choice(["jsonl", "csv"]),
+            help="Results format (default: from --output's extension, else jsonl).",
+        )(command)
+        return click.option(
+            "--output",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help=f"Results file (default: {default_output}).",
+        )(command)
+
+    return decorate
 
 
 def _default(value: Any) -> Any:

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from analysisq.cli.common import database_url, run_async
 from analysisq.cli.main import Context
-from analysisq.cli.output import console, quiet_logs, session
+from analysisq.cli.output import console, quiet_logs, results_options, session
 from analysisq.local.launch import Launch, launch
 from analysisq.local.runner import Outcome, summary
 from analysisq.local.runspec import build_spec
@@ -115,17 +115,7 @@ async def _launch(settings: Settings, url: str, out: Console, what: Launch) -> O
 )
 @click.option("--name", default="local", show_default=True, help="Run name (the id adds a time).")
 @click.option("--resume", metavar="RUN", help="Continue an unfinished run; nothing is redone.")
-@click.option(
-    "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Results file (default: DATA_DIR/runs/RUN/results.jsonl).",
-)
-@click.option(
-    "--format",
-    "output_format",
-    type=click.Choice(["jsonl", "csv"]),
-    help="Results format (default: from --output's extension, else jsonl).",
-)
+@results_options("DATA_DIR/runs/RUN/results.jsonl")
 @click.pass_obj
 def run(obj: Context, /, **flags: Any) -> None:
     """Run a batch of prompt analyses here, with N worker processes and live progress.

@@ -23,6 +23,7 @@ from analysisq.cli.output import (
     json_option,
     print_json,
     quiet_logs,
+    results_options,
     session,
     table,
 )
@@ -261,26 +262,16 @@ def runs_command(obj: Context, limit: int, as_json: bool) -> None:
 
 @click.command()
 @click.argument("run")
-@click.option(
-    "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write to this file (default: JSONL on standard output).",
-)
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["jsonl", "csv"]),
-    help="Default: from --output's extension, else jsonl.",
-)
+@results_options("standard output")
 @click.pass_obj
-def results(obj: Context, run: str, output: Path | None, fmt: str | None) -> None:
+def results(obj: Context, run: str, output: Path | None, output_format: str | None) -> None:
     """Write RUN's results (one row per completed item) as JSONL or CSV."""
 
     async def work(conn: asyncpg.Connection) -> int:
         run_id = (await runs.get_run(conn, run)).id
         if output is None:
-            return await write_results(conn, run_id, sys.stdout, result_format(None, fmt))
-        return await export_results(conn, run_id, output, fmt)
+            return await write_results(conn, run_id, sys.stdout, result_format(None, output_format))
+        return await export_results(conn, run_id, output, output_format)
 
     written = _with_db(obj, work)
     if output is not None:
