@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test constraints lint typecheck unit db cluster chaos controlplane helm tools bench image \
+.PHONY: demo test constraints lint typecheck unit db cluster chaos controlplane helm tools system-packages bench image \
 	image-buildah deploy-manifests clean
 
 $(STAMP): pyproject.toml constraints.txt
@@ -34,6 +34,10 @@ helm:
 
 tools: controlplane helm
 
+# Debian packages the real tiers run (pgbouncer, chromium, containerd, runc, CNI, buildah).
+system-packages:
+	bash tests/tools/system-packages.sh
+
 lint: $(STAMP)
 	$(BIN)/ruff check operator tests bench
 	$(BIN)/ruff format --check operator tests bench
@@ -56,7 +60,7 @@ chaos: $(STAMP)
 	$(BIN)/pytest -m chaos
 
 # Every tier; a tier that cannot run fails (tests/conftest.py refuses to skip).
-test: $(STAMP) tools lint typecheck
+test: $(STAMP) system-packages tools lint typecheck
 	ANALYSISQ_CONTROLPLANE_BIN="$$(bash tests/controlplane/build.sh | tail -1)" \
 	ANALYSISQ_HELM="$$(bash tests/tools/build-helm.sh | tail -1)" $(BIN)/pytest
 
