@@ -74,7 +74,7 @@ async def run_analysisq(url: str, run_id: str, whatif: frozenset[str] = frozense
     from analysisq.db.migrate import check_schema
     from analysisq.queue.runs import get_run
     from analysisq.settings import load_settings
-    from analysisq.worker.loop import Worker
+    from analysisq.worker import Worker
 
     from .whatif import pool_options, worker_class
 

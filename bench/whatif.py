@@ -28,9 +28,8 @@ from typing import Any
 import asyncpg
 
 from analysisq.queue import ratelimit
-from analysisq.queue.items import ClaimedItem
-from analysisq.worker import loop
-from analysisq.worker.loop import Worker
+from analysisq.worker import Worker, attempt
+from analysisq.worker.inflight import InFlight, InFlightClaim
 
 WHATIFS = ("noreset", "eager", "norate")
 
@@ -44,8 +43,8 @@ def pool_options(whatif: frozenset[str]) -> dict[str, Any]:
     return {"reset": _no_reset} if "noreset" in whatif else {}
 
 
-class _Held(dict[int, ClaimedItem]):
-    """The held items as the claim loop counts them: answered-but-unwritten ones are free
+class _Held(InFlight):
+    """The held claims as the claim loop counts them: answered-but-unwritten ones are free
     slots, and fewer than half a batch of free slots count as none."""
 
     def __init__(self, worker: Worker) -> None:
@@ -54,11 +53,8 @@ class _Held(dict[int, ClaimedItem]):
 
     def __len__(self) -> int:
         size = self._worker.spec.batch_size
-        busy = max(0, super().__len__() - len(self._worker._outcomes))
+        busy = max(0, super().__len__() - len(self._worker.results))
         return size if 0 < size - busy < (size + 1) // 2 else busy
-
-    def __bool__(self) -> bool:
-        return super().__len__() > 0
 
 
 class EagerSlotWorker(Worker):
@@ -66,10 +62,10 @@ class EagerSlotWorker(Worker):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._held = _Held(self)
+        self.inflight = _Held(self)
 
-    async def _attempt(self, item: ClaimedItem) -> None:
-        await super()._attempt(item)
+    async def _process(self, record: InFlightClaim) -> None:
+        await super()._process(record)
         self._slot_freed.set()
 
 
@@ -78,7 +74,7 @@ class EagerSlotWorker(Worker):
 _NO_CONNECTION_NEEDED: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "bench_whatif_no_connection_needed", default=False
 )
-_production_acquire = getattr(loop, "acquire")  # noqa: B009 (not re-exported by loop)
+_production_acquire = getattr(attempt, "acquire")  # noqa: B009 (not re-exported by attempt)
 
 
 @asynccontextmanager
@@ -95,18 +91,18 @@ def _no_rate_connection(cls: type[Worker]) -> type[Worker]:
     """``norate``: a subclass of *cls* whose rate check of an unlimited target is free."""
 
     class NoRateConnectionWorker(cls):  # type: ignore[valid-type,misc]
-        async def _attempt(self, item: ClaimedItem) -> None:
+        async def _process(self, record: InFlightClaim) -> None:
             target = self.spec.targets[0]
             for t in self.spec.targets:
-                if t.name == item.target:
+                if t.name == record.item.target:
                     target = t
             _NO_CONNECTION_NEEDED.set(not ratelimit.is_limited(target))
             try:
-                await super()._attempt(item)
+                await super()._process(record)
             finally:
                 _NO_CONNECTION_NEEDED.set(False)
 
-    setattr(loop, "acquire", _acquire)  # noqa: B010 (this benchmark process only)
+    setattr(attempt, "acquire", _acquire)  # noqa: B010 (this benchmark process only)
     return NoRateConnectionWorker
 
 

@@ -118,8 +118,8 @@ UPDATE analysis_queue q SET
     updated_at = now()
 FROM candidates c, prompts p
 WHERE q.id = c.id AND p.id = q.prompt_tracking_id
-RETURNING q.id, q.claim_token, q.prompt_tracking_id, q.target, q.attempts, q.deferrals,
-          p.external_id, p.text;
+RETURNING q.id, q.claim_token, q.run_id, q.prompt_tracking_id, q.target, q.attempts,
+          q.deferrals, q.lease_losses, p.external_id, p.text;
 
 -- name: heartbeat
 -- Renew the leases still ours; the ids not returned were lost.

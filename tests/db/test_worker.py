@@ -21,7 +21,7 @@ from analysisq.queue import items, runs
 from analysisq.queue.runs import Run
 from analysisq.settings import Settings
 from analysisq.spec import AnalysisRunSpec
-from analysisq.worker.loop import Worker, WorkerStats
+from analysisq.worker import Worker, WorkerStats
 from support import add_prompts, new_run, spec
 
 pytestmark = [pytest.mark.db, pytest.mark.timeout(120)]

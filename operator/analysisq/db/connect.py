@@ -29,6 +29,8 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     # a failover left us on a read-only standby; a statement_timeout cancelled us
     asyncpg.ReadOnlySQLTransactionError,
     asyncpg.QueryCanceledError,
+    # a deadlock or serialization failure: the same statement succeeds when run again
+    asyncpg.TransactionRollbackError,
 )
 
 

@@ -25,14 +25,24 @@ MAX_ERROR_CHARS = 2000
 
 @dataclass(frozen=True)
 class ClaimedItem:
+    """One claim on one item: the item's id and the claim's token (the fence) identify it."""
+
     id: int
     token: uuid.UUID
+    run_id: str
     prompt_tracking_id: int
     external_id: str
     target: str
     attempt: int
     deferrals: int
+    #: Leases this item lost before this claim (a worker holding it died or hung).
+    lease_losses: int
     text: str
+
+    @property
+    def key(self) -> tuple[int, uuid.UUID]:
+        """The claim's identity: a re-claim of the same item is another claim."""
+        return (self.id, self.token)
 
 
 @dataclass(frozen=True)
@@ -60,11 +70,13 @@ async def claim(
         ClaimedItem(
             id=r["id"],
             token=r["claim_token"],
+            run_id=r["run_id"],
             prompt_tracking_id=r["prompt_tracking_id"],
             external_id=r["external_id"],
             target=r["target"],
             attempt=r["attempts"],
             deferrals=r["deferrals"],
+            lease_losses=r["lease_losses"],
             text=r["text"],
         )
         for r in rows

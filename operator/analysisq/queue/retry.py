@@ -1,16 +1,17 @@
 """What an error means for an item: retry, fail for good, defer, or pause the target.
 
-Pure policy, no I/O. Transient errors (timeouts, connection errors, 5xx, malformed bodies)
-retry with exponential backoff and full jitter, never sooner than the provider's Retry-After;
-a 429 defers the item without burning an attempt, at most ``max_deferrals`` times so that it
-cannot be deferred forever; permanent errors fail at once; an auth failure pauses the target.
+Pure policy, no I/O: ``RetryPolicy.decide`` returns one of the ``decisions`` types, which
+``decisions.apply`` writes. Transient errors (timeouts, connection errors, 5xx, malformed
+bodies) retry with exponential backoff and full jitter, never sooner than the provider's
+Retry-After; a 429 defers the item without burning an attempt, at most ``max_deferrals`` times
+so that it cannot be deferred forever; permanent errors fail at once; an auth failure pauses
+the target.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from enum import StrEnum
 
 from analysisq.errors import (
     AuthError,
@@ -19,21 +20,12 @@ from analysisq.errors import (
     RateLimited,
     TransientError,
 )
+from analysisq.queue.decisions import Action, Defer, Fail, Pause, Retry
 
+__all__ = ["Action", "PolicyDecision", "RetryPolicy"]
 
-class Action(StrEnum):
-    RETRY = "retry"  # failed, will be retried after `delay`
-    FAIL = "fail"  # failed for good
-    DEFER = "defer"  # back to pending after `delay`, attempt not counted
-    PAUSE = "pause"  # pause the target for the run; item back to pending, not counted
-
-
-@dataclass(frozen=True)
-class Decision:
-    action: Action
-    error_class: ErrorClass
-    message: str
-    delay: float | None = None
+#: What the policy can decide (``Release`` is the worker's own, never the policy's).
+PolicyDecision = Retry | Fail | Defer | Pause
 
 
 @dataclass(frozen=True)
@@ -60,23 +52,17 @@ class RetryPolicy:
         max_attempts: int,
         deferrals: int,
         rng: random.Random,
-    ) -> Decision:
+    ) -> PolicyDecision:
         message = error.message
         if isinstance(error, AuthError):
-            return Decision(Action.PAUSE, ErrorClass.AUTH, message)
+            return Pause(ErrorClass.AUTH, message)
         if isinstance(error, RateLimited) and deferrals < self.max_deferrals:
             delay = error.delay if error.delay is not None else self.rate_limited_seconds
             # a little jitter so deferred items do not return in one burst
-            return Decision(
-                Action.DEFER, ErrorClass.RATE_LIMITED, message, delay + rng.uniform(0, 1)
-            )
+            return Defer(ErrorClass.RATE_LIMITED, message, delay + rng.uniform(0, 1), error.delay)
         if isinstance(error, TransientError):
             if attempt >= max_attempts:
-                return Decision(
-                    Action.FAIL,
-                    error.error_class,
-                    f"gave up after {attempt} attempts: {message}",
-                )
+                return Fail(error.error_class, f"gave up after {attempt} attempts: {message}")
             delay = max(self.backoff(attempt, rng), error.delay or 0.0)
-            return Decision(Action.RETRY, error.error_class, message, delay)
-        return Decision(Action.FAIL, error.error_class, message)
+            return Retry(error.error_class, message, delay)
+        return Fail(error.error_class, message)

@@ -1,0 +1,107 @@
+"""One attempt of one claim: the checks, the rate slot, the provider call, the verdict.
+
+``Attempts.run`` returns either the provider's ``Completion`` (the worker buffers it for
+``results``) or the ``RetryPolicy``'s decision about the error (the worker hands it to
+``queue.decisions.apply``). It writes nothing itself; a ``DatabaseError`` raised while it
+reserves a rate slot reaches the worker, which gives the item back unspent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+
+import asyncpg
+
+from analysisq.db.connect import acquire
+from analysisq.errors import (
+    DatabaseError,
+    ErrorClass,
+    InvalidInput,
+    ProviderError,
+    RateLimited,
+    SpecError,
+    TransientError,
+    redact,
+)
+from analysisq.providers.base import Completion, Provider
+from analysisq.queue import ratelimit
+from analysisq.queue.decisions import Fail
+from analysisq.queue.items import ClaimedItem
+from analysisq.queue.retry import PolicyDecision, RetryPolicy
+from analysisq.spec import AnalysisRunSpec
+
+log = logging.getLogger("analysisq.worker")
+
+
+class Attempts:
+    """Runs attempts for one run's spec with the given providers (injectable for tests)."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        spec: AnalysisRunSpec,
+        providers: dict[str, Provider],
+        policy: RetryPolicy,
+        *,
+        rng: random.Random,
+        clock: Callable[[], float],
+    ) -> None:
+        self.pool = pool
+        self.spec = spec
+        self.providers = providers
+        self.policy = policy
+        self._rng = rng
+        self._clock = clock
+        #: Per target: no request before this clock time (this worker's view of Retry-After).
+        self._local_backoff: dict[str, float] = {}
+
+    async def run(self, item: ClaimedItem) -> Completion | PolicyDecision:
+        try:
+            return await self._run(item)
+        except ProviderError as err:
+            return self.decide(item, err)
+        except DatabaseError:
+            raise
+        except Exception as exc:  # a bug in analysisq: count it as a transient failure
+            error = redact(repr(exc))
+            log.error("unexpected error", extra={"item": item.id, "error": error})
+            return self.decide(item, TransientError(f"internal error: {error}"))
+
+    def decide(self, item: ClaimedItem, err: ProviderError) -> PolicyDecision:
+        if isinstance(err, RateLimited) and err.delay:
+            self._local_backoff[item.target] = self._clock() + err.delay
+        return self.policy.decide(
+            err,
+            attempt=item.attempt,
+            max_attempts=self.spec.max_attempts,
+            deferrals=item.deferrals,
+            rng=self._rng,
+        )
+
+    async def _run(self, item: ClaimedItem) -> Completion | PolicyDecision:
+        try:
+            target = self.spec.target(item.target)
+        except SpecError as exc:
+            # The run's spec lost this target after the fill: no retry can send it anywhere.
+            return Fail(ErrorClass.PERMANENT, f"item {item.id}: {exc.message}")
+        if len(item.text) > self.spec.max_prompt_chars:
+            raise InvalidInput(
+                f"prompt {item.external_id!r} has {len(item.text)} characters;"
+                f" the limit is {self.spec.max_prompt_chars}"
+            )
+        await self._wait_local_backoff(item.target)
+        if ratelimit.is_limited(target):
+            async with acquire(self.pool) as conn:
+                wait = await ratelimit.acquire(conn, item.run_id, target, item.text)
+            if wait > 0:
+                await asyncio.sleep(wait)
+        return await self.providers[item.target].complete(item.text)
+
+    async def _wait_local_backoff(self, target: str) -> None:
+        until = self._local_backoff.get(target, 0.0)
+        now = self._clock()
+        if until > now:
+            await asyncio.sleep(until - now)

@@ -1,0 +1,414 @@
+"""The serving loops: the ``Worker`` drains one run's queue until told to stop.
+
+One asyncio process, four loops sharing a small database pool:
+
+- ``_claim_loop`` keeps up to ``batchSize`` claims in flight: it claims as many items as there
+  are free slots and starts one task per claim (``attempt``: rate slot -> provider -> verdict);
+- ``_heartbeat_loop`` renews the lease of every held claim every third of a lease, and drops
+  the claims whose lease was lost (their late writes would be refused anyway);
+- ``_flush_loop`` writes buffered answers in batches (``results``);
+- ``_housekeeping_loop`` runs the stuck-item reset for the run every quarter lease (at most
+  15 s), so a crashed worker's items come back within about 1.25 leases.
+
+A verdict that is not an answer is a ``Decision`` applied by ``queue.decisions.apply``, the
+one call by which the worker changes an item. At start the worker resets its run's stuck
+items, as the seed's ``process-queue`` did. On stop (SIGTERM) it claims nothing more, gives
+in-flight items ``shutdown_grace_seconds`` to finish, then releases what it still holds (a
+release is not an attempt) and exits. ``startup.serve`` builds a worker for a process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import assert_never
+
+import asyncpg
+import httpx
+
+from analysisq.db.connect import acquire
+from analysisq.errors import DatabaseError, DatabaseUnavailable, ErrorClass
+from analysisq.providers import make_provider, resolve_api_key
+from analysisq.providers.base import Completion, Provider
+from analysisq.providers.client import make_http_client
+from analysisq.queue import items, rescue, runs
+from analysisq.queue.decisions import (
+    Applied,
+    Decision,
+    Defer,
+    Fail,
+    Pause,
+    Release,
+    Retry,
+    apply,
+)
+from analysisq.queue.items import ClaimedItem, Outcome
+from analysisq.queue.retry import RetryPolicy
+from analysisq.queue.runs import Run
+from analysisq.settings import Settings
+from analysisq.worker.attempt import Attempts
+from analysisq.worker.inflight import InFlight, InFlightClaim
+from analysisq.worker.results import ResultBuffer
+
+log = logging.getLogger("analysisq.worker")
+
+
+def worker_name() -> str:
+    """Pod name in Kubernetes (HOSTNAME), host:pid locally."""
+    host = os.environ.get("POD_NAME") or socket.gethostname()
+    return f"{host}:{os.getpid()}"
+
+
+@dataclass
+class WorkerStats:
+    claimed: int = 0
+    completed: int = 0
+    retried: int = 0
+    failed: int = 0
+    deferred: int = 0
+    released: int = 0
+    lost: int = 0
+    paused_targets: set[str] = field(default_factory=set)
+
+
+class Worker:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        run: Run,
+        settings: Settings,
+        *,
+        name: str | None = None,
+        providers: dict[str, Provider] | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        exit_when_done: bool = False,
+    ) -> None:
+        #: Local runs: exit once every item is terminal (pods instead idle until scaled down).
+        self.exit_when_done = exit_when_done
+        self.pool = pool
+        self.run = run
+        self.spec = run.spec
+        self.settings = settings
+        self.name = name or worker_name()
+        self.stats = WorkerStats()
+        self.policy = RetryPolicy(
+            base_seconds=settings.retry_base_seconds,
+            cap_seconds=settings.retry_cap_seconds,
+            max_deferrals=settings.max_deferrals,
+        )
+        self._providers = providers
+        self._client: httpx.AsyncClient | None = None
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._stopping = asyncio.Event()
+        self.inflight = InFlight()
+        self.results = ResultBuffer(self.spec.batch_size)
+        self._slot_freed = asyncio.Event()
+        self._flush_now = asyncio.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop claiming; in-flight items finish or are released (idempotent, signal-safe)."""
+        self._stopping.set()
+        self._slot_freed.set()
+
+    @property
+    def lease(self) -> float:
+        return float(self.spec.lease_seconds)
+
+    def _log(self, level: int, msg: str, item: ClaimedItem | None = None, **kw: object) -> None:
+        extra: dict[str, object] = {"run": self.run.id, "worker": self.name, **kw}
+        if item is not None:
+            extra |= {"item": item.id, "prompt": item.external_id, "target": item.target}
+            extra["attempt"] = item.attempt
+        log.log(level, msg, extra=extra)
+
+    async def run_until_stopped(self) -> WorkerStats:
+        providers = self._providers or self._make_providers()
+        self._providers = providers
+        self.attempts = Attempts(
+            self.pool, self.spec, providers, self.policy, rng=self._rng, clock=self._clock
+        )
+        try:
+            async with acquire(self.pool) as conn:
+                res = await rescue.cleanup_stuck(conn, self.run.id, self.spec.stuck_after_seconds)
+            if res.reset or res.poisoned:
+                self._log(logging.WARNING, "reset stuck items at start", **vars(res))
+            self._log(logging.INFO, "worker started", batch_size=self.spec.batch_size)
+            async with asyncio.TaskGroup() as tg:
+                claim = tg.create_task(self._claim_loop())
+                background = [
+                    tg.create_task(self._heartbeat_loop()),
+                    tg.create_task(self._flush_loop()),
+                    tg.create_task(self._housekeeping_loop()),
+                ]
+                await claim
+                await self._drain()
+                for t in background:
+                    t.cancel()
+            await self._flush()
+        finally:
+            if self._client is not None:
+                await self._client.aclose()
+        self._log(logging.INFO, "worker stopped", **{k: v for k, v in vars(self.stats).items()})
+        return self.stats
+
+    def _make_providers(self) -> dict[str, Provider]:
+        timeout = max(t.timeout_seconds for t in self.spec.targets)
+        self._client = make_http_client(
+            timeout_s=timeout, max_connections=max(10, 2 * self.spec.batch_size)
+        )
+        return {
+            t.name: make_provider(t, self._client, resolve_api_key(t)) for t in self.spec.targets
+        }
+
+    async def _drain(self) -> None:
+        """After the claim loop ends: let in-flight items finish within the grace period."""
+        pending = self.inflight.tasks()
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=self.settings.shutdown_grace_seconds)
+            for t in still:
+                t.cancel()
+            if still:
+                await asyncio.gather(*still, return_exceptions=True)
+        await self._flush()
+        for record in self.inflight:
+            if record.finishing or self.results.holds(record.item):
+                continue
+            await self._settle(record, Release("released at shutdown"), wait_for_db=False)
+
+    # -- claiming ----------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        concurrency = self.spec.batch_size
+        while not self._stopping.is_set():
+            free = concurrency - len(self.inflight)
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            try:
+                async with acquire(self.pool) as conn:
+                    claimed = await items.claim(
+                        conn,
+                        self.run.id,
+                        worker=self.name,
+                        limit=free,
+                        lease_seconds=self.lease,
+                        max_attempts=self.spec.max_attempts,
+                    )
+            except DatabaseError as exc:
+                self._log(logging.WARNING, "claim failed; database error", error=exc.message)
+                await self._sleep(self._poll_delay() * 4)
+                continue
+            if not claimed:
+                if self.exit_when_done and not len(self.inflight) and await self._run_done():
+                    self._log(logging.INFO, "run complete; worker exits")
+                    break
+                await self._sleep(self._poll_delay())
+                continue
+            self.stats.claimed += len(claimed)
+            for item in claimed:
+                self._start(item)
+
+    def _start(self, item: ClaimedItem) -> None:
+        record, stale = self.inflight.add(item)
+        if stale is not None:
+            # The rescuer took the item from us (we stalled) and we claimed it again: the old
+            # claim is lost and its task must not write, nor touch the new claim.
+            self._abandon(stale, "lease lost; item claimed again")
+        record.task = asyncio.create_task(self._process(record))
+
+    async def _run_done(self) -> bool:
+        try:
+            async with acquire(self.pool) as conn:
+                return (await runs.counts(conn, self.run.id)).done
+        except DatabaseError:
+            return False
+
+    def _poll_delay(self) -> float:
+        return self.settings.poll_seconds * self._rng.uniform(0.5, 1.5)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+
+    # -- one claim ---------------------------------------------------------------------------
+
+    async def _process(self, record: InFlightClaim) -> None:
+        item = record.item
+        try:
+            verdict: Completion | Decision = await self.attempts.run(item)
+        except DatabaseError as exc:
+            # The database failed us, not the item: give it back unspent once we can.
+            self._log(logging.WARNING, "database error; releasing item", item, error=exc.message)
+            verdict = Release("released after a database error")
+        if isinstance(verdict, Completion):
+            if self.inflight.get(item) is record and self.results.add(Outcome(item, verdict)):
+                self._flush_now.set()
+            return
+        await self._settle(record, verdict)
+
+    async def _settle(
+        self, record: InFlightClaim, decision: Decision, *, wait_for_db: bool = True
+    ) -> None:
+        """Apply *decision* to the claim: retried while the database is away (the claim stays
+        held, so the heartbeat keeps its lease); a refusal fails the item, saying why."""
+        item = record.item
+        self._log(logging.INFO, f"item {decision.action}", item,
+                  error_class=str(getattr(decision, "error_class", "")),
+                  error=decision.message, delay=decision.delay)  # fmt: skip
+        delay, refused = 0.5, False
+        while self.inflight.get(item) is record:
+            record.finishing = True
+            try:
+                async with acquire(self.pool) as conn:
+                    applied = await apply(conn, item, decision)
+            except DatabaseUnavailable as exc:
+                if not wait_for_db:
+                    # Nothing is lost: the lease expires and the rescuer requeues the item.
+                    self._log(logging.WARNING, "could not release; left to its lease", item)
+                    return
+                self._log(logging.WARNING, "write failed; retrying", item, error=exc.message)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            except DatabaseError as exc:
+                # Deterministic: the same write would be refused again, so never loop on it.
+                if refused:
+                    self._log(logging.ERROR, "the database refused the item's failure; left "
+                              "to its lease", item, error=exc.message)  # fmt: skip
+                    self._forget(record)
+                    return
+                refused = True
+                decision = Fail(
+                    ErrorClass.PERMANENT,
+                    f"the database refused to record this item's outcome: {exc.message}",
+                )
+                continue
+            finally:
+                record.finishing = False
+            self._count(item, decision, applied)
+            self._after_write(record, applied.written)
+            return
+
+    def _count(self, item: ClaimedItem, decision: Decision, applied: Applied) -> None:
+        match decision:
+            case Retry():
+                self.stats.retried += 1
+            case Fail():
+                self.stats.failed += 1
+            case Defer():
+                self.stats.deferred += 1
+            case Pause():
+                if applied.paused_target:
+                    self._log(logging.ERROR, "target paused for the run: provider refused our "
+                              "credentials", item, error=decision.message)  # fmt: skip
+                self.stats.paused_targets.add(item.target)
+            case Release():
+                self.stats.released += int(applied.written)
+            case _:
+                assert_never(decision)
+
+    def _after_write(self, record: InFlightClaim, applied: bool) -> None:
+        if not applied:
+            self.stats.lost += 1
+            self._log(logging.WARNING, "lease lost; write refused", record.item)
+        self._forget(record)
+
+    def _forget(self, record: InFlightClaim) -> None:
+        self.inflight.forget(record.item)
+        self._slot_freed.set()
+
+    def _abandon(self, record: InFlightClaim, why: str) -> None:
+        """Stop working on a claim that is no longer ours; write nothing for it."""
+        self.stats.lost += 1
+        self._log(logging.WARNING, why, record.item)
+        if record.task is not None:
+            record.task.cancel()
+        self.results.drop(record.item)
+        self._forget(record)
+
+    # -- background loops --------------------------------------------------------------------
+
+    async def _flush(self) -> None:
+        if not len(self.results):
+            return
+        batch = self.results.take()
+        records = {o.item.key: self.inflight.get(o.item) for o in batch}
+        for r in records.values():
+            if r is not None:
+                r.finishing = True
+        report = await self.results.write(self.pool, batch)
+        for o in report.kept:
+            if (r := records[o.item.key]) is not None:
+                r.finishing = False  # the lease is still renewed; the next flush retries
+        if report.unavailable:
+            self._log(logging.WARNING, "results not written yet", error=report.unavailable)
+        for o in report.written:
+            self.stats.completed += 1
+            if (r := records[o.item.key]) is not None:
+                self._forget(r)
+        for o in report.fenced:
+            if (r := records[o.item.key]) is not None and self.inflight.get(o.item) is r:
+                self._after_write(r, False)
+        for o, reason in report.refused:
+            if (r := records[o.item.key]) is not None:
+                r.finishing = False
+                refusal = Fail(
+                    ErrorClass.PERMANENT, f"the database refused to store the answer: {reason}"
+                )
+                await self._settle(r, refusal)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flush_now.wait(), timeout=0.05)
+            self._flush_now.clear()
+            await self._flush()
+
+    async def _heartbeat_loop(self) -> None:
+        # Renewals also touch updated_at: beating at least three times per stuck threshold
+        # (and per the seed's 10-minute stuck query) keeps a live claim from looking stuck.
+        interval = min(self.lease, float(self.spec.stuck_after_seconds), 600.0) / 3
+        while True:
+            await asyncio.sleep(interval)
+            records = list(self.inflight)
+            if not records:
+                continue
+            try:
+                async with acquire(self.pool) as conn:
+                    kept = await items.heartbeat(conn, [r.item for r in records], self.lease)
+            except DatabaseError as exc:
+                self._log(logging.WARNING, "heartbeat failed", error=exc.message)
+                continue
+            for r in records:
+                if r.item.id in kept or r.finishing or self.inflight.get(r.item) is not r:
+                    continue
+                # Someone else owns it now; stop working on it, write nothing.
+                self._abandon(r, "lease lost; abandoning item")
+
+    async def _housekeeping_loop(self) -> None:
+        # A dead worker's lease runs out at most one lease after its last heartbeat; checking
+        # every quarter lease (at most 15 s) brings its items back within about 1.25 leases.
+        period = min(self.lease / 4, 15.0)
+        while True:
+            await asyncio.sleep(period * self._rng.uniform(0.8, 1.2))
+            try:
+                async with acquire(self.pool) as conn:
+                    res = await rescue.cleanup_stuck(
+                        conn, self.run.id, self.spec.stuck_after_seconds
+                    )
+            except DatabaseError:
+                continue
+            if res.reset or res.poisoned:
+                self._log(logging.WARNING, "reset stuck items", **vars(res))

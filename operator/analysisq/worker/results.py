@@ -1,0 +1,97 @@
+"""Completed answers on their way to the database: buffered, then written in batches.
+
+The worker adds each answer to the ``ResultBuffer``; a flush writes the whole buffer with one
+fenced statement (``items.complete``). When the database is away the batch goes back into the
+buffer (the leases are still renewed). When the database refuses the batch, the answers are
+written one by one so that one bad value cannot sink its batch-mates; the answers it still
+refuses come back as ``refused`` with the database's reason, for the worker to fail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from analysisq.db.connect import acquire
+from analysisq.errors import DatabaseError, DatabaseUnavailable
+from analysisq.queue import items
+from analysisq.queue.items import ClaimedItem, Outcome
+
+
+@dataclass
+class WriteReport:
+    #: Outcomes written (their item is completed with this result).
+    written: list[Outcome] = field(default_factory=list)
+    #: Outcomes whose claim was no longer ours: the write was fenced off.
+    fenced: list[Outcome] = field(default_factory=list)
+    #: Outcomes the database refused, with its reason.
+    refused: list[tuple[Outcome, str]] = field(default_factory=list)
+    #: Outcomes not written because the database was away (back in the buffer).
+    kept: list[Outcome] = field(default_factory=list)
+    #: Why the database was away, when it was.
+    unavailable: str | None = None
+
+
+class ResultBuffer:
+    """Answers not yet written, in arrival order."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self._pending: list[Outcome] = []
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def add(self, outcome: Outcome) -> bool:
+        """Buffer *outcome*; True when a full batch is waiting (flush now)."""
+        self._pending.append(outcome)
+        return len(self._pending) >= self.batch_size
+
+    def holds(self, item: ClaimedItem) -> bool:
+        return any(o.item.key == item.key for o in self._pending)
+
+    def drop(self, item: ClaimedItem) -> None:
+        """Forget the answer of a claim that was lost: it must not be written."""
+        self._pending = [o for o in self._pending if o.item.key != item.key]
+
+    def take(self) -> list[Outcome]:
+        batch, self._pending = self._pending, []
+        return batch
+
+    def put_back(self, batch: list[Outcome]) -> None:
+        self._pending = batch + self._pending
+
+    async def write(self, pool: asyncpg.Pool, batch: list[Outcome]) -> WriteReport:
+        """Write *batch* (taken from this buffer); unwritten answers go back into it."""
+        report = WriteReport()
+        try:
+            async with acquire(pool) as conn:
+                done = await items.complete(conn, batch)
+        except DatabaseUnavailable as exc:
+            self.put_back(batch)
+            report.kept, report.unavailable = batch, exc.message
+            return report
+        except DatabaseError:
+            # A value the database refuses must not sink the whole batch: one by one.
+            return await self._one_by_one(pool, batch)
+        for o in batch:
+            (report.written if o.item.id in done else report.fenced).append(o)
+        return report
+
+    async def _one_by_one(self, pool: asyncpg.Pool, batch: list[Outcome]) -> WriteReport:
+        report = WriteReport()
+        for o in batch:
+            try:
+                async with acquire(pool) as conn:
+                    done = await items.complete(conn, [o])
+            except DatabaseUnavailable as exc:
+                self.put_back([o])
+                report.kept.append(o)
+                report.unavailable = exc.message
+                continue
+            except DatabaseError as exc:
+                report.refused.append((o, exc.message))
+                continue
+            (report.written if o.item.id in done else report.fenced).append(o)
+        return report
