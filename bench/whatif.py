@@ -27,8 +27,8 @@ from typing import Any
 
 import asyncpg
 
-from analysisq.queue import ratelimit
-from analysisq.worker import Worker, attempt
+from analysisq.queue import quota, ratelimit
+from analysisq.worker import Worker
 from analysisq.worker.inflight import InFlight, InFlightClaim
 
 WHATIFS = ("noreset", "eager", "norate")
@@ -74,7 +74,7 @@ class EagerSlotWorker(Worker):
 _NO_CONNECTION_NEEDED: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "bench_whatif_no_connection_needed", default=False
 )
-_production_acquire = getattr(attempt, "acquire")  # noqa: B009 (not re-exported by attempt)
+_production_acquire = getattr(quota, "acquire")  # noqa: B009 (not re-exported by quota)
 
 
 @asynccontextmanager
@@ -102,7 +102,7 @@ def _no_rate_connection(cls: type[Worker]) -> type[Worker]:
             finally:
                 _NO_CONNECTION_NEEDED.set(False)
 
-    setattr(attempt, "acquire", _acquire)  # noqa: B010 (this benchmark process only)
+    setattr(quota, "acquire", _acquire)  # noqa: B010 (this benchmark process only)
     return NoRateConnectionWorker
 
 

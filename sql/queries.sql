@@ -38,11 +38,17 @@ WHERE r.id = $1 AND q.run_id = r.id AND q.status = 'failed'
   AND q.next_attempt_at IS NOT NULL AND q.attempts >= r.max_attempts;
 
 -- name: upsert_run_target
-INSERT INTO run_targets (run_id, target, requests_per_second, tokens_per_minute)
-VALUES ($1, $2, $3, $4)
+-- $5 = the target's rate pool (quotas: pool_lock first); $6-$8 its pricing (may be NULL).
+INSERT INTO run_targets (run_id, target, requests_per_second, tokens_per_minute, pool,
+                         input_per_million, output_per_million, batch_discount)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
 ON CONFLICT (run_id, target) DO UPDATE SET
     requests_per_second = excluded.requests_per_second,
-    tokens_per_minute = excluded.tokens_per_minute;
+    tokens_per_minute = excluded.tokens_per_minute,
+    pool = excluded.pool,
+    input_per_million = excluded.input_per_million,
+    output_per_million = excluded.output_per_million,
+    batch_discount = excluded.batch_discount;
 
 -- name: get_run
 SELECT id, name, spec::text AS spec, max_attempts, max_lease_losses, lease_seconds,
@@ -116,10 +122,15 @@ UPDATE analysis_queue q SET
     claim_token = gen_random_uuid(),
     next_attempt_at = NULL,
     updated_at = now()
-FROM candidates c, prompts p
+FROM candidates c, prompts p, run_targets t, rate_pools rp
 WHERE q.id = c.id AND p.id = q.prompt_tracking_id
+  AND t.run_id = q.run_id AND t.target = q.target AND rp.name = t.pool
+-- blocked_seconds: a Retry-After on the item's rate pool that every target respects, even
+-- one without a limit (whose sends need no other round trip to the database).
 RETURNING q.id, q.claim_token, q.run_id, q.prompt_tracking_id, q.target, q.attempts,
-          q.deferrals, q.lease_losses, p.external_id, p.text;
+          q.deferrals, q.lease_losses, p.external_id, p.text,
+          greatest(0.0, extract(epoch FROM rp.blocked_until - clock_timestamp()))::float8
+              AS blocked_seconds;
 
 -- name: heartbeat
 -- Renew the leases still ours; the ids not returned were lost.
@@ -182,30 +193,6 @@ RETURNING id;
 SELECT reset_count, poisoned_count
 FROM cleanup_stuck_queue_items($1, make_interval(secs => $2));
 
--- name: rate_acquire
--- Reserve the next request slot of a target across every worker (GCRA): the row's theoretical
--- arrival time moves by 1/rate per request and by tokens*60/tpm per estimated token cost.
--- Returns how long this caller must wait before sending.
-UPDATE run_targets SET
-    rate_tat = CASE WHEN requests_per_second IS NULL THEN rate_tat
-        ELSE greatest(rate_tat, clock_timestamp())
-             + make_interval(secs => 1.0 / requests_per_second) END,
-    token_tat = CASE WHEN tokens_per_minute IS NULL THEN token_tat
-        ELSE greatest(token_tat, clock_timestamp())
-             + make_interval(secs => $3 * 60.0 / tokens_per_minute) END
-WHERE run_id = $1 AND target = $2
-RETURNING greatest(0.0,
-    CASE WHEN requests_per_second IS NULL THEN 0.0 ELSE extract(epoch FROM
-        rate_tat - make_interval(secs => 1.0 / requests_per_second) - clock_timestamp()) END,
-    CASE WHEN tokens_per_minute IS NULL THEN 0.0 ELSE extract(epoch FROM
-        token_tat - interval '60 seconds' - clock_timestamp()) END)::double precision
-    AS wait_seconds;
-
--- name: rate_backoff
--- A provider answered 429 with Retry-After: no worker sends to the target before then.
-UPDATE run_targets SET rate_tat = greatest(rate_tat, clock_timestamp() + make_interval(secs => $3))
-WHERE run_id = $1 AND target = $2;
-
 -- name: pause_target
 -- Pause a target for the run (its provider refused our credentials) and park its waiting
 -- items at next_attempt_at = 'infinity': none is claimed, none burns an attempt.
@@ -234,7 +221,7 @@ WITH resumed AS (
 SELECT target FROM resumed;
 
 -- name: run_targets
-SELECT target, requests_per_second, tokens_per_minute, paused_at, pause_reason
+SELECT target, requests_per_second, tokens_per_minute, pool, paused_at, pause_reason
 FROM run_targets WHERE run_id = $1 ORDER BY target;
 
 -- name: run_counts
@@ -292,10 +279,13 @@ WHERE run_id = $1 AND error_class IS NOT NULL
 GROUP BY error_class ORDER BY count(*) DESC;
 
 -- name: results_page
--- Results of a run by keyset paging.
+-- Results of a run by keyset paging; cost from the target's pricing (NULL without).
 SELECT r.id, r.queue_id, p.external_id, r.target, r.model, r.response_text, r.parsed::text,
-       r.tokens_in, r.tokens_out, r.latency_ms, r.attempt, r.created_at
+       r.tokens_in, r.tokens_out, r.latency_ms, r.attempt, r.created_at,
+       token_cost(r.tokens_in, r.tokens_out, t.input_per_million, t.output_per_million)
+           AS cost
 FROM analysis_results r JOIN prompts p ON p.id = r.prompt_tracking_id
+JOIN run_targets t ON t.run_id = r.run_id AND t.target = r.target
 WHERE r.run_id = $1 AND r.id > $2
 ORDER BY r.id LIMIT $3;
 
@@ -336,3 +326,127 @@ SELECT coalesce(sum(deferrals), 0)::bigint AS deferrals,
        count(*) FILTER (WHERE deferrals > 0) AS deferred_items,
        count(*) FILTER (WHERE lease_losses > 0) AS lease_lost_items
 FROM analysis_queue WHERE run_id = $1;
+
+-- ---------------------------------------------------------------------------------------
+-- Quotas, cost and budgets: rate pools, token reservations, budgets, totals
+-- (analysisq.queue.ratelimit, analysisq.queue.budget, analysisq.queue.usage)
+-- ---------------------------------------------------------------------------------------
+
+-- name: pool_lock
+-- Create the rate pool $1 with limits ($2, $3), or lock the existing row; returns its
+-- limits as they are (a concurrent run creation waits here).
+INSERT INTO rate_pools AS rp (name, requests_per_second, tokens_per_minute)
+VALUES ($1, $2, $3)
+ON CONFLICT (name) DO UPDATE SET name = rp.name
+RETURNING requests_per_second, tokens_per_minute;
+
+-- name: pool_users
+-- Targets of other unfinished runs than $2 that use pool $1: they hold its limits.
+SELECT t.run_id, t.target
+FROM run_targets t JOIN analysis_runs r ON r.id = t.run_id
+WHERE t.pool = $1 AND t.run_id <> $2 AND r.finished_at IS NULL
+ORDER BY t.run_id, t.target LIMIT 5;
+
+-- name: pool_set_limits
+UPDATE rate_pools SET requests_per_second = $2, tokens_per_minute = $3 WHERE name = $1;
+
+-- name: pool_forget_unused
+-- Pools no target refers to any more (their runs were deleted).
+DELETE FROM rate_pools p WHERE NOT EXISTS (SELECT 1 FROM run_targets t WHERE t.pool = p.name);
+
+-- name: pool_acquire
+-- Reserve the next request slot of pool $1 across every worker of every run (GCRA without
+-- burst): the theoretical arrival time moves by 1/rate per request and by $2 * 60 / tpm for
+-- the request's estimated tokens, never from before blocked_until. Returns how long this
+-- caller waits before sending: until its own slot starts, so no window of any length sees
+-- more than its share plus one request.
+UPDATE rate_pools SET
+    rate_tat = CASE WHEN requests_per_second IS NULL THEN rate_tat
+        ELSE greatest(rate_tat, clock_timestamp(), blocked_until)
+             + make_interval(secs => 1.0 / requests_per_second) END,
+    token_tat = CASE WHEN tokens_per_minute IS NULL THEN token_tat
+        ELSE greatest(token_tat, clock_timestamp(), blocked_until)
+             + make_interval(secs => $2 * 60.0 / tokens_per_minute) END
+WHERE name = $1
+RETURNING greatest(0.0,
+    extract(epoch FROM blocked_until - clock_timestamp()),
+    CASE WHEN requests_per_second IS NULL THEN 0.0 ELSE extract(epoch FROM
+        rate_tat - make_interval(secs => 1.0 / requests_per_second) - clock_timestamp()) END,
+    CASE WHEN tokens_per_minute IS NULL THEN 0.0 ELSE extract(epoch FROM
+        token_tat - make_interval(secs => $2 * 60.0 / tokens_per_minute)
+        - clock_timestamp()) END)::double precision
+    AS wait_seconds;
+
+-- name: pool_block
+-- A provider said wait (429 Retry-After, or rate-limit headers at zero): nobody sends to the
+-- pool of run $1's target $2, from any run, for $3 seconds.
+UPDATE rate_pools
+SET blocked_until = greatest(blocked_until, clock_timestamp() + make_interval(secs => $3))
+WHERE name = (SELECT pool FROM run_targets WHERE run_id = $1 AND target = $2);
+
+-- name: pool_settle_tokens
+-- The answer's usage replaces the estimate: move token_tat by the difference ($2 tokens,
+-- negative when the request cost less than reserved).
+UPDATE rate_pools
+SET token_tat = token_tat + make_interval(secs => $2 * 60.0 / tokens_per_minute)
+WHERE name = $1 AND tokens_per_minute IS NOT NULL AND token_tat > '-infinity';
+
+-- name: budget_set
+-- The run's budget (NULL = none); a changed budget lifts a BudgetExhausted pause.
+UPDATE analysis_runs SET
+    budget_exhausted_at = CASE WHEN (max_cost, max_tokens) IS DISTINCT FROM ($2, $3)
+                               THEN NULL ELSE budget_exhausted_at END,
+    max_cost = $2, max_tokens = $3
+WHERE id = $1;
+
+-- name: budget_reserve
+-- Reserve $3 input + $4 output tokens (and their cost at target $2's prices) for one request
+-- of run $1, only if what is spent, what is in flight and this request fit the budget and
+-- the run is not paused for its budget. No row: it does not fit.
+UPDATE analysis_runs r SET
+    reserved_tokens = r.reserved_tokens + $3 + $4,
+    reserved_cost = r.reserved_cost
+        + coalesce(token_cost($3, $4, t.input_per_million, t.output_per_million), 0)
+FROM run_targets t
+WHERE r.id = $1 AND t.run_id = r.id AND t.target = $2 AND r.budget_exhausted_at IS NULL
+  AND (r.max_tokens IS NULL OR r.spent_tokens + r.reserved_tokens + $3 + $4 <= r.max_tokens)
+  AND (r.max_cost IS NULL OR r.spent_cost + r.reserved_cost
+       + coalesce(token_cost($3, $4, t.input_per_million, t.output_per_million), 0)
+       <= r.max_cost)
+RETURNING r.id;
+
+-- name: budget_exhaust
+-- A request did not fit: the run is paused for its budget (workers stop claiming).
+UPDATE analysis_runs SET budget_exhausted_at = coalesce(budget_exhausted_at, now())
+WHERE id = $1;
+
+-- name: budget_settle
+-- A request of run $1 to target $2 ended: its reservation ($3 in + $4 out tokens) is
+-- released and what the provider charged ($5 in + $6 out tokens) is spent.
+UPDATE analysis_runs r SET
+    reserved_tokens = greatest(r.reserved_tokens - $3 - $4, 0),
+    reserved_cost = greatest(r.reserved_cost
+        - coalesce(token_cost($3, $4, t.input_per_million, t.output_per_million), 0), 0),
+    spent_tokens = r.spent_tokens + $5 + $6,
+    spent_cost = r.spent_cost
+        + coalesce(token_cost($5, $6, t.input_per_million, t.output_per_million), 0)
+FROM run_targets t
+WHERE r.id = $1 AND t.run_id = r.id AND t.target = $2;
+
+-- name: budget_state
+SELECT max_cost, max_tokens, spent_cost, spent_tokens, reserved_cost, reserved_tokens,
+       budget_exhausted_at
+FROM analysis_runs WHERE id = $1;
+
+-- name: usage_by_target
+-- Tokens and cost of the stored answers of run $1, per target (cost NULL without pricing).
+SELECT t.target, t.pool, count(r.id) AS answers,
+       coalesce(sum(r.tokens_in), 0)::bigint AS tokens_in,
+       coalesce(sum(r.tokens_out), 0)::bigint AS tokens_out,
+       token_cost(coalesce(sum(r.tokens_in), 0)::bigint, coalesce(sum(r.tokens_out), 0)::bigint,
+                  t.input_per_million, t.output_per_million) AS cost
+FROM run_targets t
+LEFT JOIN analysis_results r ON r.run_id = t.run_id AND r.target = t.target
+WHERE t.run_id = $1
+GROUP BY t.target, t.pool, t.input_per_million, t.output_per_million
+ORDER BY t.target;

@@ -31,24 +31,52 @@ CREATE TABLE analysis_runs (
     lease_seconds     integer     NOT NULL DEFAULT 60 CHECK (lease_seconds BETWEEN 5 AND 3600),
     filled_at         timestamptz,
     finished_at       timestamptz,
-    created_at        timestamptz NOT NULL DEFAULT now()
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    -- The budget (spec.budget) and what the run has spent (answers) and reserved (requests
+    -- in flight); budget_exhausted_at is set when a request did not fit, cleared when the
+    -- budget changes.
+    max_cost          double precision CHECK (max_cost > 0),
+    max_tokens        bigint      CHECK (max_tokens > 0),
+    spent_tokens      bigint      NOT NULL DEFAULT 0 CHECK (spent_tokens >= 0),
+    spent_cost        double precision NOT NULL DEFAULT 0 CHECK (spent_cost >= 0),
+    reserved_tokens   bigint      NOT NULL DEFAULT 0 CHECK (reserved_tokens >= 0),
+    reserved_cost     double precision NOT NULL DEFAULT 0 CHECK (reserved_cost >= 0),
+    budget_exhausted_at timestamptz
 );
 CREATE INDEX analysis_runs_name_idx ON analysis_runs (name, created_at DESC);
 
--- One row per (run, target): its pause state (auth failures) and its aggregate rate limit.
--- The limiter is GCRA: each request reserves the slot rate_tat and pushes it by 1/rate.
+-- One row per rate-limit pool (sql/migrations/0004): the aggregate limiter, GCRA. Each
+-- request reserves the slot rate_tat and pushes it by 1/rate, and token_tat by its tokens.
+-- A target naming rateLimit.pool shares its row with every run naming it; a target without
+-- one gets a private pool 'run:<run id>:<target>' (':' never occurs in a DNS label).
+CREATE TABLE rate_pools (
+    name                text        PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 330),
+    requests_per_second double precision CHECK (requests_per_second > 0),
+    tokens_per_minute   integer     CHECK (tokens_per_minute > 0),
+    rate_tat            timestamptz NOT NULL DEFAULT '-infinity',
+    token_tat           timestamptz NOT NULL DEFAULT '-infinity',
+    -- A provider's Retry-After (or its rate-limit headers): nobody sends before this.
+    blocked_until       timestamptz NOT NULL DEFAULT '-infinity'
+);
+
+-- One row per (run, target): its pause state (auth failures), its pool, its prices.
 CREATE TABLE run_targets (
     run_id          text        NOT NULL REFERENCES analysis_runs (id) ON DELETE CASCADE,
     target          text        NOT NULL,
     requests_per_second double precision CHECK (requests_per_second > 0),
     tokens_per_minute   integer CHECK (tokens_per_minute > 0),
-    rate_tat        timestamptz NOT NULL DEFAULT '-infinity',
-    token_tat       timestamptz NOT NULL DEFAULT '-infinity',
     paused_at       timestamptz,
     pause_reason    text,
+    pool            text        NOT NULL,
+    -- Prices in currency units per million tokens (the spec's targets[].pricing).
+    input_per_million  double precision CHECK (input_per_million >= 0),
+    output_per_million double precision CHECK (output_per_million >= 0),
+    batch_discount     double precision CHECK (batch_discount >= 0 AND batch_discount <= 1),
     PRIMARY KEY (run_id, target),
-    CHECK ((paused_at IS NULL) = (pause_reason IS NULL))
+    CHECK ((paused_at IS NULL) = (pause_reason IS NULL)),
+    CONSTRAINT run_targets_pool_fkey FOREIGN KEY (pool) REFERENCES rate_pools (name)
 );
+CREATE INDEX run_targets_pool_idx ON run_targets (pool);
 
 CREATE TABLE analysis_queue (
     id                 bigint       GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -153,6 +181,18 @@ LANGUAGE sql AS $$
     SELECT (count(*) FILTER (WHERE NOT poison))::integer,
            (count(*) FILTER (WHERE poison))::integer
     FROM reset
+$$;
+
+-- What tokens cost at a target's prices per million (NULL when the target has no pricing).
+-- The one formula: totals, exports and budget reservations all call it.
+CREATE FUNCTION token_cost(
+    p_tokens_in bigint, p_tokens_out bigint,
+    p_input_per_million double precision, p_output_per_million double precision
+) RETURNS double precision
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN p_input_per_million IS NULL AND p_output_per_million IS NULL THEN NULL
+        ELSE (coalesce(p_tokens_in, 0) * coalesce(p_input_per_million, 0)
+              + coalesce(p_tokens_out, 0) * coalesce(p_output_per_million, 0)) / 1e6 END
 $$;
 
 CREATE TABLE IF NOT EXISTS analysisq_migrations (

@@ -67,6 +67,11 @@ class RunNotFound(AnalysisqError):
     """No such run."""
 
 
+class BudgetExhausted(AnalysisqError):
+    """The run's budget cannot cover the next request: the run is paused (BudgetExhausted);
+    raise the budget to continue."""
+
+
 class LeaseLost(AnalysisqError):
     """The claim on this item is no longer ours: another worker or the rescuer took it."""
 

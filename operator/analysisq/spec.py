@@ -18,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    Strict,
     StringConstraints,
     ValidationError,
     field_validator,
@@ -45,11 +46,53 @@ class SecretKeyRef(_Model):
     key: str = Field(min_length=1, max_length=253)
 
 
+#: A number in a price or budget: JSON numbers only ("1.5" as a string is refused, as the
+#: CRD's ``type: number`` refuses it).
+Number = Annotated[float, Strict()]
+
+
+def _dns_label(v: str) -> str:
+    if not _NAME.match(v):
+        raise ValueError("must be a DNS label: lowercase letters, digits and '-'")
+    return v
+
+
 class RateLimit(_Model):
-    """Aggregate limits for one target across every worker of the run."""
+    """Aggregate limits for one target across every worker, or across a shared ``pool``."""
 
     requests_per_second: float | None = Field(default=None, gt=0, le=100_000)
     tokens_per_minute: int | None = Field(default=None, gt=0)
+    #: Targets naming the same pool share one limit across every run of the database (the
+    #: provider limits an API key, not a run). Without it the target has its own limit.
+    pool: str | None = Field(default=None, min_length=1, max_length=63)
+
+    @field_validator("pool")
+    @classmethod
+    def _pool_label(cls, v: str | None) -> str | None:
+        return None if v is None else _dns_label(v)
+
+
+class Pricing(_Model):
+    """What a target's provider charges, per million tokens (no price list ships as truth)."""
+
+    input_per_million_tokens: Number = Field(ge=0)
+    output_per_million_tokens: Number = Field(ge=0)
+    #: Share taken off by the provider's Batch API (``mode: batch``); 0.5 at OpenAI and
+    #: Anthropic.
+    batch_discount: Number = Field(default=0.5, ge=0, le=1)
+
+
+class Budget(_Model):
+    """What a run may spend; it pauses (``BudgetExhausted``) before a request could exceed it."""
+
+    max_cost: Number | None = Field(default=None, gt=0)
+    max_tokens: int | None = Field(default=None, gt=0, strict=True)
+
+    @model_validator(mode="after")
+    def _something(self) -> Budget:
+        if self.max_cost is None and self.max_tokens is None:
+            raise ValueError("set maxCost, maxTokens or both")
+        return self
 
 
 class Target(_Model):
@@ -63,15 +106,14 @@ class Target(_Model):
     #: Local runs: the environment variable holding the API key (never the key itself).
     api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     rate_limit: RateLimit | None = None
+    pricing: Pricing | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     timeout_seconds: float = Field(default=60.0, gt=0, le=3600)
 
     @field_validator("name")
     @classmethod
-    def _dns_label(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError("must be a DNS label: lowercase letters, digits and '-'")
-        return v
+    def _name_label(cls, v: str) -> str:
+        return _dns_label(v)
 
     @field_validator("endpoint")
     @classmethod
@@ -139,6 +181,7 @@ class AnalysisRunSpec(_Model):
     on_delete: OnDelete = "Keep"
     #: Worker pod resources in a cluster; the operator's defaults when unset.
     resources: WorkerResources | None = None
+    budget: Budget | None = None
 
     @model_validator(mode="after")
     def _unique_targets(self) -> AnalysisRunSpec:
@@ -146,6 +189,36 @@ class AnalysisRunSpec(_Model):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"target names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    @model_validator(mode="after")
+    def _one_limit_per_pool(self) -> AnalysisRunSpec:
+        seen: dict[str, tuple[int, RateLimit]] = {}
+        for i, t in enumerate(self.targets):
+            rl = t.rate_limit
+            if rl is None or rl.pool is None:
+                continue
+            first = seen.setdefault(rl.pool, (i, rl))
+            if (first[1].requests_per_second, first[1].tokens_per_minute) != (
+                rl.requests_per_second,
+                rl.tokens_per_minute,
+            ):
+                raise ValueError(
+                    f"targets.{i}.rateLimit: pool {rl.pool!r} has other limits in "
+                    f"targets.{first[0]}.rateLimit; every target of a pool states the same "
+                    "requestsPerSecond and tokensPerMinute"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _cost_budget_needs_prices(self) -> AnalysisRunSpec:
+        if self.budget is not None and self.budget.max_cost is not None:
+            unpriced = [t.name for t in self.targets if t.pricing is None]
+            if unpriced:
+                raise ValueError(
+                    "budget.maxCost needs targets[].pricing on every target; "
+                    f"without pricing: {', '.join(unpriced)}"
+                )
         return self
 
     def target(self, name: str) -> Target:

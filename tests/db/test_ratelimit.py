@@ -1,29 +1,43 @@
-"""The aggregate rate limit: slots are spaced by 1/rate across every connection."""
+"""Rate-limit pools: slots spaced by 1/rate and by tokens across every connection and run.
+
+The limiter answers "how long to wait" without sleeping, so these tests read the schedule it
+hands out: request k of a 20 req/s pool is k/20 s away, whoever asked.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+from typing import Any
 
 import asyncpg
 import pytest
 
-from analysisq.queue import ratelimit
-from support import new_run, spec
+from analysisq.errors import SpecError
+from analysisq.providers.tokens import estimate
+from analysisq.queue import items, ratelimit, runs
+from analysisq.spec import Target
+from support import add_prompts, new_run, spec
 
 pytestmark = pytest.mark.db
 
 
+def target(name: str = "t", **rate: Any) -> dict[str, Any]:
+    t: dict[str, Any] = {"name": name, "provider": "echo", "model": "m"}
+    if rate:
+        t["rateLimit"] = rate
+    return t
+
+
 async def test_slots_are_spaced_across_concurrent_workers(pool: asyncpg.Pool) -> None:
-    s = spec(targets=[{"name": "t", "provider": "echo", "model": "m",
-                       "rateLimit": {"requestsPerSecond": 20}}])  # fmt: skip
+    s = spec(targets=[target(requestsPerSecond=20)])
     async with pool.acquire() as db:
         await new_run(db, s=s)
-    target = s.targets[0]
+    name = ratelimit.pool_name("run-1", s.targets[0])
 
     async def take(n: int) -> list[float]:
         async with pool.acquire() as db:
-            return [await ratelimit.acquire(db, "run-1", target, "hi") for _ in range(n)]
+            return [await ratelimit.acquire(db, name, 1) for _ in range(n)]
 
     waits = sorted(w for ws in await asyncio.gather(*(take(10) for _ in range(6))) for w in ws)
     # 60 requests at 20/s: the k-th slot is k/20 s away (first one now), whoever asked
@@ -33,31 +47,116 @@ async def test_slots_are_spaced_across_concurrent_workers(pool: asyncpg.Pool) ->
     assert min(gaps) > 0.03  # never two requests in the same slot
 
 
-async def test_tokens_per_minute_limit(db: asyncpg.Connection) -> None:
-    s = spec(targets=[{"name": "t", "provider": "echo", "model": "m",
-                       "params": {"max_tokens": 100},
-                       "rateLimit": {"tokensPerMinute": 6000}}])  # fmt: skip
+async def test_a_named_pool_is_shared_by_two_runs(db: asyncpg.Connection) -> None:
+    shared = {"requestsPerSecond": 20, "pool": "team-key"}
+    a = spec(targets=[target("gpt", **shared)])
+    b = spec(targets=[target("other-name", **shared)])
+    await new_run(db, "run-a", a)
+    await new_run(db, "run-b", b)
+    assert ratelimit.pool_name("run-a", a.targets[0]) == "team-key"
+    # the two runs alternate on one schedule: 40 requests take 2 s, not 1 s
+    waits = []
+    for _ in range(20):
+        waits.append(await ratelimit.acquire(db, ratelimit.pool_name("run-a", a.targets[0]), 1))
+        waits.append(await ratelimit.acquire(db, ratelimit.pool_name("run-b", b.targets[0]), 1))
+    assert 1.9 < max(waits) < 2.1
+    assert min(b - a for a, b in itertools.pairwise(waits)) > 0.03
+
+
+async def test_targets_without_a_pool_keep_a_limit_of_their_own(db: asyncpg.Connection) -> None:
+    s = spec(targets=[target(requestsPerSecond=1)])
+    await new_run(db, "run-a", s)
+    await new_run(db, "run-b", s)
+    first = await ratelimit.acquire(db, ratelimit.pool_name("run-a", s.targets[0]), 1)
+    other = await ratelimit.acquire(db, ratelimit.pool_name("run-b", s.targets[0]), 1)
+    assert first == other == 0.0
+
+
+async def test_tokens_per_minute_spread_evenly(db: asyncpg.Connection) -> None:
+    s = spec(targets=[target(tokensPerMinute=6000) | {"params": {"max_tokens": 100}}])
     await new_run(db, s=s)
-    target = s.targets[0]
-    prompt = "x" * 400  # 100 prompt tokens + 100 budget = 200 per request
-    waits = [await ratelimit.acquire(db, "run-1", target, prompt) for _ in range(40)]
-    # a minute's budget (30 requests) goes at once, then one request every 2 s
-    assert all(w == 0 for w in waits[:30])
-    assert 1.8 < waits[30] < 2.2
-    assert 19 < waits[39] < 21
+    t = s.targets[0]
+    cost = estimate(t, "x" * 400).total
+    assert cost == 200  # 100 prompt tokens + the 100 max_tokens ceiling
+    name = ratelimit.pool_name("run-1", t)
+    waits = [await ratelimit.acquire(db, name, cost) for _ in range(10)]
+    # 6000 tokens a minute = 100/s: a 200-token request every 2 s, no burst
+    assert waits[0] < 0.05
+    for k, w in enumerate(waits):
+        assert 2 * k - 0.1 < w < 2 * k + 0.1
+
+
+def peak_in_window(sent: list[tuple[float, int]], window: float) -> int:
+    """The most tokens whose send times fall inside any window of *window* seconds."""
+    return max(sum(n for t, n in sent if start <= t < start + window) for start, _ in sent)
+
+
+@pytest.mark.parametrize("factor", [1.5, 0.5])
+async def test_usage_reconciliation_holds_tokens_per_minute(
+    db: asyncpg.Connection, factor: float
+) -> None:
+    """Answers reporting 150% (50%) of the estimate: the limit holds within 10% a minute."""
+    tpm = 60_000
+    s = spec(targets=[target(tokensPerMinute=tpm) | {"params": {"max_tokens": 900}}])
+    await new_run(db, s=s)
+    t = s.targets[0]
+    name = ratelimit.pool_name("run-1", t)
+    est = estimate(t, "x" * 400).total  # 1000 tokens
+    sent: list[tuple[float, int]] = []
+    while not sent or sent[-1][0] < 180:
+        wait = await ratelimit.acquire(db, name, est)
+        used = round(est * factor)
+        await ratelimit.settle_tokens(db, name, used - est)
+        sent.append((wait, used))
+    peak = peak_in_window(sent, 60.0)
+    assert tpm * 0.9 <= peak <= tpm * 1.1, (peak, tpm)
 
 
 async def test_retry_after_holds_every_worker_back(db: asyncpg.Connection) -> None:
-    s = spec(targets=[{"name": "t", "provider": "echo", "model": "m",
-                       "rateLimit": {"requestsPerSecond": 100}}])  # fmt: skip
+    s = spec(targets=[target(requestsPerSecond=100)])
     await new_run(db, s=s)
+    name = ratelimit.pool_name("run-1", s.targets[0])
     await ratelimit.backoff(db, "run-1", "t", 5.0)
-    wait = await ratelimit.acquire(db, "run-1", s.targets[0], "hi")
+    wait = await ratelimit.acquire(db, name, 1)
     assert 4.8 < wait <= 5.05
 
 
-async def test_unlimited_targets_do_not_touch_the_database(db: asyncpg.Connection) -> None:
-    s = spec()
+async def test_retry_after_reaches_unlimited_targets_through_the_claim(
+    db: asyncpg.Connection,
+) -> None:
+    """A target without any limit sends without asking the limiter; its claim says wait."""
+    await add_prompts(db, 2)
+    s = spec(targets=[target()])
     await new_run(db, s=s)
-    await db.execute("DROP TABLE run_targets CASCADE")  # would fail if it were queried
-    assert await ratelimit.acquire(db, "run-1", s.targets[0], "hi") == 0.0
+    await ratelimit.backoff(db, "run-1", "t", 5.0)
+    claimed = await items.claim(db, "run-1", worker="w", limit=2, lease_seconds=30, max_attempts=3)
+    assert [4.8 < c.blocked_seconds <= 5.05 for c in claimed] == [True, True]
+
+
+async def test_unlimited_targets_do_not_touch_the_limiter(db: asyncpg.Connection) -> None:
+    assert not ratelimit.is_limited(Target.model_validate(target()))
+    assert ratelimit.is_limited(Target.model_validate(target(tokensPerMinute=10)))
+
+
+async def test_conflicting_limits_of_a_shared_pool_are_refused(db: asyncpg.Connection) -> None:
+    await new_run(db, "run-a", spec(targets=[target(requestsPerSecond=20, pool="key-1")]))
+    other = spec(targets=[target(), target("u", requestsPerSecond=50, pool="key-1")])
+    with pytest.raises(SpecError) as err:
+        await runs.create_run(db, "run-b", other)
+    assert "targets.1.rateLimit" in err.value.message
+    assert "run-a (t)" in err.value.message and "requestsPerSecond=20" in err.value.message
+    assert await db.fetchval("SELECT count(*) FROM analysis_runs WHERE id = 'run-b'") == 0
+    # once run-a is finished, a new run may set the pool's limits
+    await runs.mark_finished(db, "run-a")
+    await runs.create_run(db, "run-b", other)
+    assert (
+        await db.fetchval("SELECT requests_per_second FROM rate_pools WHERE name = 'key-1'") == 50
+    )
+
+
+async def test_deleting_a_run_drops_its_private_pools(db: asyncpg.Connection) -> None:
+    await new_run(db, "run-a", spec(targets=[target(), target("u", pool="shared")]))
+    await new_run(db, "run-b", spec(targets=[target("v", pool="shared"), target("w")]))
+    await runs.delete_run(db, "run-a")
+    names = {r[0] for r in await db.fetch("SELECT name FROM rate_pools")}
+    assert names == {"shared", "run:run-b:w"}

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from analysisq.fake_provider.config import ERROR_KINDS, ErrorKind, FakeConfig
 from analysisq.fake_provider.stats import Recorder, prompt_key
-from analysisq.providers.base import approx_tokens
+from analysisq.providers.tokens import DEFAULT_COMPLETION_TOKENS, approx_tokens
 
 _SENTIMENTS = ("positive", "neutral", "negative")
 
@@ -218,6 +218,13 @@ class FakeApp:
             if isinstance(m, dict) and isinstance(m.get("content"), str)
         )
         completion_tokens = approx_tokens(content)
+        factor = self.config.usage_factor
+        if factor is not None:
+            ceiling = body.get("max_tokens")
+            if not isinstance(ceiling, int) or isinstance(ceiling, bool) or ceiling < 1:
+                ceiling = DEFAULT_COMPLETION_TOKENS
+            prompt_tokens = round(factor * prompt_tokens)
+            completion_tokens = round(factor * ceiling)
         reply = {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
             "object": "chat.completion",
@@ -238,7 +245,7 @@ class FakeApp:
             },
             "system_fingerprint": "fp_analysisq_fake",
         }
-        self.recorder.completed(key, time.monotonic())
+        self.recorder.completed(key, time.monotonic(), prompt_tokens + completion_tokens)
         self.recorder.responded(200)
         headers = {"openai-processing-ms": str(round(latency_s * 1000))}
         return web.json_response(reply, headers=headers)

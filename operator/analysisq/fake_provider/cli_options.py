@@ -65,6 +65,11 @@ _OPTIONS = (
     click.option("--rate-limit-rps", type=float, help="Own rate cap: 429 above R req/s."),
     click.option("--rate-limit-burst", type=float, help="Burst allowed by the rate cap."),
     click.option("--max-prompt-chars", type=int, help="400 context_length_exceeded above."),
+    click.option(
+        "--usage-factor",
+        type=_FLOAT,
+        help="Report usage as F x (prompt tokens + the request's max_tokens).",
+    ),
     click.option("--seed", type=int, help="Seed of the random draws."),
 )
 

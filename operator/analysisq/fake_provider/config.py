@@ -50,6 +50,11 @@ class FakeConfig(BaseModel):
     rate_limit_burst: float | None = Field(default=None, ge=1)
     #: Prompts longer than this many characters get OpenAI's 400 ``context_length_exceeded``.
     max_prompt_chars: int | None = Field(default=None, ge=1)
+    #: When set, the answer's ``usage`` reports this factor times (prompt tokens + the
+    #: request's ``max_tokens``, 256 without): as if every answer used its whole ceiling and
+    #: the provider's tokenizer counted F times the four-characters rule. Tests of token
+    #: accounting use it to make usage differ from analysisq's estimate.
+    usage_factor: float | None = Field(default=None, gt=0, le=100)
     #: Seed of the random draws (latency, error mix); ``None`` for a fresh one each start.
     seed: int | None = 0
 

@@ -2,14 +2,17 @@
 
 Tests and benchmarks read these to prove queue properties from the outside: a prompt
 answered more than once is a duplicate; the peak count of requests in any sliding 1- and
-10-second window shows whether the workers' aggregate rate limit held. Memory stays bounded:
-the sliding windows keep only the timestamps inside the window, the per-second histogram
+10-second window shows whether the workers' aggregate rate limit held, and the peak of the
+tokens the answers reported in any 10- and 60-second window whether a tokens/minute limit
+did. Memory stays bounded: the sliding windows keep only the events inside the window, the
+per-second histogram
 keeps the last day, and per-prompt counters cost about 200 bytes per distinct prompt.
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -55,6 +58,12 @@ class FakeStats:
     max_completions_10s: int
     #: Seconds between the first and the last request.
     elapsed_s: float
+    #: Tokens the answers reported (``usage``), and their peak in any 10 s and 60 s window.
+    tokens: int = 0
+    max_tokens_10s: int = 0
+    max_tokens_60s: int = 0
+    #: Wall-clock time (Unix seconds) of the first request, ``None`` before one.
+    first_request_at: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,6 +85,26 @@ class _SlidingPeak:
         while t - times[0] >= self.window_s:
             times.popleft()
         self.peak = max(self.peak, len(times))
+
+
+class _SlidingSum:
+    """The largest sum of weights of events inside any window of *window_s* seconds."""
+
+    __slots__ = ("_events", "_sum", "peak", "window_s")
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._events: deque[tuple[float, int]] = deque()
+        self._sum = 0
+        self.peak = 0
+
+    def add(self, t: float, weight: int) -> None:
+        events = self._events
+        events.append((t, weight))
+        self._sum += weight
+        while t - events[0][0] >= self.window_s:
+            self._sum -= events.popleft()[1]
+        self.peak = max(self.peak, self._sum)
 
 
 class _Counts:
@@ -100,12 +129,16 @@ class Recorder:
         self._request_peaks = (_SlidingPeak(1.0), _SlidingPeak(10.0))
         self._completion_peaks = (_SlidingPeak(1.0), _SlidingPeak(10.0))
         self._per_second: deque[list[int]] = deque(maxlen=HISTOGRAM_SECONDS)
+        self._tokens = 0
+        self._token_peaks = (_SlidingSum(10.0), _SlidingSum(60.0))
+        self._first_wall: float | None = None
 
     def request(self, t: float) -> None:
         """A request arrived at monotonic time *t* (before it is even parsed)."""
         self._requests += 1
         if self._first is None:
             self._first = t
+            self._first_wall = time.time()
         self._last = t
         for peak in self._request_peaks:
             peak.add(t)
@@ -124,11 +157,14 @@ class Recorder:
         counts.admitted += 1
         return counts.admitted
 
-    def completed(self, key: bytes, t: float) -> None:
+    def completed(self, key: bytes, t: float, tokens: int = 0) -> None:
         self._counts(key).completions += 1
         self._completions += 1
         for peak in self._completion_peaks:
             peak.add(t)
+        self._tokens += tokens
+        for window in self._token_peaks:
+            window.add(t, tokens)
 
     def responded(self, status: int | str) -> None:
         self._by_status[str(status)] += 1
@@ -157,6 +193,10 @@ class Recorder:
             max_completions_1s=self._completion_peaks[0].peak,
             max_completions_10s=self._completion_peaks[1].peak,
             elapsed_s=round(self._last - self._first, 3) if self._first is not None else 0.0,
+            tokens=self._tokens,
+            max_tokens_10s=self._token_peaks[0].peak,
+            max_tokens_60s=self._token_peaks[1].peak,
+            first_request_at=self._first_wall,
         )
 
     def _counts(self, key: bytes) -> _Counts:

@@ -63,8 +63,3 @@ def parse_json_text(text: str) -> Any | None:
         return json.loads(body)
     except ValueError:
         return None
-
-
-def approx_tokens(text: str) -> int:
-    """About four characters a token: the usual rule of thumb for English text."""
-    return max(1, (len(text) + 3) // 4)

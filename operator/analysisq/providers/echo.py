@@ -13,7 +13,8 @@ import json
 import time
 
 from analysisq.errors import ConfigError
-from analysisq.providers.base import Completion, approx_tokens, check_prompt
+from analysisq.providers.base import Completion, check_prompt
+from analysisq.providers.tokens import approx_tokens
 from analysisq.spec import Target
 
 

@@ -38,6 +38,8 @@ class ClaimedItem:
     #: Leases this item lost before this claim (a worker holding it died or hung).
     lease_losses: int
     text: str
+    #: Seconds the item's rate pool is still blocked by a provider's Retry-After.
+    blocked_seconds: float = 0.0
 
     @property
     def key(self) -> tuple[int, uuid.UUID]:
@@ -78,6 +80,7 @@ async def claim(
             deferrals=r["deferrals"],
             lease_losses=r["lease_losses"],
             text=r["text"],
+            blocked_seconds=r["blocked_seconds"],
         )
         for r in rows
     ]

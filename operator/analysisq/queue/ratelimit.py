@@ -1,10 +1,18 @@
-"""Per-target rate limits held in aggregate across every worker, through PostgreSQL.
+"""Rate-limit pools held in aggregate across every worker of every run, through PostgreSQL.
 
-Each target of a run has one ``run_targets`` row. A request reserves its slot with one
-``UPDATE`` (GCRA: the row's theoretical arrival time moves by 1/rate, and by the estimated
-token cost for a tokens-per-minute limit) and sleeps until the slot. The database clock is the
-only clock, so workers on different machines agree. A 429 with ``Retry-After`` pushes the
-row forward so no worker sends before the provider said it may.
+Providers limit an API key, not a run, so the limiter's unit is a *pool*: targets that name
+``rateLimit.pool`` share one ``rate_pools`` row with every run of the database naming it; a
+target without one gets a private pool (``run:<run id>:<target>``), today's per-run limit.
+A request reserves its slot with one ``UPDATE`` (GCRA: the row's theoretical arrival time
+moves by 1/rate, and by the request's estimated tokens for a tokens-per-minute limit) and
+sleeps until the slot; the answer's usage then corrects the token estimate (``settle``). The
+database clock is the only clock, so workers on different machines agree. A 429's
+``Retry-After`` sets the pool's ``blocked_until``: no worker of any run sends to the pool
+before then, whether the target has a limit or not (the claim reports the block).
+
+Limits of a shared pool: every unfinished run using it must state the same ones; a run that
+states others is refused at creation (``register``). Once no unfinished run uses the pool,
+the next run's limits replace them.
 """
 
 from __future__ import annotations
@@ -13,16 +21,16 @@ import asyncpg
 
 from analysisq.db.connect import translated
 from analysisq.db.sql import query
+from analysisq.errors import SpecError
 from analysisq.spec import Target
 
-#: Characters per token for the estimate of a request's token cost.
-CHARS_PER_TOKEN = 4
 
-
-def estimate_tokens(target: Target, prompt: str) -> int:
-    """Prompt tokens plus the completion budget (``max_tokens``, default 256)."""
-    budget = target.params.get("max_tokens") or target.params.get("maxTokens") or 256
-    return len(prompt) // CHARS_PER_TOKEN + int(budget)
+def pool_name(run_id: str, target: Target) -> str:
+    """The pool *target* of run *run_id* draws from."""
+    rl = target.rate_limit
+    if rl is not None and rl.pool is not None:
+        return rl.pool
+    return f"run:{run_id}:{target.name}"
 
 
 def is_limited(target: Target) -> bool:
@@ -30,18 +38,60 @@ def is_limited(target: Target) -> bool:
     return rl is not None and (rl.requests_per_second or rl.tokens_per_minute) is not None
 
 
-async def acquire(conn: asyncpg.Connection, run_id: str, target: Target, prompt: str) -> float:
-    """Reserve a request slot; return the seconds to wait before sending (0 = now)."""
-    if not is_limited(target):
-        return 0.0
-    with translated(f"rate limiting target {target.name}"):
-        wait = await conn.fetchval(
-            query("rate_acquire"), run_id, target.name, float(estimate_tokens(target, prompt))
-        )
+async def register(conn: asyncpg.Connection, run_id: str, index: int, target: Target) -> str:
+    """Create or join *target*'s pool (inside the run's transaction); return its name.
+
+    Raises ``SpecError`` naming ``targets.<index>.rateLimit`` when another unfinished run
+    holds the shared pool with other limits.
+    """
+    name = pool_name(run_id, target)
+    rl = target.rate_limit
+    rps = rl.requests_per_second if rl else None
+    tpm = rl.tokens_per_minute if rl else None
+    with translated(f"registering rate pool {name}"):
+        current = await conn.fetchrow(query("pool_lock"), name, rps, tpm)
+        assert current is not None
+        if (current["requests_per_second"], current["tokens_per_minute"]) == (rps, tpm):
+            return name
+        users = await conn.fetch(query("pool_users"), name, run_id)
+        if users:
+            held = ", ".join(f"{u['run_id']} ({u['target']})" for u in users)
+            raise SpecError(
+                f"targets.{index}.rateLimit: pool {name!r} is used by unfinished runs {held} "
+                f"with requestsPerSecond={_show(current['requests_per_second'])} and "
+                f"tokensPerMinute={_show(current['tokens_per_minute'])}; state the same limits "
+                f"(this run asks requestsPerSecond={_show(rps)}, tokensPerMinute={_show(tpm)})"
+            )
+        await conn.execute(query("pool_set_limits"), name, rps, tpm)
+    return name
+
+
+def _show(value: float | None) -> str:
+    return "none" if value is None else f"{value:g}"
+
+
+async def acquire(conn: asyncpg.Connection, pool: str, tokens: int) -> float:
+    """Reserve a request slot costing *tokens*; return the seconds to wait (0 = now)."""
+    with translated(f"rate limiting pool {pool}"):
+        wait = await conn.fetchval(query("pool_acquire"), pool, float(tokens))
     return float(wait or 0.0)
 
 
 async def backoff(conn: asyncpg.Connection, run_id: str, target: str, seconds: float) -> None:
-    """No worker sends to *target* for *seconds* (the provider's Retry-After)."""
+    """No worker of any run sends to the pool of *run_id*'s *target* for *seconds* (the
+    provider's Retry-After), whether the target has a limit or not."""
     with translated(f"backing off target {target}"):
-        await conn.execute(query("rate_backoff"), run_id, target, float(seconds))
+        await conn.execute(query("pool_block"), run_id, target, float(seconds))
+
+
+async def settle_tokens(conn: asyncpg.Connection, pool: str, delta: int) -> None:
+    """Correct the pool's token reservation by *delta* tokens (used minus estimated)."""
+    if delta:
+        with translated(f"settling tokens of pool {pool}"):
+            await conn.execute(query("pool_settle_tokens"), pool, float(delta))
+
+
+async def forget_unused(conn: asyncpg.Connection) -> None:
+    """Drop pools no run refers to any more."""
+    with translated("dropping unused rate pools"):
+        await conn.execute(query("pool_forget_unused"))

@@ -16,6 +16,7 @@ import asyncpg
 from analysisq.db.connect import translated
 from analysisq.db.sql import query
 from analysisq.errors import RunNotFound
+from analysisq.queue import budget, ratelimit
 from analysisq.queue.states import Counts
 from analysisq.spec import AnalysisRunSpec, parse_spec
 
@@ -50,7 +51,11 @@ def _run(row: asyncpg.Record) -> Run:
 async def create_run(
     conn: asyncpg.Connection, run_id: str, spec: AnalysisRunSpec, *, name: str | None = None
 ) -> None:
-    """Record the run and its targets (idempotent; a changed spec updates the limits)."""
+    """Record the run and its targets (idempotent; a changed spec updates the limits).
+
+    Raises ``SpecError`` when a target's shared rate pool is held by another unfinished run
+    with other limits (``ratelimit.register``).
+    """
     with translated(f"recording run {run_id}"):
         async with conn.transaction():
             before = await conn.fetchval(query("run_max_attempts"), run_id)
@@ -66,15 +71,20 @@ async def create_run(
             if before is not None and spec.max_attempts < before:
                 # Only a lowered maxAttempts touches the queue (a fill may hold its lock).
                 await conn.execute(query("finalize_exhausted"), run_id)
-            for t in spec.targets:
-                rl = t.rate_limit
+            for i, t in enumerate(spec.targets):
+                rl, price = t.rate_limit, t.pricing
                 await conn.execute(
                     query("upsert_run_target"),
                     run_id,
                     t.name,
                     rl.requests_per_second if rl else None,
                     rl.tokens_per_minute if rl else None,
+                    await ratelimit.register(conn, run_id, i, t),
+                    price.input_per_million_tokens if price else None,
+                    price.output_per_million_tokens if price else None,
+                    price.batch_discount if price else None,
                 )
+            await budget.set_budget(conn, run_id, spec.budget)
 
 
 async def fill(conn: asyncpg.Connection, run_id: str, spec: AnalysisRunSpec) -> FillResult:
@@ -123,6 +133,7 @@ async def delete_run(conn: asyncpg.Connection, run_id: str) -> None:
     """Remove the run, its queue rows and results."""
     with translated(f"deleting run {run_id}"):
         await conn.execute(query("delete_run"), run_id)
+    await ratelimit.forget_unused(conn)
 
 
 @dataclass(frozen=True)
@@ -130,6 +141,7 @@ class TargetState:
     target: str
     requests_per_second: float | None
     tokens_per_minute: int | None
+    pool: str
     paused_at: datetime | None
     pause_reason: str | None
 

@@ -2,8 +2,9 @@
 
 ``Attempts.run`` returns either the provider's ``Completion`` (the worker buffers it for
 ``results``) or the ``RetryPolicy``'s decision about the error (the worker hands it to
-``queue.decisions.apply``). It writes nothing itself; a ``DatabaseError`` raised while it
-reserves a rate slot reaches the worker, which gives the item back unspent.
+``queue.decisions.apply``). Around the provider call it reserves and settles the request's
+tokens and budget (``queue.quota``); a ``DatabaseError`` raised while it reserves, or
+``BudgetExhausted``, reaches the worker, which gives the item back unspent.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from collections.abc import Callable
 
 import asyncpg
 
-from analysisq.db.connect import acquire
 from analysisq.errors import (
+    BudgetExhausted,
     DatabaseError,
     ErrorClass,
     InvalidInput,
@@ -27,7 +28,7 @@ from analysisq.errors import (
     redact,
 )
 from analysisq.providers.base import Completion, Provider
-from analysisq.queue import ratelimit
+from analysisq.queue import quota
 from analysisq.queue.decisions import Fail
 from analysisq.queue.items import ClaimedItem
 from analysisq.queue.retry import PolicyDecision, RetryPolicy
@@ -63,7 +64,7 @@ class Attempts:
             return await self._run(item)
         except ProviderError as err:
             return self.decide(item, err)
-        except DatabaseError:
+        except (DatabaseError, BudgetExhausted):
             raise
         except Exception as exc:  # a bug in analysisq: count it as a transient failure
             error = redact(repr(exc))
@@ -93,12 +94,26 @@ class Attempts:
                 f" the limit is {self.spec.max_prompt_chars}"
             )
         await self._wait_local_backoff(item.target)
-        if ratelimit.is_limited(target):
-            async with acquire(self.pool) as conn:
-                wait = await ratelimit.acquire(conn, item.run_id, target, item.text)
-            if wait > 0:
-                await asyncio.sleep(wait)
-        return await self.providers[item.target].complete(item.text)
+        grant = await quota.reserve(self.pool, item.run_id, self.spec, target, item.text,
+                                    blocked_seconds=item.blocked_seconds)  # fmt: skip
+        if grant.wait > 0:
+            await asyncio.sleep(grant.wait)
+        try:
+            completion = await self.providers[item.target].complete(item.text)
+        except ProviderError:
+            await self._settle(item, grant, None)
+            raise
+        await self._settle(item, grant, completion)
+        return completion
+
+    async def _settle(
+        self, item: ClaimedItem, grant: quota.Grant, completion: Completion | None
+    ) -> None:
+        try:
+            await quota.settle(self.pool, grant, completion)
+        except DatabaseError as exc:
+            # Never lose a paid answer over its bookkeeping: the reservation stays counted.
+            log.warning("usage not settled", extra={"item": item.id, "error": exc.message})
 
     async def _wait_local_backoff(self, target: str) -> None:
         until = self._local_backoff.get(target, 0.0)

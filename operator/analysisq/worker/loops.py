@@ -34,11 +34,11 @@ import asyncpg
 import httpx
 
 from analysisq.db.connect import acquire
-from analysisq.errors import DatabaseError, DatabaseUnavailable, ErrorClass
+from analysisq.errors import BudgetExhausted, DatabaseError, DatabaseUnavailable, ErrorClass
 from analysisq.providers import make_provider, resolve_api_key
 from analysisq.providers.base import Completion, Provider
 from analysisq.providers.client import make_http_client
-from analysisq.queue import items, rescue, runs
+from analysisq.queue import budget, items, rescue, runs
 from analysisq.queue.decisions import (
     Applied,
     Decision,
@@ -113,6 +113,8 @@ class Worker:
         self.results = ResultBuffer(self.spec.batch_size)
         self._slot_freed = asyncio.Event()
         self._flush_now = asyncio.Event()
+        #: Set when the run's budget refused a request: claim nothing until it is raised.
+        self._budget_hold = asyncio.Event()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -191,6 +193,9 @@ class Worker:
     async def _claim_loop(self) -> None:
         concurrency = self.spec.batch_size
         while not self._stopping.is_set():
+            if self._budget_hold.is_set():
+                await self._wait_for_budget()
+                continue
             free = concurrency - len(self.inflight)
             if free <= 0:
                 self._slot_freed.clear()
@@ -228,6 +233,17 @@ class Worker:
             self._abandon(stale, "lease lost; item claimed again")
         record.task = asyncio.create_task(self._process(record))
 
+    async def _wait_for_budget(self) -> None:
+        await self._sleep(self._poll_delay() * 4)
+        try:
+            async with acquire(self.pool) as conn:
+                state = await budget.state(conn, self.run.id)
+        except DatabaseError:
+            return
+        if state is None or not state.exhausted:
+            self._log(logging.INFO, "budget raised; claiming again")
+            self._budget_hold.clear()
+
     async def _run_done(self) -> bool:
         try:
             async with acquire(self.pool) as conn:
@@ -252,6 +268,11 @@ class Worker:
             # The database failed us, not the item: give it back unspent once we can.
             self._log(logging.WARNING, "database error; releasing item", item, error=exc.message)
             verdict = Release("released after a database error")
+        except BudgetExhausted as exc:
+            # Not the item's fault: back unspent, and claim nothing until the budget is raised.
+            self._budget_hold.set()
+            self._log(logging.WARNING, "budget exhausted; releasing item", item, error=exc.message)
+            verdict = Release(exc.message)
         if isinstance(verdict, Completion):
             if self.inflight.get(item) is record and self.results.add(Outcome(item, verdict)):
                 self._flush_now.set()
