@@ -375,7 +375,8 @@ RETURNING greatest(0.0,
     CASE WHEN tokens_per_minute IS NULL THEN 0.0 ELSE extract(epoch FROM
         token_tat - make_interval(secs => $2 * 60.0 / tokens_per_minute)
         - clock_timestamp()) END)::double precision
-    AS wait_seconds;
+    AS wait_seconds,
+    token_debt;
 
 -- name: pool_block
 -- A provider said wait (429 Retry-After, or rate-limit headers at zero): nobody sends to the
@@ -386,10 +387,14 @@ WHERE name = (SELECT pool FROM run_targets WHERE run_id = $1 AND target = $2);
 
 -- name: pool_settle_tokens
 -- The answer's usage replaces the estimate: move token_tat by the difference ($2 tokens,
--- negative when the request cost less than reserved).
-UPDATE rate_pools
-SET token_tat = token_tat + make_interval(secs => $2 * 60.0 / tokens_per_minute)
+-- negative when the request cost less than reserved); an excess also adds to token_debt.
+UPDATE rate_pools SET
+    token_tat = token_tat + make_interval(secs => $2 * 60.0 / tokens_per_minute),
+    token_debt = token_debt + greatest($2, 0.0) * 60.0 / tokens_per_minute
 WHERE name = $1 AND tokens_per_minute IS NOT NULL AND token_tat > '-infinity';
+
+-- name: pool_token_debt
+SELECT token_debt FROM rate_pools WHERE name = $1;
 
 -- name: budget_set
 -- The run's budget (NULL = none); a changed budget lifts a BudgetExhausted pause.

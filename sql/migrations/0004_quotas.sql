@@ -11,7 +11,11 @@ CREATE TABLE rate_pools (
     rate_tat            timestamptz NOT NULL DEFAULT '-infinity',
     token_tat           timestamptz NOT NULL DEFAULT '-infinity',
     -- A provider's Retry-After (or its rate-limit headers): nobody sends before this.
-    blocked_until       timestamptz NOT NULL DEFAULT '-infinity'
+    blocked_until       timestamptz NOT NULL DEFAULT '-infinity',
+    -- Seconds the token schedule has been pushed back by answers that cost more than they
+    -- reserved (a running sum): a request holding an earlier slot waits out what was added
+    -- since it reserved, so the correction reaches requests already scheduled.
+    token_debt          double precision NOT NULL DEFAULT 0
 );
 
 INSERT INTO rate_pools (name, requests_per_second, tokens_per_minute, rate_tat, token_tat)

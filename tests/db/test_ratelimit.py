@@ -37,7 +37,7 @@ async def test_slots_are_spaced_across_concurrent_workers(pool: asyncpg.Pool) ->
 
     async def take(n: int) -> list[float]:
         async with pool.acquire() as db:
-            return [await ratelimit.acquire(db, name, 1) for _ in range(n)]
+            return [(await ratelimit.acquire(db, name, 1)).wait for _ in range(n)]
 
     waits = sorted(w for ws in await asyncio.gather(*(take(10) for _ in range(6))) for w in ws)
     # 60 requests at 20/s: the k-th slot is k/20 s away (first one now), whoever asked
@@ -57,8 +57,12 @@ async def test_a_named_pool_is_shared_by_two_runs(db: asyncpg.Connection) -> Non
     # the two runs alternate on one schedule: 40 requests take 2 s, not 1 s
     waits = []
     for _ in range(20):
-        waits.append(await ratelimit.acquire(db, ratelimit.pool_name("run-a", a.targets[0]), 1))
-        waits.append(await ratelimit.acquire(db, ratelimit.pool_name("run-b", b.targets[0]), 1))
+        waits.append(
+            (await ratelimit.acquire(db, ratelimit.pool_name("run-a", a.targets[0]), 1)).wait
+        )
+        waits.append(
+            (await ratelimit.acquire(db, ratelimit.pool_name("run-b", b.targets[0]), 1)).wait
+        )
     assert 1.9 < max(waits) < 2.1
     assert min(b - a for a, b in itertools.pairwise(waits)) > 0.03
 
@@ -69,7 +73,7 @@ async def test_targets_without_a_pool_keep_a_limit_of_their_own(db: asyncpg.Conn
     await new_run(db, "run-b", s)
     first = await ratelimit.acquire(db, ratelimit.pool_name("run-a", s.targets[0]), 1)
     other = await ratelimit.acquire(db, ratelimit.pool_name("run-b", s.targets[0]), 1)
-    assert first == other == 0.0
+    assert first.wait == other.wait == 0.0
 
 
 async def test_tokens_per_minute_spread_evenly(db: asyncpg.Connection) -> None:
@@ -79,7 +83,7 @@ async def test_tokens_per_minute_spread_evenly(db: asyncpg.Connection) -> None:
     cost = estimate(t, "x" * 400).total
     assert cost == 200  # 100 prompt tokens + the 100 max_tokens ceiling
     name = ratelimit.pool_name("run-1", t)
-    waits = [await ratelimit.acquire(db, name, cost) for _ in range(10)]
+    waits = [(await ratelimit.acquire(db, name, cost)).wait for _ in range(10)]
     # 6000 tokens a minute = 100/s: a 200-token request every 2 s, no burst
     assert waits[0] < 0.05
     for k, w in enumerate(waits):
@@ -104,7 +108,7 @@ async def test_usage_reconciliation_holds_tokens_per_minute(
     est = estimate(t, "x" * 400).total  # 1000 tokens
     sent: list[tuple[float, int]] = []
     while not sent or sent[-1][0] < 180:
-        wait = await ratelimit.acquire(db, name, est)
+        wait = (await ratelimit.acquire(db, name, est)).wait
         used = round(est * factor)
         await ratelimit.settle_tokens(db, name, used - est)
         sent.append((wait, used))
@@ -117,7 +121,7 @@ async def test_retry_after_holds_every_worker_back(db: asyncpg.Connection) -> No
     await new_run(db, s=s)
     name = ratelimit.pool_name("run-1", s.targets[0])
     await ratelimit.backoff(db, "run-1", "t", 5.0)
-    wait = await ratelimit.acquire(db, name, 1)
+    wait = (await ratelimit.acquire(db, name, 1)).wait
     assert 4.8 < wait <= 5.05
 
 

@@ -1,17 +1,19 @@
-"""What the worker calls around one provider request: reserve before, settle after.
+"""What the worker calls around one provider request: reserve, wait, settle.
 
-``reserve`` waits for nothing itself: it returns a ``Grant`` with the seconds to wait for the
-rate slot (the pool's limit and any Retry-After block) after reserving the request's tokens
-in the pool and, for a run with a budget, its tokens and cost (``BudgetExhausted`` when they
-do not fit: the worker gives the item back unspent). ``settle`` replaces the estimate with
-the answer's usage, or gives the reservation back when there was no answer. A target without
-limits in a run without a budget costs no database round trip here. Modules below:
-``ratelimit`` (pools), ``budget`` (a run's spending), ``analysisq.providers.tokens``
-(the estimate).
+``reserve`` reserves the request's tokens in its rate pool and, for a run with a budget, its
+tokens and cost (``BudgetExhausted`` when they do not fit: the worker gives the item back
+unspent), and returns a ``Grant`` saying how long to wait for the slot (the pool's limit and
+any Retry-After block). ``wait`` sleeps that long, and longer if answers that cost more than
+they reserved pushed the pool's schedule back meanwhile. ``settle`` replaces the estimate
+with the answer's usage, or gives the reservation back when there was no answer. A target
+without limits in a run without a budget costs no database round trip here. Modules below:
+``ratelimit`` (pools), ``budget`` (a run's spending), ``analysisq.providers.tokens`` (the
+estimate).
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, replace
 
 import asyncpg
@@ -35,6 +37,8 @@ class Grant:
     #: Seconds to wait before sending.
     wait: float
     budgeted: bool
+    #: The pool's token debt at reservation (``ratelimit.token_debt``).
+    debt: float = 0.0
 
     @property
     def token_limited(self) -> bool:
@@ -63,13 +67,29 @@ async def reserve(
     limited = ratelimit.is_limited(target)
     if not (grant.budgeted or limited):
         return grant
-    wait = blocked_seconds
     async with acquire(db) as conn:
         if grant.budgeted and not await budget.reserve(conn, run_id, target.name, grant.estimate):
             raise BudgetExhausted()
-        if limited:
-            wait = max(wait, await ratelimit.acquire(conn, grant.pool, grant.estimate.total))
-    return replace(grant, wait=wait)
+        if not limited:
+            return grant
+        slot = await ratelimit.acquire(conn, grant.pool, grant.estimate.total)
+    return replace(grant, wait=max(blocked_seconds, slot.wait), debt=slot.debt)
+
+
+async def wait(db: asyncpg.Pool, grant: Grant) -> None:
+    """Sleep until the granted slot, and longer by what answers that cost more than they
+    reserved pushed the pool's schedule back meanwhile (token-limited pools)."""
+    if grant.wait <= 0:
+        return
+    await asyncio.sleep(grant.wait)
+    debt = grant.debt
+    while grant.token_limited:
+        async with acquire(db) as conn:
+            now = await ratelimit.token_debt(conn, grant.pool)
+        if now - debt < 0.001:
+            return
+        await asyncio.sleep(now - debt)
+        debt = now
 
 
 async def settle(db: asyncpg.Pool, grant: Grant, completion: Completion | None) -> None:

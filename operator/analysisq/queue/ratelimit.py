@@ -5,7 +5,8 @@ Providers limit an API key, not a run, so the limiter's unit is a *pool*: target
 target without one gets a private pool (``run:<run id>:<target>``), today's per-run limit.
 A request reserves its slot with one ``UPDATE`` (GCRA: the row's theoretical arrival time
 moves by 1/rate, and by the request's estimated tokens for a tokens-per-minute limit) and
-sleeps until the slot; the answer's usage then corrects the token estimate (``settle``). The
+sleeps until the slot; the answer's usage then corrects the token estimate (``settle``), for
+later requests and for those already waiting for their slot (``token_debt``). The
 database clock is the only clock, so workers on different machines agree. A 429's
 ``Retry-After`` sets the pool's ``blocked_until``: no worker of any run sends to the pool
 before then, whether the target has a limit or not (the claim reports the block).
@@ -16,6 +17,8 @@ the next run's limits replace them.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import asyncpg
 
@@ -70,11 +73,30 @@ def _show(value: float | None) -> str:
     return "none" if value is None else f"{value:g}"
 
 
-async def acquire(conn: asyncpg.Connection, pool: str, tokens: int) -> float:
-    """Reserve a request slot costing *tokens*; return the seconds to wait (0 = now)."""
+@dataclass(frozen=True)
+class Slot:
+    #: Seconds to wait before sending (0 = now).
+    wait: float
+    #: The pool's token debt when the slot was reserved (see ``token_debt``).
+    debt: float
+
+
+async def acquire(conn: asyncpg.Connection, pool: str, tokens: int) -> Slot:
+    """Reserve a request slot costing *tokens*."""
     with translated(f"rate limiting pool {pool}"):
-        wait = await conn.fetchval(query("pool_acquire"), pool, float(tokens))
-    return float(wait or 0.0)
+        row = await conn.fetchrow(query("pool_acquire"), pool, float(tokens))
+    assert row is not None, f"rate pool {pool} is missing"
+    return Slot(float(row["wait_seconds"]), float(row["token_debt"]))
+
+
+async def token_debt(conn: asyncpg.Connection, pool: str) -> float:
+    """Seconds answers costing more than reserved have pushed the pool's schedule, in total.
+
+    A request that reserved its slot when the debt was D and wakes to find D + x waits x
+    more: the correction reaches requests already scheduled, not only the next ones.
+    """
+    with translated(f"reading the token debt of pool {pool}"):
+        return float(await conn.fetchval(query("pool_token_debt"), pool))
 
 
 async def backoff(conn: asyncpg.Connection, run_id: str, target: str, seconds: float) -> None:

@@ -96,8 +96,7 @@ class Attempts:
         await self._wait_local_backoff(item.target)
         grant = await quota.reserve(self.pool, item.run_id, self.spec, target, item.text,
                                     blocked_seconds=item.blocked_seconds)  # fmt: skip
-        if grant.wait > 0:
-            await asyncio.sleep(grant.wait)
+        await quota.wait(self.pool, grant)
         try:
             completion = await self.providers[item.target].complete(item.text)
         except ProviderError:
