@@ -201,6 +201,7 @@ def test_status_holds_what_the_contract_names() -> None:
         "Filling",
         "Running",
         "Suspended",
+        "Paused",
         "Succeeded",
         "Failed",
     ]

@@ -1,10 +1,12 @@
 """Prometheus metrics of the operator, on their own registry (``/metrics`` on a port).
 
 Per run (labels ``namespace``, ``run``): items by status, workers desired/ready, progress,
-throughput, phase, deadline; the stuck items reset. For the operator: reconcile errors by
-reason and reconcile durations. The alerts of the chart are written against these names:
-stuck items for 10 minutes (``analysisq_run_items{status="stuck"} > 0``), a failure ratio
-above 1 %, a run not complete by its deadline.
+throughput, phase, deadline; the stuck items reset; tokens of the stored answers
+(``direction`` in/out) and their cost, per target (absent without ``pricing``). For the
+operator: reconcile errors by reason and reconcile durations. The alerts of the chart are
+written against these names: stuck items for 10 minutes
+(``analysisq_run_items{status="stuck"} > 0``), a failure ratio above 1 %, a run not complete
+by its deadline.
 """
 
 from __future__ import annotations
@@ -51,6 +53,18 @@ class Metrics:
             _RUN,
             registry=r,
         )
+        self.tokens = Gauge(
+            "analysisq_run_tokens",
+            "Tokens of a run's stored answers, by target and direction (in/out)",
+            [*_RUN, "target", "direction"],
+            registry=r,
+        )
+        self.cost = Gauge(
+            "analysisq_run_cost",
+            "Cost of a run's stored answers at the target's pricing (absent without one)",
+            [*_RUN, "target"],
+            registry=r,
+        )
         self.stuck_reset = Counter(
             "analysisq_stuck_items_reset_total",
             "Stuck items reset by the operator's timer",
@@ -69,6 +83,8 @@ class Metrics:
             registry=r,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
+        #: Targets with token series per run, so that ``forget`` removes them all.
+        self._targets: dict[tuple[str, str], set[str]] = {}
 
     def observe(self, ref: RunRef, status: dict[str, Any], deadline: float | None) -> None:
         """Set the run's gauges from its reconciled status."""
@@ -86,6 +102,12 @@ class Metrics:
         self.throughput.labels(*key).set(float(rate.removesuffix("/s")) if rate else 0.0)
         for phase in PHASES:
             self.phase.labels(*key, phase).set(1 if status.get("phase") == phase else 0)
+        for t in (status.get("usage") or {}).get("targets") or []:
+            self.tokens.labels(*key, t["name"], "in").set(t["tokensIn"])
+            self.tokens.labels(*key, t["name"], "out").set(t["tokensOut"])
+            if "cost" in t:
+                self.cost.labels(*key, t["name"]).set(t["cost"])
+            self._targets.setdefault(key, set()).add(t["name"])
         if deadline is not None and status.get("phase") not in FINISHED:
             self.deadline.labels(*key).set(deadline)
         else:
@@ -102,6 +124,10 @@ class Metrics:
             self._remove(self.phase, (*key, phase))
         for metric in (self.progress, self.throughput, self.deadline, self.stuck_reset):
             self._remove(metric, key)
+        for target in self._targets.pop(key, set()):
+            for direction in ("in", "out"):
+                self._remove(self.tokens, (*key, target, direction))
+            self._remove(self.cost, (*key, target))
 
     @staticmethod
     def _remove(metric: Any, labels: tuple[str, ...]) -> None:

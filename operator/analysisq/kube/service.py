@@ -40,10 +40,13 @@ from analysisq.kube.kubeapi import KubeApi, KubeApiError, SecretMissing
 from analysisq.kube.metrics import Metrics
 from analysisq.kube.ref import RunRef
 from analysisq.kube.status import (
+    BUDGET_EXHAUSTED,
     DEGRADED,
     FILLED,
     FILLING,
     FINISHED,
+    PAUSED,
+    PAUSED_CONDITION,
     PENDING,
     RUNNING,
     SUCCEEDED,
@@ -61,7 +64,7 @@ from analysisq.kube.status import (
     summary,
     timestamp,
 )
-from analysisq.queue import rescue, runs
+from analysisq.queue import budget, rescue, runs, usage
 from analysisq.settings import Settings
 from analysisq.spec import AnalysisRunSpec
 
@@ -299,6 +302,8 @@ class RunService:
             pool = await self._pool(ref, spec)
             async with acquire(pool) as conn:
                 counts = await runs.counts(conn, ref.run_id)
+                spent = await usage.run_usage(conn, ref.run_id)
+                run_budget = await budget.state(conn, ref.run_id)
                 paused = [
                     PausedTarget(t.target, t.pause_reason or "", t.paused_at)
                     for t in await runs.targets(conn, ref.run_id)
@@ -331,6 +336,8 @@ class RunService:
             paused=paused,
             throughput=rate,
             problems=problems,
+            usage=spent,
+            budget=run_budget,
         )
         new = reconciled(status, spec, seen)
         notes += _transition_notes(status, new, paused)
@@ -425,6 +432,9 @@ def _transition_notes(
                     "and set the annotation analysisq.io/resume-targets to resume it",
                 )
             )
+    if new.get("phase") == PAUSED and old.get("phase") != PAUSED:
+        cond = get_condition(new, PAUSED_CONDITION) or {}
+        notes.append(Note("Warning", BUDGET_EXHAUSTED, str(cond.get("message", ""))))
     was = get_condition(old, DEGRADED)
     now = get_condition(new, DEGRADED)
     fresh = not was or was.get("status") != "True" or was.get("reason") != (now or {}).get("reason")

@@ -13,6 +13,8 @@ Conditions (``kubectl wait --for=condition=Complete`` works):
 - ``Complete``: every item is terminal (completed or failed for good); True for a failed run
   too, so that waiting on it always ends. ``Failed`` then says which way it went.
 - ``Failed``: more items failed for good than ``maxFailedRatio`` allows.
+- ``Paused``: True with reason ``BudgetExhausted`` when the next request could exceed
+  ``spec.budget`` (phase ``Paused``; every item kept); raising the budget lifts it.
 - ``Degraded``: something needs a person: ``DatabaseUnavailable``, ``SchemaMismatch``,
   ``SecretMissing``, ``TargetPaused``, ``DeadlineExceeded``, ``InvalidSpec``,
   ``KubernetesApiError``. The run keeps its items; the operator retries with backoff.
@@ -27,21 +29,25 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from analysisq.queue.budget import BudgetState
 from analysisq.queue.states import Counts
+from analysisq.queue.usage import RunUsage, TargetUsage
 from analysisq.spec import AnalysisRunSpec
 
 PENDING, FILLING, RUNNING, SUSPENDED = "Pending", "Filling", "Running", "Suspended"
-SUCCEEDED, FAILED = "Succeeded", "Failed"
+PAUSED, SUCCEEDED, FAILED = "Paused", "Succeeded", "Failed"
 FINISHED = frozenset({SUCCEEDED, FAILED})
-PHASES = (PENDING, FILLING, RUNNING, SUSPENDED, SUCCEEDED, FAILED)
+PHASES = (PENDING, FILLING, RUNNING, SUSPENDED, PAUSED, SUCCEEDED, FAILED)
 
-FILLED, READY, COMPLETE, FAILED_CONDITION, DEGRADED = (
+FILLED, READY, COMPLETE, FAILED_CONDITION, DEGRADED, PAUSED_CONDITION = (
     "Filled",
     "Ready",
     "Complete",
     "Failed",
     "Degraded",
+    "Paused",
 )
+BUDGET_EXHAUSTED = "BudgetExhausted"
 
 
 def timestamp(at: datetime | None = None) -> str:
@@ -75,6 +81,10 @@ class Observation:
     throughput: float | None = None
     problems: Sequence[Problem] = ()
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
+    #: Tokens and cost of the stored answers.
+    usage: RunUsage | None = None
+    #: The run's budget and spending; None without a budget.
+    budget: BudgetState | None = None
 
 
 # --- conditions ----------------------------------------------------------------------------
@@ -212,6 +222,11 @@ def reconciled(old: Mapping[str, Any], spec: AnalysisRunSpec, seen: Observation)
         conditions = set_condition(
             conditions, READY, False, "Suspended", "spec.suspend is true", now=now
         )
+    elif seen.budget is not None and seen.budget.exhausted:
+        phase = PAUSED
+        conditions = set_condition(
+            conditions, READY, False, BUDGET_EXHAUSTED, "the run is paused for its budget", now=now
+        )
     elif seen.desired == 0:
         phase = RUNNING
         conditions = set_condition(
@@ -250,6 +265,15 @@ def reconciled(old: Mapping[str, Any], spec: AnalysisRunSpec, seen: Observation)
         conditions = set_condition(
             conditions, FAILED_CONDITION, False, "WithinLimits", "failures within limits", now=now
         )
+    exhausted = phase == PAUSED and seen.budget is not None
+    conditions = set_condition(
+        conditions,
+        PAUSED_CONDITION,
+        exhausted,
+        BUDGET_EXHAUSTED if exhausted else "NotPaused",
+        budget_message(seen.budget) if seen.budget and exhausted else "the run is not paused",
+        now=now,
+    )
     conditions = degraded(conditions, problems, now=now)
 
     rate = seen.throughput
@@ -269,15 +293,56 @@ def reconciled(old: Mapping[str, Any], spec: AnalysisRunSpec, seen: Observation)
         or None,
         "conditions": conditions,
         "message": _message(phase, counts, problems, seen),
+        "usage": usage_status(seen.usage, seen.budget) if seen.usage is not None else None,
     }
     if outcome is not None:
         status["finishedAt"] = old.get("finishedAt") or timestamp(now)
     return status
 
 
+def budget_message(budget: BudgetState) -> str:
+    return (
+        f"budget exhausted ({budget.describe()}): no item was lost; raise spec.budget to "
+        "continue, e.g. kubectl patch analysisrun NAME --type merge "
+        """-p '{"spec":{"budget":{"maxCost":N}}}'"""
+    )
+
+
+def usage_status(usage: RunUsage, budget: BudgetState | None) -> dict[str, Any]:
+    """``status.usage``: tokens and cost of the run and per target, and the budget spent."""
+    out: dict[str, Any] = {
+        "tokensIn": usage.tokens_in,
+        "tokensOut": usage.tokens_out,
+        "targets": [_target_usage(t) for t in usage.targets],
+    }
+    if usage.cost is not None:
+        out["cost"] = round(usage.cost, 6)
+    if budget is not None:
+        out["budget"] = {
+            "spentTokens": budget.spent_tokens,
+            "spentCost": round(budget.spent_cost, 6),
+        }
+    return out
+
+
+def _target_usage(t: TargetUsage) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "name": t.target,
+        "pool": t.pool,
+        "answers": t.answers,
+        "tokensIn": t.tokens_in,
+        "tokensOut": t.tokens_out,
+    }
+    if t.cost is not None:
+        out["cost"] = round(t.cost, 6)
+    return out
+
+
 def _message(phase: str, counts: Counts, problems: list[Problem], seen: Observation) -> str:
     if problems:
         return "; ".join(p.message for p in problems)[:4096]
+    if phase == PAUSED and seen.budget is not None:
+        return budget_message(seen.budget)
     if phase in FINISHED:
         return summary(counts)
     if phase == SUSPENDED:
