@@ -220,3 +220,42 @@ async def test_auth_failure_pauses_then_resume_with_the_key(
     assert "Un-paused targets fake" in second.output()
     results = tmp_path / "data/runs" / run_id / "results.jsonl"
     await assert_complete_once(db, run_id, results, fake, total=100)
+
+
+async def test_budget_pauses_the_run_and_resume_with_a_larger_budget(
+    db: asyncpg.Connection, fake: FakeProvider, start_run: object, tmp_path: Path
+) -> None:
+    """A budget for about half the items: exit 3 with every other item pending and the
+    ``--resume RUN --budget`` line; resumed with it, the run completes."""
+    await add_prompts(db, 40, text="The budget prompt number {i:04d}.")  # 8 tokens
+    fake.configure(FakeConfig(usage_factor=1.0))  # each answer costs exactly its estimate
+    spec = tmp_path / "run.yaml"
+    spec.write_text(
+        "targets:\n"
+        f"  - {{name: fake, provider: openai, model: m, endpoint: '{fake.url}',\n"
+        "     params: {max_tokens: 92},\n"
+        "     pricing: {inputPerMillionTokens: 10000, outputPerMillionTokens: 10000}}\n"
+        "budget: {maxCost: 20.5}\n"  # 100 tokens = 1.0 per item: 20 items fit
+    )
+    first = await start_run("--spec", str(spec), "--workers", "2")  # type: ignore[operator]
+    assert await first.wait() == 3, first.output()
+    run_id = await db.fetchval("SELECT id FROM analysis_runs")
+    counts = await runs.counts(db, run_id)
+    assert (counts.completed, counts.pending, counts.failed) == (20, 20, 0), counts
+    assert (
+        await db.fetchval("SELECT max(attempts) FROM analysis_queue WHERE status = 'pending'") == 0
+    )
+    output = first.output()
+    assert "Budget EXHAUSTED (the run is paused): spent cost 20 of 20.5." in output
+    line = f"Raise it and continue: analysisq run --resume {run_id} --budget maxCost=41"
+    assert line in output
+    assert "cost 20 (pool run:" in output  # per target
+
+    second = await start_run("--resume", run_id, "--budget", "maxCost=41")  # type: ignore[operator]
+    assert await second.wait() == 0, second.output()
+    assert f"Budget of run {run_id} set to maxCost=41." in second.output()
+    await assert_complete_once(
+        db, run_id, tmp_path / "data/runs" / run_id / "results.jsonl", fake, total=40
+    )
+    exported = (tmp_path / "data/runs" / run_id / "results.jsonl").read_text().splitlines()
+    assert {json.loads(r)["cost"] for r in exported} == {1.0}

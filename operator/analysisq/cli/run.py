@@ -4,7 +4,8 @@ Migrates, imports ``--prompts``, creates and fills the run from ``--spec`` and/o
 takes an unfinished one back with ``--resume``), then hands over to
 ``analysisq.local.runner.Supervisor``: worker processes, stuck resets, live progress, results.
 Exit codes: 0 finished within the failure allowance, 1 too many failures (or an error),
-2 bad input or configuration, 3 stopped with only paused targets left, 130 interrupted.
+2 bad input or configuration, 3 paused (only paused targets left, or the budget is
+exhausted: the summary says the line that continues), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from analysisq.cli.main import Context
 from analysisq.cli.output import console, quiet_logs, results_options, session
 from analysisq.local.launch import Launch, launch
 from analysisq.local.runner import Outcome, summary
-from analysisq.local.runspec import build_spec
+from analysisq.local.runspec import build_spec, parse_budget
 from analysisq.settings import Settings
 
 T = TypeVar("T")
@@ -115,6 +116,13 @@ async def _launch(settings: Settings, url: str, out: Console, what: Launch) -> O
 )
 @click.option("--name", default="local", show_default=True, help="Run name (the id adds a time).")
 @click.option("--resume", metavar="RUN", help="Continue an unfinished run; nothing is redone.")
+@click.option(
+    "--budget",
+    "budget",
+    multiple=True,
+    metavar="maxCost=N,maxTokens=N",
+    help="What the run may spend (spec: budget); with --resume, raises a run's budget.",
+)
 @results_options("DATA_DIR/runs/RUN/results.jsonl")
 @click.pass_obj
 def run(obj: Context, /, **flags: Any) -> None:
@@ -124,9 +132,11 @@ def run(obj: Context, /, **flags: Any) -> None:
     analysisq run --prompts prompts.csv --target gpt=openai:gpt-4o-mini --rps 20
     analysisq run --spec run.yaml
     analysisq run --resume local-20250101-020000-ab12
+    analysisq run --resume local-20250101-020000-ab12 --budget maxCost=40
     """
     settings = obj.settings
     resume = flags["resume"]
+    budget = parse_budget(list(flags["budget"]))
     spec = None
     if resume is not None:
         given = [flag for key, flag in _SPEC_FLAGS.items() if flags[key]]
@@ -148,6 +158,7 @@ def run(obj: Context, /, **flags: Any) -> None:
             max_attempts=flags["max_attempts"],
             lease_seconds=flags["lease_seconds"],
             max_failed_ratio=flags["max_failed_ratio"],
+            budget=budget,
         )
     quiet_logs(settings)
     url = database_url(settings)
@@ -161,6 +172,7 @@ def run(obj: Context, /, **flags: Any) -> None:
         workers=flags["workers"],
         output=flags["output"],
         output_format=flags["output_format"],
+        budget=budget if resume is not None else None,
     )
     outcome = interruptible(_launch(settings, url, out, what), resume="analysisq run --resume")
     for line in summary(outcome):

@@ -30,7 +30,9 @@ from analysisq.cli.output import (
 from analysisq.db.connect import acquire
 from analysisq.local import monitor
 from analysisq.local.export import export_results, result_format, write_results
-from analysisq.queue import rescue, runs
+from analysisq.local.usage_text import usage_json, usage_lines
+from analysisq.queue import budget, rescue, runs, usage
+from analysisq.queue.usage import format_cost
 
 T = TypeVar("T")
 _RUN = click.argument("run", required=False)
@@ -79,6 +81,9 @@ def status(obj: Context, run: str | None, as_json: bool) -> None:
             out["paused_targets"] = {
                 t.target: t.pause_reason for t in await runs.targets(conn, run_id) if t.paused_at
             }
+            out["usage"] = usage_json(await usage.run_usage(conn, run_id))
+            state = await budget.state(conn, run_id)
+            out["budget"] = None if state is None else {**vars(state), "exhausted": state.exhausted}
         return out
 
     data = _with_db(obj, work)
@@ -98,6 +103,8 @@ def status(obj: Context, run: str | None, as_json: bool) -> None:
         )
         for target, reason in data["paused_targets"].items():
             out.print(f"target {target} PAUSED: {reason}")
+        for line in usage_lines(data["usage"], data["budget"]):
+            out.print(line, soft_wrap=True)
 
 
 @click.command()
@@ -232,19 +239,37 @@ def cleanup(obj: Context, run: str | None, stuck_after: float, as_json: bool) ->
 @json_option
 @click.pass_obj
 def runs_command(obj: Context, limit: int, as_json: bool) -> None:
-    """The newest runs with their progress."""
+    """The newest runs with their progress, tokens and cost."""
 
     async def work(conn: asyncpg.Connection) -> list[dict[str, Any]]:
         out = []
         for r in await runs.list_runs(conn, limit):
-            out.append({**dict(r), "counts": (await runs.counts(conn, r["id"])).as_dict()})
+            used = await usage.run_usage(conn, r["id"])
+            out.append(
+                {
+                    **dict(r),
+                    "counts": (await runs.counts(conn, r["id"])).as_dict(),
+                    "tokens": used.tokens_in + used.tokens_out,
+                    "cost": used.cost,
+                }
+            )
         return out
 
     data = _with_db(obj, work)
     if as_json:
         print_json({"runs": data})
         return
-    columns = ["run", "created", "total", "completed", "failed", "left", "finished"]
+    columns = [
+        "run",
+        "created",
+        "total",
+        "completed",
+        "failed",
+        "left",
+        "tokens",
+        "cost",
+        "finished",
+    ]
     rows = [
         (
             r["id"],
@@ -253,6 +278,8 @@ def runs_command(obj: Context, limit: int, as_json: bool) -> None:
             r["counts"]["completed"],
             r["counts"]["failed"],
             r["counts"]["total"] - r["counts"]["completed"] - r["counts"]["failed"],
+            r["tokens"],
+            format_cost(r["cost"]),
             r["finished_at"],
         )
         for r in data

@@ -1,6 +1,7 @@
 """Write a run's results to a JSONL or CSV file, by keyset paging over ``results_page``.
 
-One row per completed item (the database holds one result per item). The file is written
+One row per completed item (the database holds one result per item), with its cost at the
+target's pricing (empty without one). The file is written
 beside its final name and renamed when complete, so a reader never sees half a file.
 """
 
@@ -29,6 +30,7 @@ COLUMNS = (
     "parsed",
     "tokens_in",
     "tokens_out",
+    "cost",
     "latency_ms",
     "attempt",
     "queue_id",
@@ -54,6 +56,8 @@ def _record(row: dict[str, Any]) -> dict[str, Any]:
         "parsed": json.loads(row["parsed"]) if row["parsed"] is not None else None,
         "tokens_in": row["tokens_in"],
         "tokens_out": row["tokens_out"],
+        # at the target's pricing; None without one
+        "cost": row["cost"],
         "latency_ms": round(row["latency_ms"], 1),
         "attempt": row["attempt"],
         "queue_id": row["queue_id"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -25,7 +26,7 @@ from analysisq.providers import make_provider, resolve_api_key
 from analysisq.queue import runs
 from analysisq.queue.runs import Run
 from analysisq.settings import Settings
-from analysisq.spec import AnalysisRunSpec
+from analysisq.spec import AnalysisRunSpec, parse_spec
 
 
 async def start_run(
@@ -72,6 +73,9 @@ class Launch:
     workers: int | None = None
     output: Path | None = None
     output_format: str | None = None
+    #: ``--budget`` with ``--resume``: the stored run's new budget (it lifts a
+    #: BudgetExhausted pause).
+    budget: dict[str, Any] | None = None
 
 
 async def launch(
@@ -108,6 +112,12 @@ async def launch(
 async def _open(conn: asyncpg.Connection, out: Console, what: Launch) -> Run:
     if what.resume is not None:
         run, resumed = await reopen_run(conn, what.resume)
+        if what.budget is not None:
+            spec = parse_spec({**run.spec.to_json(), "budget": what.budget}, source="--budget")
+            await runs.create_run(conn, run.id, spec, name=run.name)
+            run = await runs.get_run(conn, run.id)
+            shown = ", ".join(f"{k}={v:g}" for k, v in what.budget.items())
+            out.print(f"Budget of run {run.id} set to {shown}.")
         await check_targets(run.spec)
         if resumed:
             out.print(f"Un-paused targets {', '.join(resumed)}: they are tried again.")

@@ -9,6 +9,8 @@ run is over:
 - every item terminal: the workers exit by themselves; the run is marked finished and its
   results are written (``export``);
 - only items of paused targets are left (an auth failure): stop rather than wait forever;
+- the run's budget is exhausted and nothing is in flight: stop, every item kept (exit 3,
+  with the ``--resume RUN --budget`` line that continues);
 - SIGINT/SIGTERM: SIGTERM to the workers, which release what they hold (not counted as an
   attempt); a second signal kills them (their items return when their leases expire);
 - the workers cannot run (bad configuration, crash loop): stop and say why.
@@ -33,11 +35,14 @@ from analysisq.errors import DatabaseUnavailable, InputError
 from analysisq.local import monitor
 from analysisq.local.export import export_results
 from analysisq.local.progress import Display, RateMeter, Snapshot, duration
+from analysisq.local.usage_text import usage_json, usage_lines
 from analysisq.local.workers import WorkerPool
 from analysisq.providers import api_key_env_names
-from analysisq.queue import rescue, runs
+from analysisq.queue import budget, rescue, runs, usage
+from analysisq.queue.budget import BudgetState
 from analysisq.queue.runs import Run
 from analysisq.queue.states import Counts
+from analysisq.queue.usage import RunUsage
 from analysisq.settings import Settings
 from analysisq.spec import Target
 
@@ -49,6 +54,7 @@ EXIT_WAIT_SECONDS = 15.0
 class Ending(StrEnum):
     FINISHED = "finished"
     PAUSED = "paused"
+    BUDGET = "paused: budget exhausted"
     INTERRUPTED = "interrupted"
 
 
@@ -67,6 +73,8 @@ class Outcome:
     results_path: Path | None = None
     results_written: int = 0
     retry: monitor.RetryReport | None = None
+    usage: RunUsage | None = None
+    budget: BudgetState | None = None
 
     @property
     def failed_ratio(self) -> float:
@@ -78,10 +86,11 @@ class Outcome:
 
     @property
     def exit_code(self) -> int:
-        """0 finished within the failure allowance; 1 too many failures; 3 paused; 130 Ctrl-C."""
+        """0 finished within the failure allowance; 1 too many failures; 3 paused (targets or
+        budget); 130 Ctrl-C."""
         if self.ending is Ending.INTERRUPTED:
             return 130
-        if self.ending is Ending.PAUSED:
+        if self.ending in (Ending.PAUSED, Ending.BUDGET):
             return 3
         return 0 if self.within_allowance else 1
 
@@ -168,6 +177,10 @@ class Supervisor:
         )
         if ending is Ending.FINISHED:
             await self._finish(outcome)
+        with contextlib.suppress(DatabaseUnavailable):
+            async with acquire(self.pool) as conn:
+                outcome.usage = await usage.run_usage(conn, self.run.id)
+                outcome.budget = await budget.state(conn, self.run.id)
         return outcome
 
     def _on_signal(self) -> None:
@@ -202,6 +215,8 @@ class Supervisor:
                 return Ending.FINISHED, snap
             if snap.paused and await self._only_paused_left(snap.paused):
                 return Ending.PAUSED, snap
+            if snap.counts.processing == 0 and await self._budget_exhausted():
+                return Ending.BUDGET, snap
             if time.monotonic() >= next_rescue:
                 next_rescue = time.monotonic() + self.settings.rescue_interval_seconds
                 await self._rescue()
@@ -235,6 +250,13 @@ class Supervisor:
         async with acquire(self.pool) as conn:
             backlog = await monitor.target_backlog(conn, self.run.id)
         return all(b.target in paused and b.processing == 0 for b in backlog)
+
+    async def _budget_exhausted(self) -> bool:
+        if self.run.spec.budget is None:
+            return False
+        async with acquire(self.pool) as conn:
+            state = await budget.state(conn, self.run.id)
+        return state is not None and state.exhausted
 
     async def _rescue(self) -> None:
         try:
@@ -289,6 +311,10 @@ def summary(outcome: Outcome, *, resume: str = "analysisq run --resume") -> list
         lines.extend(_retry_lines(outcome.retry, c))
     if outcome.restarts:
         lines.append(f"Workers: {outcome.restarts} unexpected exits, each restarted.")
+    if outcome.usage is not None:
+        state = outcome.budget
+        shown = None if state is None else {**vars(state), "exhausted": state.exhausted}
+        lines.extend(usage_lines(usage_json(outcome.usage), shown))
     if outcome.results_path is not None:
         lines.append(f"Results: {outcome.results_path} ({outcome.results_written:,} rows).")
     for target, reason in outcome.paused.items():
@@ -299,6 +325,11 @@ def summary(outcome: Outcome, *, resume: str = "analysisq run --resume") -> list
             f"Only items of paused targets are left. Fix the API key ({keys}), "
             f"then: {resume} {run.id}"
         )
+    elif outcome.ending is Ending.BUDGET:
+        lines.append(
+            f"The budget cannot cover the next request: {c.pending + c.retrying:,} items wait, "
+            f"none lost. Raise it and continue: {resume} {run.id} --budget {_raised(run)}"
+        )
     elif outcome.ending is Ending.INTERRUPTED:
         lines.append(f"Nothing is lost. Continue with: {resume} {run.id}")
     elif not outcome.within_allowance:
@@ -307,6 +338,16 @@ def summary(outcome: Outcome, *, resume: str = "analysisq run --resume") -> list
             f"`analysisq failed {run.id}`."
         )
     return lines
+
+
+def _raised(run: Run) -> str:
+    """A ``--budget`` value that doubles what the run has now."""
+    b = run.spec.budget
+    assert b is not None
+    parts = [f"maxCost={2 * b.max_cost:g}"] if b.max_cost is not None else []
+    if b.max_tokens is not None:
+        parts.append(f"maxTokens={2 * b.max_tokens}")
+    return ",".join(parts)
 
 
 def _key_variable(target: Target) -> str:

@@ -40,6 +40,28 @@ def parse_target(value: str) -> dict[str, Any]:
     return target
 
 
+_BUDGET_KEYS = {"maxCost": float, "maxTokens": int}
+
+
+def parse_budget(values: list[str]) -> dict[str, Any] | None:
+    """``--budget maxCost=5,maxTokens=2000000`` (repeatable) as the spec's ``budget``."""
+    budget: dict[str, Any] = {}
+    for value in values:
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            key, sep, number = part.partition("=")
+            kind = _BUDGET_KEYS.get(key.strip())
+            try:
+                if not sep or kind is None:
+                    raise ValueError
+                budget[key.strip()] = kind(number.strip())
+            except ValueError:
+                raise SpecError(
+                    f"--budget {value!r}: expected maxCost=NUMBER and/or maxTokens=INTEGER, "
+                    "e.g. --budget maxCost=25,maxTokens=5000000"
+                ) from None
+    return budget or None
+
+
 def build_spec(
     spec_file: Path | None,
     targets: list[str],
@@ -49,6 +71,7 @@ def build_spec(
     tokens_per_minute: int | None = None,
     timeout_seconds: float | None = None,
     api_key_env: str | None = None,
+    budget: dict[str, Any] | None = None,
     **fields: Any,
 ) -> AnalysisRunSpec:
     """Merge the YAML file and the flags into one validated spec.
@@ -65,6 +88,8 @@ def build_spec(
     data.update({to_camel(k): v for k, v in fields.items() if v is not None})
     if tags:
         data["prompts"] = {**(data.get("prompts") or {}), "tags": list(tags)}
+    if budget:
+        data["budget"] = budget
     overrides = _given(timeoutSeconds=timeout_seconds, apiKeyEnv=api_key_env)
     limits = _given(requestsPerSecond=requests_per_second, tokensPerMinute=tokens_per_minute)
     data["targets"] = [_with_flags(t, overrides, limits) for t in data["targets"]]
