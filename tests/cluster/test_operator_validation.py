@@ -15,6 +15,7 @@ from controlplane.fixtures import Kubectl
 pytestmark = pytest.mark.cluster
 
 ECHO = {"name": "a", "provider": "echo", "model": "m"}
+PRICE = {"inputPerMillionTokens": 1, "outputPerMillionTokens": 2}
 
 
 def manifest(name: str, spec: dict[str, Any] | None) -> str:
@@ -101,6 +102,56 @@ INVALID: list[tuple[str, dict[str, Any] | None, str]] = [
         "x" * 64,
         {"targets": [ECHO]},
         "an AnalysisRun name must be at most 63 characters",
+    ),
+    # quotas: prices, budgets and pools
+    (
+        "negative-price",
+        {"targets": [{**ECHO, "pricing": {**PRICE, "inputPerMillionTokens": -1}}]},
+        "spec.targets[0].pricing.inputPerMillionTokens in body should be greater than or "
+        "equal to 0",
+    ),
+    (
+        "text-price",
+        {"targets": [{**ECHO, "pricing": {**PRICE, "outputPerMillionTokens": "cheap"}}]},
+        'spec.targets[0].pricing.outputPerMillionTokens: Invalid value: "string": '
+        "spec.targets[0].pricing.outputPerMillionTokens in body must be of type number",
+    ),
+    (
+        "zero-budget",
+        {"targets": [{**ECHO, "pricing": PRICE}], "budget": {"maxCost": 0}},
+        "spec.budget.maxCost in body should be greater than 0",
+    ),
+    (
+        "zero-token-budget",
+        {"targets": [ECHO], "budget": {"maxTokens": 0}},
+        "spec.budget.maxTokens in body should be greater than or equal to 1",
+    ),
+    (
+        "empty-budget",
+        {"targets": [ECHO], "budget": {}},
+        "spec.budget: Required value: budget needs maxCost, maxTokens or both",
+    ),
+    (
+        "cost-budget-unpriced",
+        {"targets": [ECHO], "budget": {"maxCost": 5}},
+        "spec.budget.maxCost: Required value: budget.maxCost needs targets[].pricing",
+    ),
+    (
+        "bad-pool-name",
+        {"targets": [{**ECHO, "rateLimit": {"pool": "Team_Key"}}]},
+        'spec.targets[0].rateLimit.pool: Invalid value: "string": rateLimit.pool must be a '
+        "DNS label",
+    ),
+    (
+        "conflicting-pool",
+        {
+            "targets": [
+                {**ECHO, "rateLimit": {"pool": "key", "requestsPerSecond": 20}},
+                {**ECHO, "name": "b", "rateLimit": {"pool": "key", "requestsPerSecond": 30}},
+            ]
+        },
+        'spec.targets: Invalid value: "object": targets[].rateLimit: targets naming the same '
+        "pool must state the same requestsPerSecond and tokensPerMinute",
     ),
 ]
 
@@ -200,3 +251,18 @@ def test_mutable_fields_can_change_and_defaults_are_filled_in(
     assert got["maxAttempts"] == 3 and got["leaseSeconds"] == 60 and got["prompts"] == {}
     assert got["targets"][0]["timeoutSeconds"] == 60
     assert got["targets"][0]["rateLimit"] == {"requestsPerSecond": 5}
+    # pricing, a pool and a budget may be set and raised on a live run
+    kubectl(
+        "patch", "analysisrun", "flexible", "--type=json", "-p", json.dumps([
+            {"op": "add", "path": "/spec/targets/0/pricing", "value": PRICE},
+            {"op": "add", "path": "/spec/targets/0/rateLimit/pool", "value": "team-key"},
+            {"op": "add", "path": "/spec/budget", "value": {"maxCost": 5}},
+        ]), namespace=namespace,
+    )  # fmt: skip
+    kubectl("patch", "analysisrun", "flexible", "--type=merge", "-p",
+            '{"spec":{"budget":{"maxCost":50}}}', namespace=namespace)  # fmt: skip
+    got = yaml.safe_load(
+        kubectl("get", "analysisrun", "flexible", "-o", "yaml", namespace=namespace).stdout
+    )["spec"]
+    assert got["budget"] == {"maxCost": 50}
+    assert got["targets"][0]["pricing"] == {**PRICE, "batchDiscount": 0.5}
