@@ -14,8 +14,9 @@ import asyncpg
 import pytest
 
 from analysisq.errors import SpecError
+from analysisq.providers.base import Completion
 from analysisq.providers.tokens import estimate
-from analysisq.queue import items, ratelimit, runs
+from analysisq.queue import items, quota, ratelimit, runs
 from analysisq.spec import Target
 from support import add_prompts, new_run, spec
 
@@ -164,3 +165,17 @@ async def test_deleting_a_run_drops_its_private_pools(db: asyncpg.Connection) ->
     await runs.delete_run(db, "run-a")
     names = {r[0] for r in await db.fetch("SELECT name FROM rate_pools")}
     assert names == {"shared", "run:run-b:w"}
+
+
+async def test_an_answer_with_an_exhausted_limit_blocks_the_pool(pool: asyncpg.Pool) -> None:
+    """The provider's headers said remaining 0, reset in 3 s: nobody sends before then."""
+    s = spec(targets=[target(pool="key")])
+    async with pool.acquire() as db:
+        await new_run(db, s=s)
+    t = s.targets[0]
+    grant = await quota.reserve(pool, "run-1", s, t, "hi")
+    answer = Completion("ok", None, 1, 1, "m", 1.0, limit_reset_s=3.0)
+    await quota.settle(pool, grant, answer)
+    async with pool.acquire() as db:
+        wait = (await ratelimit.acquire(db, "key", 1)).wait
+    assert 2.8 < wait <= 3.05

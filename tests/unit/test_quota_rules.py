@@ -9,9 +9,13 @@ from typing import Any
 import pytest
 
 from analysisq.errors import SpecError
+from analysisq.fake_provider.config import FakeConfig
+from analysisq.fake_provider.server import FakeProvider
 from analysisq.fake_provider.stats import Recorder
 from analysisq.kube.service import _transition_notes
 from analysisq.kube.status import Observation, get_condition, reconciled
+from analysisq.providers import make_http_client, make_provider
+from analysisq.providers.http_errors import exhausted_limit_delay
 from analysisq.providers.tokens import completion_ceiling, estimate
 from analysisq.queue.budget import BudgetState
 from analysisq.queue.states import Counts
@@ -126,3 +130,25 @@ def test_the_fake_provider_counts_reported_tokens_in_sliding_windows() -> None:
     snap = rec.snapshot()
     assert (snap.tokens, snap.max_tokens_10s, snap.max_tokens_60s) == (450, 300, 400)
     assert snap.first_request_at is not None
+
+
+async def test_an_answer_saying_the_limit_is_exhausted_carries_the_reset() -> None:
+    """OpenAI-style x-ratelimit-* headers on a 200: remaining 0 means wait for the reset."""
+    cfg = FakeConfig(rate_limit_rps=2, rate_limit_burst=2)
+    async with FakeProvider(cfg) as fake, make_http_client(trust_env=False) as client:
+        provider = make_provider(Target.model_validate(target(endpoint=fake.url)), client, None)
+        first = await provider.complete("one")
+        second = await provider.complete("two")
+    assert first.limit_reset_s is None  # one request left
+    assert second.limit_reset_s is not None and 0.3 < second.limit_reset_s <= 0.5
+
+
+def test_anthropic_headers_at_zero_are_read_as_the_reset() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    headers = {
+        "anthropic-ratelimit-tokens-remaining": "0",
+        "anthropic-ratelimit-tokens-reset": "2026-01-01T00:00:07Z",
+        "anthropic-ratelimit-requests-remaining": "12",
+    }
+    assert exhausted_limit_delay(headers, now=now) == 7
+    assert exhausted_limit_delay({"x-ratelimit-remaining-tokens": "5"}, now=now) is None

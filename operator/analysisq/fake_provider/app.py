@@ -52,6 +52,16 @@ class _TokenBucket:
             return 0.0
         return (1 - self._tokens) / self.rate
 
+    def headers(self) -> dict[str, str]:
+        """OpenAI's ``x-ratelimit-*`` headers of an admitted request: what is left now."""
+        remaining = int(self._tokens)
+        reset_ms = 0 if remaining else max(1, math.ceil((1 - self._tokens) / self.rate * 1000))
+        return {
+            "x-ratelimit-limit-requests": f"{self.rate:g}",
+            "x-ratelimit-remaining-requests": str(remaining),
+            "x-ratelimit-reset-requests": f"{reset_ms}ms",
+        }
+
 
 class FakeApp:
     """State and handlers of one fake provider; ``application()`` wires the routes."""
@@ -248,6 +258,8 @@ class FakeApp:
         self.recorder.completed(key, time.monotonic(), prompt_tokens + completion_tokens)
         self.recorder.responded(200)
         headers = {"openai-processing-ms": str(round(latency_s * 1000))}
+        if self._bucket is not None:
+            headers |= self._bucket.headers()
         return web.json_response(reply, headers=headers)
 
     def _error(

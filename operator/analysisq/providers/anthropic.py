@@ -85,4 +85,5 @@ class AnthropicProvider:
             tokens_out=optional_int(usage.get("output_tokens")),
             model=str(body.get("model") or self.target.model),
             latency_ms=reply.latency_ms,
+            limit_reset_s=reply.limit_reset_s,
         )

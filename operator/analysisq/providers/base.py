@@ -33,6 +33,9 @@ class Completion:
     model: str
     #: Wall time of the HTTP exchange (request sent to body read), in milliseconds.
     latency_ms: float
+    #: The provider's headers said its rate limit is exhausted for this long: the target's
+    #: rate pool waits it out (``analysisq.queue.quota.settle``).
+    limit_reset_s: float | None = None
 
 
 class Provider(Protocol):

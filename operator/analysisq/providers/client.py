@@ -25,7 +25,7 @@ import httpx
 
 from analysisq import __version__
 from analysisq.errors import PermanentError, ProviderError, TransientError, redact
-from analysisq.providers.http_errors import error_for_response, excerpt
+from analysisq.providers.http_errors import error_for_response, excerpt, exhausted_limit_delay
 
 USER_AGENT = f"analysisq/{__version__}"
 #: Connect quickly or not at all: a provider that does not accept a TCP connection within
@@ -79,6 +79,8 @@ class Reply:
     where: str
     #: Values to mask should the body reach an error message.
     secrets: tuple[str, ...] = field(default=(), repr=False)
+    #: Seconds until a rate limit the provider reports as exhausted resets (its headers).
+    limit_reset_s: float | None = None
 
 
 async def post_json(
@@ -125,7 +127,8 @@ async def post_json(
         else:
             latency_ms = (time.perf_counter() - started) * 1000
             if response.is_success:
-                return Reply(response.text, latency_ms, where, secrets)
+                reset = exhausted_limit_delay(response.headers)
+                return Reply(response.text, latency_ms, where, secrets, reset)
             failure = error_for_response(
                 response.status_code, response.headers, response.text, where=where, secrets=secrets
             )

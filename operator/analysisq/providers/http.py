@@ -72,4 +72,5 @@ class HttpProvider:
             tokens_out=None,
             model=self.target.model,
             latency_ms=reply.latency_ms,
+            limit_reset_s=reply.limit_reset_s,
         )

@@ -116,6 +116,20 @@ def retry_delay(headers: Mapping[str, str], *, now: datetime | None = None) -> f
             seconds = None if when is None else (when - now).total_seconds()
         if seconds is not None:
             return _clamp(seconds)
+    return exhausted_limit_delay(h, now=now)
+
+
+def exhausted_limit_delay(
+    headers: Mapping[str, str], *, now: datetime | None = None
+) -> float | None:
+    """Seconds until the provider's exhausted rate limit resets, from its ``x-ratelimit-*``
+    or ``anthropic-ratelimit-*`` headers; ``None`` when no limit it reports is at zero.
+
+    Successful answers carry these headers too: a reply saying ``remaining: 0`` means the
+    next request would get a 429, so the rate pool waits for the reset instead.
+    """
+    h = httpx.Headers(headers)
+    now = now or datetime.now(UTC)
     waits: list[float] = []
     for kind in ("requests", "tokens"):
         if h.get(f"x-ratelimit-remaining-{kind}") == "0":

@@ -72,6 +72,7 @@ class OpenAIProvider:
             tokens_out=optional_int(usage.get("completion_tokens")),
             model=str(body.get("model") or self.target.model),
             latency_ms=reply.latency_ms,
+            limit_reset_s=reply.limit_reset_s,
         )
 
 

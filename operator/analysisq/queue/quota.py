@@ -95,8 +95,11 @@ async def wait(db: asyncpg.Pool, grant: Grant) -> None:
 async def settle(db: asyncpg.Pool, grant: Grant, completion: Completion | None) -> None:
     """Account for the answer (*completion*) or, without one, give the reservation back.
 
-    Usage the provider did not report counts as estimated.
+    Usage the provider did not report counts as estimated. An answer whose headers say the
+    provider's limit is exhausted blocks the pool until it resets.
     """
+    if completion is not None and completion.limit_reset_s:
+        await block(db, grant.run_id, grant.target, completion.limit_reset_s)
     if not (grant.budgeted or grant.token_limited):
         return
     est = grant.estimate
