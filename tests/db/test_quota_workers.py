@@ -14,6 +14,7 @@ from analysisq.fake_provider.config import FakeConfig
 from analysisq.fake_provider.server import FakeProvider
 from analysisq.providers.tokens import estimate
 from analysisq.queue import budget, runs
+from analysisq.queue.states import Counts
 from analysisq.settings import Settings
 from analysisq.spec import AnalysisRunSpec, parse_spec
 from analysisq.worker import Worker, WorkerStats
@@ -134,6 +135,18 @@ async def test_retry_after_holds_back_every_worker_of_the_pool(
     assert st.first_request_at >= until - 0.05, (st.first_request_at, until)
 
 
+async def paused_for_budget(pool: asyncpg.Pool) -> tuple[budget.BudgetState, Counts]:
+    """Wait until run-1 is paused for its budget with nothing in flight."""
+    async with pool.acquire() as db:
+        for _ in range(500):
+            state = await budget.state(db, "run-1")
+            counts = await runs.counts(db, "run-1")
+            if state and state.exhausted and counts.processing == 0:
+                return state, counts
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"run-1 was not paused for its budget: {state}, {counts}")
+
+
 async def test_budget_stops_the_run_with_the_items_that_fit_then_resumes(
     pool: asyncpg.Pool,
 ) -> None:
@@ -153,14 +166,8 @@ async def test_budget_stops_the_run_with_the_items_that_fit_then_resumes(
             run = await runs.get_run(db, "run-1")
         ws = workers(pool, run, 2, exit_when_done=True)
         tasks = [asyncio.create_task(w.run_until_stopped()) for w in ws]
+        state, counts = await paused_for_budget(pool)
         async with pool.acquire() as db:
-            for _ in range(500):
-                state = await budget.state(db, "run-1")
-                counts = await runs.counts(db, "run-1")
-                if state and state.exhausted and counts.processing == 0:
-                    break
-                await asyncio.sleep(0.05)
-            assert state is not None and state.exhausted
             assert counts.completed == 10 and counts.pending == 10 and counts.failed == 0
             attempts = await db.fetchval(
                 "SELECT max(attempts) FROM analysis_queue WHERE status = 'pending'"
@@ -172,10 +179,10 @@ async def test_budget_stops_the_run_with_the_items_that_fit_then_resumes(
         await asyncio.wait_for(asyncio.gather(*tasks), 60)
         async with pool.acquire() as db:
             counts = await runs.counts(db, "run-1")
-            state = await budget.state(db, "run-1")
+            final = await budget.state(db, "run-1")
         assert counts.completed == 20 and fake.stats().requests == 20
-        assert state is not None and not state.exhausted
-        assert abs(state.spent_cost - per_item * 20) < 1e-9
+        assert final is not None and not final.exhausted
+        assert abs(final.spent_cost - per_item * 20) < 1e-9
 
 
 async def test_budget_overshoot_stays_within_the_in_flight_bound(pool: asyncpg.Pool) -> None:
@@ -190,17 +197,11 @@ async def test_budget_overshoot_stays_within_the_in_flight_bound(pool: asyncpg.P
             run = await runs.get_run(db, "run-1")
         ws = workers(pool, run, 2)
         tasks = [asyncio.create_task(w.run_until_stopped()) for w in ws]
-        async with pool.acquire() as db:
-            for _ in range(500):
-                state = await budget.state(db, "run-1")
-                counts = await runs.counts(db, "run-1")
-                if state and state.exhausted and counts.processing == 0:
-                    break
-                await asyncio.sleep(0.05)
+        state, counts = await paused_for_budget(pool)
         for w in ws:
             w.stop()
         await asyncio.gather(*tasks)
-    assert state is not None and state.exhausted and state.reserved_tokens == 0
+    assert state.reserved_tokens == 0
     est = estimate(s.targets[0], "Prompt number 000 of forty.").total
     in_flight = 2 * 3
     assert state.spent_tokens > 3000  # the provider did charge more than reserved
