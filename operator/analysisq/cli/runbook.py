@@ -324,7 +324,7 @@ def targets() -> None:
 @json_option
 @click.pass_obj
 def targets_list(obj: Context, run: str, as_json: bool) -> None:
-    """RUN's targets, their rate limits, and whether an auth failure paused them."""
+    """RUN's targets, their rate limits and pools, and whether an auth failure paused them."""
 
     async def work(conn: asyncpg.Connection) -> dict[str, Any]:
         run_id = (await runs.get_run(conn, run)).id
@@ -334,9 +334,9 @@ def targets_list(obj: Context, run: str, as_json: bool) -> None:
     if as_json:
         print_json(data)
         return
-    columns = ["target", "req/s", "tokens/min", "paused since", "reason"]
+    columns = ["target", "req/s", "tokens/min", "pool", "paused since", "reason"]
     rows = [
-        (t.target, t.requests_per_second, t.tokens_per_minute, t.paused_at, t.pause_reason)
+        (t.target, t.requests_per_second, t.tokens_per_minute, t.pool, t.paused_at, t.pause_reason)
         for t in data["targets"]
     ]
     console().print(table(f"Targets of run {data['run']}", columns, rows, wrap=["reason"]))
