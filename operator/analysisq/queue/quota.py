@@ -98,9 +98,8 @@ async def settle(db: asyncpg.Pool, grant: Grant, completion: Completion | None) 
     Usage the provider did not report counts as estimated. An answer whose headers say the
     provider's limit is exhausted blocks the pool until it resets.
     """
-    if completion is not None and completion.limit_reset_s:
-        await block(db, grant.run_id, grant.target, completion.limit_reset_s)
-    if not (grant.budgeted or grant.token_limited):
+    blocked = completion.limit_reset_s if completion is not None else None
+    if not (grant.budgeted or grant.token_limited or blocked):
         return
     est = grant.estimate
     if completion is None:
@@ -109,6 +108,8 @@ async def settle(db: asyncpg.Pool, grant: Grant, completion: Completion | None) 
         used_in = est.input if completion.tokens_in is None else completion.tokens_in
         used_out = est.output if completion.tokens_out is None else completion.tokens_out
     async with acquire(db) as conn:
+        if blocked:
+            await ratelimit.backoff(conn, grant.run_id, grant.target.name, blocked)
         if grant.token_limited:
             await ratelimit.settle_tokens(conn, grant.pool, used_in + used_out - est.total)
         if grant.budgeted:
