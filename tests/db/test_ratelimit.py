@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from typing import Any
 
 import asyncpg
@@ -55,17 +56,15 @@ async def test_a_named_pool_is_shared_by_two_runs(db: asyncpg.Connection) -> Non
     await new_run(db, "run-a", a)
     await new_run(db, "run-b", b)
     assert ratelimit.pool_name("run-a", a.targets[0]) == "team-key"
-    # the two runs alternate on one schedule: 40 requests take 2 s, not 1 s
-    waits = []
+    # the two runs alternate on one schedule: 40 requests take 2 s, not 1 s (send times are
+    # read as clock + wait, so a slow machine between two calls changes nothing)
+    names = [ratelimit.pool_name(r, s.targets[0]) for r, s in (("run-a", a), ("run-b", b))]
+    sends = []
     for _ in range(20):
-        waits.append(
-            (await ratelimit.acquire(db, ratelimit.pool_name("run-a", a.targets[0]), 1)).wait
-        )
-        waits.append(
-            (await ratelimit.acquire(db, ratelimit.pool_name("run-b", b.targets[0]), 1)).wait
-        )
-    assert 1.9 < max(waits) < 2.1
-    assert min(b - a for a, b in itertools.pairwise(waits)) > 0.03
+        for name in names:
+            sends.append((await ratelimit.acquire(db, name, 1)).wait + time.monotonic())
+    assert 1.9 < sends[-1] - sends[0] < 2.1
+    assert min(y - x for x, y in itertools.pairwise(sends)) > 0.03
 
 
 async def test_targets_without_a_pool_keep_a_limit_of_their_own(db: asyncpg.Connection) -> None:
@@ -84,11 +83,11 @@ async def test_tokens_per_minute_spread_evenly(db: asyncpg.Connection) -> None:
     cost = estimate(t, "x" * 400).total
     assert cost == 200  # 100 prompt tokens + the 100 max_tokens ceiling
     name = ratelimit.pool_name("run-1", t)
-    waits = [(await ratelimit.acquire(db, name, cost)).wait for _ in range(10)]
+    first = (await ratelimit.acquire(db, name, cost)).wait
+    sends = [(await ratelimit.acquire(db, name, cost)).wait + time.monotonic() for _ in range(9)]
     # 6000 tokens a minute = 100/s: a 200-token request every 2 s, no burst
-    assert waits[0] < 0.05
-    for k, w in enumerate(waits):
-        assert 2 * k - 0.1 < w < 2 * k + 0.1
+    assert first < 0.05
+    assert all(1.9 < y - x < 2.1 for x, y in itertools.pairwise(sends))
 
 
 def peak_in_window(sent: list[tuple[float, int]], window: float) -> int:
@@ -107,12 +106,13 @@ async def test_usage_reconciliation_holds_tokens_per_minute(
     t = s.targets[0]
     name = ratelimit.pool_name("run-1", t)
     est = estimate(t, "x" * 400).total  # 1000 tokens
-    sent: list[tuple[float, int]] = []
-    while not sent or sent[-1][0] < 180:
-        wait = (await ratelimit.acquire(db, name, est)).wait
+    sent: list[tuple[float, int]] = []  # (send time, tokens used)
+    start = time.monotonic()
+    while not sent or sent[-1][0] - start < 180:
+        at = (await ratelimit.acquire(db, name, est)).wait + time.monotonic()
         used = round(est * factor)
         await ratelimit.settle_tokens(db, name, used - est)
-        sent.append((wait, used))
+        sent.append((at, used))
     peak = peak_in_window(sent, 60.0)
     assert tpm * 0.9 <= peak <= tpm * 1.1, (peak, tpm)
 
