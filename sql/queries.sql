@@ -455,3 +455,43 @@ LEFT JOIN analysis_results r ON r.run_id = t.run_id AND r.target = t.target
 WHERE t.run_id = $1
 GROUP BY t.target, t.pool, t.input_per_million, t.output_per_million
 ORDER BY t.target;
+
+-- ---------------------------------------------------------------------------------------
+-- Target faults and bulk retry (analysisq.queue.retries, analysisq.queue.breaker)
+-- ---------------------------------------------------------------------------------------
+
+-- name: retry_failed
+-- Bulk retry: put the run's failed-for-good items back in the queue, optionally only those of
+-- error class $2, target $3, or whose message contains $4 (case-insensitive). Attempts,
+-- deferrals and lease losses start again; the error that failed the item moves to last_error.
+-- Items of a paused target are parked until it is resumed, like every waiting item of it. A
+-- finished run that gets items back is no longer finished, and the circuit breaker of each
+-- target touched starts over (someone fixed something).
+WITH chosen AS (
+    SELECT q.id, t.paused_at IS NOT NULL AS paused
+    FROM analysis_queue q
+    JOIN run_targets t ON t.run_id = q.run_id AND t.target = q.target
+    WHERE q.run_id = $1 AND q.status = 'failed' AND q.next_attempt_at IS NULL
+      AND ($2::text IS NULL OR q.error_class = $2::text)
+      AND ($3::text IS NULL OR q.target = $3::text)
+      AND ($4::text IS NULL OR strpos(lower(q.error_message), lower($4::text)) > 0)
+    FOR UPDATE OF q
+), retried AS (
+    UPDATE analysis_queue q SET
+        status = 'pending', attempts = 0, deferrals = 0, lease_losses = 0,
+        last_error = q.error_class || ': ' || q.error_message,
+        retries = q.retries + 1,
+        error_class = NULL, error_message = NULL,
+        next_attempt_at = CASE WHEN c.paused THEN 'infinity'::timestamptz ELSE now() END,
+        updated_at = now()
+    FROM chosen c
+    WHERE q.id = c.id
+    RETURNING q.target
+), breaker AS (
+    UPDATE run_targets SET fault = NULL, fault_streak = 0, fault_items = '{}'
+    WHERE run_id = $1 AND target IN (SELECT target FROM retried) AND fault IS NOT NULL
+), reopened AS (
+    UPDATE analysis_runs SET finished_at = NULL
+    WHERE id = $1 AND finished_at IS NOT NULL AND EXISTS (SELECT 1 FROM retried)
+)
+SELECT count(*)::integer FROM retried;

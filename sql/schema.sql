@@ -78,7 +78,13 @@ CREATE TABLE run_targets (
     batch_discount     double precision CHECK (batch_discount >= 0 AND batch_discount <= 1),
     PRIMARY KEY (run_id, target),
     CHECK ((paused_at IS NULL) = (pause_reason IS NULL)),
-    CONSTRAINT run_targets_pool_fkey FOREIGN KEY (pool) REFERENCES rate_pools (name)
+    CONSTRAINT run_targets_pool_fkey FOREIGN KEY (pool) REFERENCES rate_pools (name),
+    -- The circuit breaker (0003): a streak of the same target-wide permanent answer.
+    fault_threshold integer NOT NULL DEFAULT 3 CHECK (fault_threshold BETWEEN 1 AND 100),
+    fault           text,
+    fault_streak    integer NOT NULL DEFAULT 0 CHECK (fault_streak >= 0),
+    fault_items     bigint[] NOT NULL DEFAULT '{}',
+    CONSTRAINT fault_has_streak CHECK ((fault IS NULL) = (fault_streak = 0))
 );
 CREATE INDEX run_targets_pool_idx ON run_targets (pool);
 
@@ -100,6 +106,9 @@ CREATE TABLE analysis_queue (
     created_at         timestamptz  NOT NULL DEFAULT now(),
     updated_at         timestamptz  NOT NULL DEFAULT now(),
     completed_at       timestamptz,
+    -- Bulk retry (0003): the error that had failed the item for good, and how often.
+    last_error         text,
+    retries            integer      NOT NULL DEFAULT 0 CHECK (retries >= 0),
     UNIQUE (run_id, prompt_tracking_id, target),
     FOREIGN KEY (run_id, target) REFERENCES run_targets (run_id, target) ON DELETE CASCADE,
     -- A claim exists exactly while the item is processing.
