@@ -38,17 +38,19 @@ WHERE r.id = $1 AND q.run_id = r.id AND q.status = 'failed'
   AND q.next_attempt_at IS NOT NULL AND q.attempts >= r.max_attempts;
 
 -- name: upsert_run_target
--- $5 = the target's rate pool (quotas: pool_lock first); $6-$8 its pricing (may be NULL).
+-- $5 = the target's rate pool (quotas: pool_lock first); $6-$8 its pricing (may be NULL);
+-- $9 the circuit breaker's threshold (targetFaultThreshold).
 INSERT INTO run_targets (run_id, target, requests_per_second, tokens_per_minute, pool,
-                         input_per_million, output_per_million, batch_discount)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                         input_per_million, output_per_million, batch_discount, fault_threshold)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
 ON CONFLICT (run_id, target) DO UPDATE SET
     requests_per_second = excluded.requests_per_second,
     tokens_per_minute = excluded.tokens_per_minute,
     pool = excluded.pool,
     input_per_million = excluded.input_per_million,
     output_per_million = excluded.output_per_million,
-    batch_discount = excluded.batch_discount;
+    batch_discount = excluded.batch_discount,
+    fault_threshold = excluded.fault_threshold;
 
 -- name: get_run
 SELECT id, name, spec::text AS spec, max_attempts, max_lease_losses, lease_seconds,
@@ -157,6 +159,12 @@ WITH input AS (
     FROM input i
     WHERE q.id = i.id AND q.claim_token = i.token AND q.status = 'processing'
     RETURNING q.id, q.run_id, q.prompt_tracking_id, q.target, q.attempts
+), healthy AS (
+    -- an answer: the target works, so a streak of target faults (the breaker) is broken
+    UPDATE run_targets t SET fault = NULL, fault_streak = 0, fault_items = '{}'
+    FROM (SELECT DISTINCT run_id, target FROM done) d
+    WHERE t.run_id = d.run_id AND t.target = d.target AND t.fault IS NOT NULL
+      AND t.paused_at IS NULL
 )
 INSERT INTO analysis_results (queue_id, run_id, prompt_tracking_id, target, model,
                               response_text, parsed, tokens_in, tokens_out, latency_ms, attempt)
@@ -179,11 +187,20 @@ RETURNING id;
 -- Fenced release back to pending that does not count as an attempt: shutdown, a 429
 -- ($5 = 1 counts a deferral), a paused target ($7 = true parks it until the target resumes).
 -- $3/$4 record why (may be NULL).
+WITH target AS (
+    -- Park only while the target is still paused. Read under a share lock: a resume that
+    -- committed first is seen (the item is due at once), a resume that comes later waits
+    -- for this release and then unparks the item (resume_targets).
+    SELECT t.paused_at IS NOT NULL AS paused
+    FROM analysis_queue q JOIN run_targets t ON t.run_id = q.run_id AND t.target = q.target
+    WHERE q.id = $1
+    FOR SHARE OF t
+)
 UPDATE analysis_queue SET
     status = 'pending', attempts = greatest(attempts - 1, 0),
     deferrals = deferrals + $5,
     error_class = coalesce($3, error_class), error_message = coalesce($4, error_message),
-    next_attempt_at = CASE WHEN $7::boolean THEN 'infinity'
+    next_attempt_at = CASE WHEN $7::boolean AND (SELECT paused FROM target) THEN 'infinity'
                            ELSE now() + make_interval(secs => $6) END,
     lease_owner = NULL, lease_expires_at = NULL, claim_token = NULL, updated_at = now()
 WHERE id = $1 AND claim_token = $2 AND status = 'processing'
@@ -208,17 +225,18 @@ WITH paused AS (
 SELECT target FROM paused;
 
 -- name: resume_target
--- Resume paused targets (one, or all of the run's with $2 NULL); their items are due now.
-WITH resumed AS (
-    UPDATE run_targets SET paused_at = NULL, pause_reason = NULL
-    WHERE run_id = $1 AND ($2::text IS NULL OR target = $2) AND paused_at IS NOT NULL
-    RETURNING target
-), unparked AS (
-    UPDATE analysis_queue SET next_attempt_at = now()
-    WHERE run_id = $1 AND target IN (SELECT target FROM resumed)
-      AND next_attempt_at = 'infinity'
-)
-SELECT target FROM resumed;
+-- Resume paused targets (one, or all of the run's with $2 NULL), their circuit breaker
+-- starting over. Then unpark_targets, as a second statement of the same transaction: it must
+-- see the items that a release parked while this one waited for its lock on the target.
+UPDATE run_targets SET paused_at = NULL, pause_reason = NULL,
+    fault = NULL, fault_streak = 0, fault_items = '{}'
+WHERE run_id = $1 AND ($2::text IS NULL OR target = $2) AND paused_at IS NOT NULL
+RETURNING target;
+
+-- name: unpark_targets
+-- The parked items of the resumed targets $2 are due now.
+UPDATE analysis_queue SET next_attempt_at = now()
+WHERE run_id = $1 AND target = ANY ($2::text[]) AND next_attempt_at = 'infinity';
 
 -- name: run_targets
 SELECT target, requests_per_second, tokens_per_minute, pool, paused_at, pause_reason
@@ -495,3 +513,31 @@ WITH chosen AS (
     WHERE id = $1 AND finished_at IS NOT NULL AND EXISTS (SELECT 1 FROM retried)
 )
 SELECT count(*)::integer FROM retried;
+
+-- name: lock_item_target
+-- The circuit breaker serialises a target's faults: lock the target row of item $1 first.
+SELECT t.run_id, t.paused_at IS NOT NULL AS paused
+FROM analysis_queue q JOIN run_targets t ON t.run_id = q.run_id AND t.target = q.target
+WHERE q.id = $1
+FOR UPDATE OF t;
+
+-- name: note_target_fault
+-- Item $4 of target $2 failed for good with target fault $3: the streak grows when it is the
+-- same fault, else starts again. Returns the streak and the threshold that pauses the target.
+UPDATE run_targets SET
+    fault_streak = CASE WHEN fault = $3 THEN fault_streak + 1 ELSE 1 END,
+    fault_items = CASE WHEN fault = $3 THEN fault_items ELSE '{}' END || $4::bigint,
+    fault = $3
+WHERE run_id = $1 AND target = $2
+RETURNING fault_streak, fault_threshold;
+
+-- name: give_back_fault_items
+-- The breaker tripped (the target is paused now): the items its streak failed for good go
+-- back unspent, parked until the target is resumed; their error says why they waited.
+UPDATE analysis_queue q SET
+    status = 'pending', attempts = greatest(q.attempts - 1, 0),
+    next_attempt_at = 'infinity', updated_at = now()
+FROM run_targets t
+WHERE t.run_id = $1 AND t.target = $2 AND q.id = ANY (t.fault_items)
+  AND q.run_id = $1 AND q.status = 'failed' AND q.next_attempt_at IS NULL
+  AND q.error_class = 'permanent';

@@ -3,8 +3,9 @@
 Every error that crosses a module boundary is one of these. Lower-level errors (asyncpg,
 httpx, the Kubernetes client) are translated where they are caught, so callers decide what to
 do from the type alone: a ``TransientError`` is retried with backoff, a ``PermanentError``
-fails the item at once, an ``AuthError`` pauses the target for the run, a ``RateLimited``
-reschedules without burning an attempt. Each class docstring is its default message.
+fails the item at once (a ``TargetFault`` too, but the same one several times in a row pauses
+the target: the queue's circuit breaker), an ``AuthError`` pauses the target for the run, a
+``RateLimited`` reschedules without burning an attempt. Each class docstring is its default message.
 
 Messages never contain secrets: provider errors carry the status code and a bounded excerpt
 of the body with anything that looks like a credential removed (see ``redact``).
@@ -109,6 +110,22 @@ class PermanentError(ProviderError):
     """The provider refused this request; retrying will not help."""
 
     error_class = ErrorClass.PERMANENT
+
+
+class TargetFault(PermanentError):
+    """The provider refused the target itself (a misspelt model, a wrong endpoint path)."""
+
+    error_class = ErrorClass.PERMANENT
+
+    def __init__(
+        self, message: str | None = None, *, status: int | None = None, fault: str, setting: str
+    ) -> None:
+        super().__init__(message, status=status)
+        #: What makes two answers the same fault: the status and the error code, never the
+        #: message (which may carry a request id).
+        self.fault = fault
+        #: The target's setting that is wrong: ``model`` or ``endpoint``.
+        self.setting = setting
 
 
 class InvalidInput(PermanentError):

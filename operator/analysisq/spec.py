@@ -172,6 +172,10 @@ class AnalysisRunSpec(_Model):
     #: kept as a second condition for rows written without a lease.
     stuck_after_seconds: int = Field(default=900, ge=30, le=86_400)
     max_lease_losses: int = Field(default=3, ge=1, le=20)
+    #: The circuit breaker: this many answers in a row with the same target-wide permanent
+    #: error (a misspelt model, a wrong endpoint path) and no success pause the target, and
+    #: the items they failed are given back.
+    target_fault_threshold: int = Field(default=3, ge=1, le=100)
     #: Fraction of items allowed to fail for good before the run is Failed (seed: < 1%).
     max_failed_ratio: float = Field(default=0.01, ge=0, le=1)
     max_prompt_chars: int = Field(default=100_000, ge=1, le=10_000_000)

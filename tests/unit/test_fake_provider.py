@@ -293,7 +293,8 @@ def test_cli_options_build_the_config(tmp_path: Path) -> None:
         [
             "--port", "9999", "--config", str(file), "--error", "hang=0.05",
             "--error", "429=0.1", "--fail-first", "2", "--fail-first-status", "500",
-            "--rate-limit-rps", "50", "--seed", "4",
+            "--rate-limit-rps", "50", "--seed", "4", "--known-model", "gpt-a",
+            "--known-model", "gpt-b", "--unknown-model-status", "400",
         ],
         env={"ANALYSISQ_FAKE_PROVIDER_API_KEY": "sk-from-env-000"},
     )  # fmt: skip
@@ -304,6 +305,7 @@ def test_cli_options_build_the_config(tmp_path: Path) -> None:
     assert config.errors == {"500": 0.1, "hang": 0.05, "429": 0.1}
     assert config.fail_first_status == 500 and config.rate_limit_rps == 50
     assert config.require_api_key == "sk-from-env-000"
+    assert config.known_models == ["gpt-a", "gpt-b"] and config.unknown_model_status == 400
     with pytest.raises(ConfigError, match="KIND=PROBABILITY"):
         config_from_options({"errors": ("500",)})
     with pytest.raises(ConfigError, match="errors"):

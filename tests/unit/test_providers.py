@@ -28,6 +28,7 @@ from analysisq.errors import (
     PermanentError,
     ProviderError,
     RateLimited,
+    TargetFault,
     TransientError,
 )
 from analysisq.fake_provider import FakeConfig, FakeProvider
@@ -42,7 +43,7 @@ from analysisq.providers.anthropic import AnthropicProvider
 from analysisq.providers.base import parse_json_text
 from analysisq.providers.echo import EchoProvider
 from analysisq.providers.http import HttpProvider
-from analysisq.providers.http_errors import MAX_RETRY_AFTER_S, retry_delay
+from analysisq.providers.http_errors import MAX_RETRY_AFTER_S, error_for_response, retry_delay
 from analysisq.providers.openai import OpenAIProvider
 from analysisq.spec import Target
 
@@ -270,8 +271,13 @@ def _in(seconds: float) -> str:
     return format_datetime(datetime.now(UTC) + timedelta(seconds=seconds), usegmt=True)
 
 
-def _oai_error(message: str, type_: str = "invalid_request_error", code: str | None = None) -> Any:
-    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+def _oai_error(
+    message: str,
+    type_: str = "invalid_request_error",
+    code: str | None = None,
+    param: str | None = None,
+) -> Any:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 def _anthropic_error(type_: str, message: str) -> Any:
@@ -307,7 +313,16 @@ CASES: list[tuple[str, int, Any, dict[str, str], type[ProviderError], float | No
         404,
         _oai_error("The model does not exist", code="model_not_found"),
         {},
-        PermanentError,
+        TargetFault,
+        None,
+    ),
+    ("404 path", 404, "404: Not Found", {}, TargetFault, None),
+    (
+        "400 invalid model",
+        400,
+        _oai_error("Invalid model name passed in model=gpt-mok.", code="400", param="model"),
+        {},
+        TargetFault,
         None,
     ),
     ("422", 422, "unprocessable", {}, PermanentError, None),
@@ -663,3 +678,37 @@ async def test_http_client_settings() -> None:
         assert c.headers["User-Agent"] == f"analysisq/{__version__}"
         assert c.timeout.read == 12 and c.timeout.connect == 10
         assert not c.follow_redirects
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "fault", "setting"),
+    [
+        (404, _oai_error("The model `gpt-mok` does not exist", code="model_not_found"),
+         "HTTP 404 model_not_found", "model"),
+        (400, _oai_error("Invalid model name passed in model=gpt-mok", code="400"),
+         "HTTP 400 400", "model"),
+        (400, {"error": "model 'llama9' not found, try pulling it first"}, "HTTP 400", "model"),
+        (404, "404 page not found", "HTTP 404", "endpoint"),
+        (405, "Method Not Allowed", "HTTP 405", "endpoint"),
+    ],
+)  # fmt: skip
+def test_target_faults_name_the_setting_to_fix(
+    status: int, body: Any, fault: str, setting: str
+) -> None:
+    text = body if isinstance(body, str) else json.dumps(body)
+    err = error_for_response(status, {}, text, where="gw.example/v1/chat/completions")
+    assert isinstance(err, TargetFault)
+    assert (err.fault, err.setting, err.error_class) == (fault, setting, "permanent")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        _oai_error("Unrecognized request argument: foo"),
+        _oai_error("This model's maximum context length is 8192 tokens", param="messages"),
+        _oai_error("flagged", code="content_policy_violation"),
+    ],
+)
+def test_prompt_faults_are_not_target_faults(body: Any) -> None:
+    err = error_for_response(400, {}, json.dumps(body), where="gw.example/v1")
+    assert not isinstance(err, TargetFault)

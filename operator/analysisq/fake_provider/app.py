@@ -1,7 +1,9 @@
 """The fake provider's routes: an OpenAI chat completions endpoint plus control routes.
 
 ``POST /v1/chat/completions`` handles a request in the order a real provider would:
-record it, check the API key (401), apply the rate cap (429 with ``Retry-After``,
+record it, check the API key (401), refuse a model it does not serve (404
+``model_not_found`` or 400 "Invalid model name", when ``known_models`` is set), apply the rate
+cap (429 with ``Retry-After``,
 ``retry-after-ms`` and ``x-ratelimit-*``), refuse over-long prompts (400
 ``context_length_exceeded``), wait the drawn latency, then fail the prompt's first
 ``fail_first`` requests (503), inject a fault from the error mix, or answer. The answer is a
@@ -109,6 +111,9 @@ class FakeApp:
         self.recorder.prompt(key)
         if cfg.require_api_key is not None and _presented_key(request) != cfg.require_api_key:
             return self._error(401, "Incorrect API key provided.", code="invalid_api_key")
+        model = str(body.get("model") or cfg.model)
+        if cfg.known_models is not None and model not in cfg.known_models:
+            return self._unknown_model(model, cfg.unknown_model_status)
         if self._bucket is not None:
             wait = self._bucket.take(time.monotonic())
             if wait > 0:
@@ -205,6 +210,16 @@ class FakeApp:
             return self._error(503, message, type_="server_error")
         message = "The server had an error while processing your request."
         return self._error(int(kind), message, type_="server_error")
+
+    def _unknown_model(self, model: str, status: int) -> web.Response:
+        if status == 404:
+            message = f"The model `{model}` does not exist or you do not have access to it."
+            return self._error(404, message, code="model_not_found")
+        message = (
+            f"litellm.BadRequestError: Invalid model name passed in model={model}. "
+            "Call `/v1/models` to view available models for your key."
+        )
+        return self._error(400, message, code="400", param="model")
 
     def _rate_capped(self, wait_s: float, rps: float) -> web.Response:
         millis = max(1, math.ceil(wait_s * 1000))

@@ -64,6 +64,17 @@ _OPTIONS = (
     ),
     click.option("--rate-limit-rps", type=float, help="Own rate cap: 429 above R req/s."),
     click.option("--rate-limit-burst", type=float, help="Burst allowed by the rate cap."),
+    click.option(
+        "--known-model",
+        "known_models",
+        multiple=True,
+        help="Serve only this model (repeatable); others get --unknown-model-status.",
+    ),
+    click.option(
+        "--unknown-model-status",
+        type=click.Choice(["404", "400"]),
+        help="404 model_not_found (OpenAI) or 400 Invalid model name (LiteLLM).",
+    ),
     click.option("--max-prompt-chars", type=int, help="400 context_length_exceeded above."),
     click.option(
         "--usage-factor",
@@ -94,9 +105,11 @@ def config_from_options(options: Mapping[str, Any]) -> FakeConfig:
             raise ConfigError(f"{config_file} must hold a mapping of FakeConfig fields")
         data.update(loaded)
     for name, value in options.items():
-        if name in ("host", "port", "config_file", "errors") or value is None:
+        if name in ("host", "port", "config_file", "errors") or value is None or value == ():
             continue
-        data[name] = int(value) if name == "fail_first_status" else value
+        if name in ("fail_first_status", "unknown_model_status"):
+            value = int(value)
+        data[name] = list(value) if name == "known_models" else value
     if options.get("errors"):
         data["errors"] = {**data.get("errors", {}), **_error_mix(options["errors"])}
     try:

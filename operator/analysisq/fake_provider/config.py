@@ -48,6 +48,11 @@ class FakeConfig(BaseModel):
     #: Burst the cap allows; default ``max(1, rate_limit_rps / 10)``, so that no window of
     #: one second or more admits more than the cap + 10% (+1 below 10 req/s).
     rate_limit_burst: float | None = Field(default=None, ge=1)
+    #: When set, the only models served: a request naming another one gets
+    #: ``unknown_model_status`` (a misspelt model name, as real gateways answer it).
+    known_models: list[str] | None = Field(default=None, max_length=100)
+    #: 404: OpenAI's ``model_not_found``; 400: LiteLLM's "Invalid model name".
+    unknown_model_status: Literal[404, 400] = 404
     #: Prompts longer than this many characters get OpenAI's 400 ``context_length_exceeded``.
     max_prompt_chars: int | None = Field(default=None, ge=1)
     #: When set, the answer's ``usage`` reports this factor times (prompt tokens + the

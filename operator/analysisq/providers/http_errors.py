@@ -9,6 +9,10 @@
 - 408, 409, 425 and every 5xx (Anthropic's 529 "overloaded" included) → ``TransientError``;
 - 413, and 400/422 whose body says the prompt is too long or was refused as content →
   ``InvalidInput``;
+- 404 and 405 (a wrong endpoint path, or a model or deployment that does not exist), and
+  400/422 whose body blames the model (``model_not_found``, ``param: model``, "Invalid model
+  name") → ``TargetFault``: every prompt of the target would get the same answer, so the
+  queue's circuit breaker pauses the target once it has seen a few in a row;
 - anything else → ``PermanentError``.
 
 Messages carry the status, where the request went (host and path only) and a bounded excerpt
@@ -32,6 +36,7 @@ from analysisq.errors import (
     PermanentError,
     ProviderError,
     RateLimited,
+    TargetFault,
     TransientError,
     redact,
 )
@@ -57,6 +62,18 @@ _INVALID_INPUT_TEXT = re.compile(
     r"input is too long|too many (input )?tokens|reduce the length|content[_ ]policy|"
     r"content[_ ]filter|safety system"
 )
+_MODEL_CODES = frozenset(
+    {"model_not_found", "invalid_model", "unknown_model", "model_not_available",
+     "DeploymentNotFound", "unsupported_model"}
+)  # fmt: skip
+# "Invalid model name passed in model=..." (LiteLLM), "The model `x` does not exist" (OpenAI),
+# "model 'x' not found" (Ollama, vLLM). Bounded gaps keep the scan linear.
+_MODEL_TEXT = re.compile(
+    r"(?i)\b(?:invalid|unknown|unsupported|nonexistent|no such)\s+model\b|"
+    r"\bmodel\b[^.\n]{0,120}?\b(?:does not exist|not found|is not supported|is invalid)\b"
+)
+#: Bodies are matched on their first characters only (a 32 KB error page needs no more).
+_SCAN_CHARS = 4000
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 
 
@@ -69,9 +86,10 @@ def error_for_response(
     secrets: Iterable[str] = (),
 ) -> ProviderError:
     """The ``ProviderError`` that an HTTP *status* with body *text* from *where* means."""
-    codes, label, detail = _error_detail(text)
+    codes, label, detail, param = _error_detail(text)
     message = f"HTTP {status} from {where}: {label + ': ' if label else ''}"
     message += excerpt(detail or text, secrets) or "(empty body)"
+    scanned = (detail or text)[:_SCAN_CHARS]
     if status == 429:
         if "insufficient_quota" in codes:
             return AuthError(message, status=status)
@@ -82,9 +100,14 @@ def error_for_response(
         return TransientError(message, status=status, delay=retry_delay(headers))
     if status == 413 or (
         status in (400, 422)
-        and (codes & _INVALID_INPUT_CODES or _INVALID_INPUT_TEXT.search(detail or text))
+        and (codes & _INVALID_INPUT_CODES or _INVALID_INPUT_TEXT.search(scanned))
     ):
         return InvalidInput(message, status=status)
+    blames_model = bool(codes & _MODEL_CODES or param == "model" or _MODEL_TEXT.search(scanned))
+    if status in (404, 405) or (status in (400, 422) and blames_model):
+        fault = f"HTTP {status} {label}".strip()
+        setting = "model" if blames_model else "endpoint"
+        return TargetFault(message, status=status, fault=fault, setting=setting)
     return PermanentError(message, status=status)
 
 
@@ -144,9 +167,9 @@ def exhausted_limit_delay(
     return _clamp(max(waits)) if waits else None
 
 
-def _error_detail(text: str) -> tuple[frozenset[str], str, str]:
-    """The error code and type, a label (the code, else the type) and the message of an
-    error body, if it is JSON.
+def _error_detail(text: str) -> tuple[frozenset[str], str, str, str]:
+    """The error code and type, a label (the code, else the type), the message and the
+    parameter blamed (OpenAI's ``param``) of an error body, if it is JSON.
 
     Shapes: OpenAI ``{"error": {"message", "type", "code"}}``, Anthropic
     ``{"type": "error", "error": {"type", "message"}}``, vLLM ``{"object": "error",
@@ -155,15 +178,21 @@ def _error_detail(text: str) -> tuple[frozenset[str], str, str]:
     try:
         body = json.loads(text)
     except ValueError:
-        return frozenset(), "", ""
+        return frozenset(), "", "", ""
     error = body.get("error", body) if isinstance(body, dict) else None
     if isinstance(error, str):
-        return frozenset(), "", error
+        return frozenset(), "", error, ""
     if not isinstance(error, dict):
-        return frozenset(), "", ""
+        return frozenset(), "", "", ""
     named = [str(error[k]) for k in ("code", "type") if isinstance(error.get(k), str)]
     message = error.get("message")
-    return frozenset(named), named[0] if named else "", message if isinstance(message, str) else ""
+    param = error.get("param")
+    return (
+        frozenset(named),
+        named[0] if named else "",
+        message if isinstance(message, str) else "",
+        param if isinstance(param, str) else "",
+    )
 
 
 def _number(value: str | None) -> float | None:

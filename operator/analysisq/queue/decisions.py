@@ -16,7 +16,7 @@ from typing import ClassVar, assert_never
 
 import asyncpg
 
-from analysisq.errors import ErrorClass
+from analysisq.errors import ErrorClass, TargetFault
 from analysisq.queue import items, ratelimit, runs
 from analysisq.queue.items import ClaimedItem
 
@@ -49,6 +49,8 @@ class Fail:
     delay: ClassVar[None] = None
     error_class: ErrorClass
     message: str
+    #: The provider refused the target, not the item: the circuit breaker counts it.
+    fault: TargetFault | None = None
 
 
 @dataclass(frozen=True)
@@ -99,8 +101,8 @@ async def apply(conn: asyncpg.Connection, item: ClaimedItem, decision: Decision)
     match decision:
         case Retry(error_class=cls, message=msg, delay=delay):
             return Applied(await items.fail(conn, item, cls, msg, delay))
-        case Fail(error_class=cls, message=msg):
-            return Applied(await items.fail(conn, item, cls, msg, None))
+        case Fail(error_class=cls, message=msg, fault=fault):
+            return Applied(await items.fail(conn, item, cls, msg, None, fault=fault))
         case Defer(error_class=cls, message=msg, delay=delay, retry_after=after):
             if after:
                 await ratelimit.backoff(conn, item.run_id, item.target, after)

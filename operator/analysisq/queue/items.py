@@ -17,8 +17,9 @@ import asyncpg
 
 from analysisq.db.connect import translated
 from analysisq.db.sql import query
-from analysisq.errors import ErrorClass, redact
+from analysisq.errors import ErrorClass, TargetFault, redact
 from analysisq.providers.base import Completion
+from analysisq.queue import breaker
 
 MAX_ERROR_CHARS = 2000
 
@@ -142,16 +143,21 @@ async def fail(
     error_class: ErrorClass,
     message: str,
     retry_in: float | None,
+    *,
+    fault: TargetFault | None = None,
 ) -> bool:
-    """Record a failure; ``retry_in`` None = failed for good. False if the lease was lost."""
+    """Record a failure; ``retry_in`` None = failed for good. False if the lease was lost.
+
+    A failure for good caused by a ``fault`` of the target goes through the circuit breaker
+    (``breaker``), which may pause the target and give the item back instead."""
+    text = redact(message, MAX_ERROR_CHARS)
+    if fault is not None and retry_in is None:
+        return await breaker.fail_on_target_fault(
+            conn, item.id, item.token, item.target, error_class, text, fault
+        )
     with translated(f"failing item {item.id}"):
         row = await conn.fetchval(
-            query("fail"),
-            item.id,
-            item.token,
-            str(error_class),
-            redact(message, MAX_ERROR_CHARS),
-            retry_in,
+            query("fail"), item.id, item.token, str(error_class), text, retry_in
         )
     return row is not None
 

@@ -5,7 +5,9 @@ Pure policy, no I/O: ``RetryPolicy.decide`` returns one of the ``decisions`` typ
 bodies) retry with exponential backoff and full jitter, never sooner than the provider's
 Retry-After; a 429 defers the item without burning an attempt, at most ``max_deferrals`` times
 so that it cannot be deferred forever; permanent errors fail at once; an auth failure pauses
-the target.
+the target. A ``TargetFault`` fails the item like any permanent error and rides along in the
+``Fail``, so that the queue's circuit breaker (``breaker``) can pause the target when it
+repeats.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from analysisq.errors import (
     ErrorClass,
     ProviderError,
     RateLimited,
+    TargetFault,
     TransientError,
 )
 from analysisq.queue.decisions import Action, Defer, Fail, Pause, Retry
@@ -65,4 +68,5 @@ class RetryPolicy:
                 return Fail(error.error_class, f"gave up after {attempt} attempts: {message}")
             delay = max(self.backoff(attempt, rng), error.delay or 0.0)
             return Retry(error.error_class, message, delay)
-        return Fail(error.error_class, message)
+        fault = error if isinstance(error, TargetFault) else None
+        return Fail(error.error_class, message, fault=fault)

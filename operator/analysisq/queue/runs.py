@@ -83,6 +83,7 @@ async def create_run(
                     price.input_per_million_tokens if price else None,
                     price.output_per_million_tokens if price else None,
                     price.batch_discount if price else None,
+                    spec.target_fault_threshold,
                 )
             await budget.set_budget(conn, run_id, spec.budget)
 
@@ -153,7 +154,7 @@ async def targets(conn: asyncpg.Connection, run_id: str) -> list[TargetState]:
 
 
 async def pause_target(conn: asyncpg.Connection, run_id: str, target: str, reason: str) -> bool:
-    """Pause a target for the run (auth failure); True if this call paused it."""
+    """Pause a target for the run (auth failure, the breaker); True if this call paused it."""
     with translated(f"pausing target {target}"):
         return await conn.fetchval(query("pause_target"), run_id, target, reason) is not None
 
@@ -163,4 +164,8 @@ async def resume_targets(
 ) -> list[str]:
     """Resume one paused target, or all of the run's; returns those resumed."""
     with translated(f"resuming targets of run {run_id}"):
-        return [r[0] for r in await conn.fetch(query("resume_target"), run_id, target)]
+        async with conn.transaction():
+            resumed = [r[0] for r in await conn.fetch(query("resume_target"), run_id, target)]
+            if resumed:
+                await conn.execute(query("unpark_targets"), run_id, resumed)
+    return resumed
