@@ -140,15 +140,23 @@ class AuthError(ProviderError):
     error_class = ErrorClass.AUTH
 
 
+# Linear on any input: a URL scheme starts only where a run of scheme characters starts
+# (a lookbehind, not \b, which let "a.a.a.a..." restart the scan at every letter).
 _SECRETISH = re.compile(
     r"(?i)(bearer\s+[A-Za-z0-9._~+/=-]+|sk-[A-Za-z0-9_-]{6,}|"
     r"(api[_-]?key|x-api-key|authorization|password|token)(\"?\s*[:=]\s*\"?)[^\s\",}]+|"
-    r"\b[a-z][a-z0-9+.-]*://[^\s/]*@)"
+    r"(?<![a-z0-9+.-])[a-z][a-z0-9+.-]*://[^\s/]*@)"
 )
+#: Redaction looks this far past the limit, so that a credential the cut goes through is
+#: still recognised and masked.
+_REDACT_MARGIN = 256
 
 
 def redact(text: str, limit: int = 300) -> str:
-    """Return *text* cut to *limit* characters with anything credential-like masked."""
+    """Return *text* cut to *limit* characters with anything credential-like masked.
+
+    Cut first, then redact: the work is bounded by *limit*, whatever the size of *text* (a
+    provider's 32 KB error page must not hold the event loop)."""
 
     def mask(m: re.Match[str]) -> str:
         s = m.group(0)
@@ -158,6 +166,9 @@ def redact(text: str, limit: int = 300) -> str:
             return f"{m.group(2)}{m.group(3)}***"
         return "***"
 
+    head = text[: limit + _REDACT_MARGIN]
     # PostgreSQL text cannot hold NUL; a provider's message may contain one.
-    cleaned = _SECRETISH.sub(mask, text.replace("\x00", "\ufffd"))
-    return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + "…"
+    cleaned = _SECRETISH.sub(mask, head.replace("\x00", "\ufffd"))
+    if len(cleaned) <= limit and len(head) == len(text):
+        return cleaned
+    return cleaned[: limit - 1] + "…"

@@ -32,8 +32,24 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+class OneLineLibraryErrors(logging.Filter):
+    """asyncpg logs each failed reconnect of its pool with the whole traceback; a database
+    restart would fill the run's output with them. Keep one line: the message and the error.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.name.split(".")[0] == "asyncpg":
+            exc = record.exc_info[1]
+            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {exc}"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(OneLineLibraryErrors())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

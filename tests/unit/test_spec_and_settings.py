@@ -88,6 +88,25 @@ def test_redact_replaces_nul_which_postgresql_text_refuses() -> None:
     assert "\x00" not in redact("bad\x00byte")
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("unit", ["a.", "a-", "x+1."])
+def test_redact_is_linear_on_garbage(unit: str) -> None:
+    """Scheme-like garbage made the URL-credential pattern quadratic: 32 KB took 6 s on the
+    event loop. A megabyte of it (hours, before) must be nothing now; the timeout is the
+    check, with a margin of a thousand."""
+    body = unit * (1_000_000 // len(unit))
+    out = redact(body + " https://user:hunter2@api.example.com/", 2000)
+    assert len(out) == 2000 and out.endswith("…")
+    assert redact(body[:300] + "GET https://u:hunter2@h/ x", 10_000).endswith("https://***@h/ x")
+    assert "hunter2" not in redact(body[:1999] + "://u:hunter2@h/", 2000)
+
+
+def test_redact_masks_a_credential_that_the_cut_goes_through() -> None:
+    text = "x" * 290 + " Authorization: Bearer sk-abcdefghijklmnopqrstuvwxyz0123456789"
+    out = redact(text, 300)
+    assert len(out) == 300 and "sk-abc" not in out and "abcdefg" not in out
+
+
 @pytest.mark.parametrize(
     "exc",
     [
