@@ -239,7 +239,8 @@ UPDATE analysis_queue SET next_attempt_at = now()
 WHERE run_id = $1 AND target = ANY ($2::text[]) AND next_attempt_at = 'infinity';
 
 -- name: run_targets
-SELECT target, requests_per_second, tokens_per_minute, pool, paused_at, pause_reason
+-- fault: the circuit breaker's current streak (while paused: the fault that paused it).
+SELECT target, requests_per_second, tokens_per_minute, pool, paused_at, pause_reason, fault
 FROM run_targets WHERE run_id = $1 ORDER BY target;
 
 -- name: run_counts
@@ -477,6 +478,10 @@ ORDER BY t.target;
 -- ---------------------------------------------------------------------------------------
 -- Target faults and bulk retry (analysisq.queue.retries, analysisq.queue.breaker)
 -- ---------------------------------------------------------------------------------------
+
+-- name: target_has_results
+-- Whether target $2 of run $1 has any result: then its model may no longer change.
+SELECT EXISTS (SELECT 1 FROM analysis_results WHERE run_id = $1 AND target = $2);
 
 -- name: retry_failed
 -- Bulk retry: put the run's failed-for-good items back in the queue, optionally only those of

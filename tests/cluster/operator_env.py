@@ -321,6 +321,17 @@ class FakeProviderProcess:
         assert stats is not None
         return stats
 
+    def configure(self, **patch: Any) -> None:
+        """Change the running provider's behaviour (``POST /config``, a partial FakeConfig)."""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/config",
+            data=json.dumps(patch).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200
+
     def stop(self) -> None:
         self.child.stop(grace=5.0)
 

@@ -179,9 +179,9 @@ IMMUTABLE: list[tuple[str, list[dict[str, Any]], str]] = [
         "spec.prompts: Forbidden: prompts cannot change: the queue was filled from this selection",
     ),
     (
-        "target-model",
-        [{"op": "replace", "path": "/spec/targets/0/model", "value": "other"}],
-        "spec.targets[0]: Forbidden: a target's provider and model cannot change",
+        "target-provider",
+        [{"op": "replace", "path": "/spec/targets/0/provider", "value": "openai"}],
+        "spec.targets[0]: Forbidden: a target's provider cannot change",
     ),
     (
         "target-params",

@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from analysisq.errors import ErrorClass, TargetFault
+from analysisq.errors import ErrorClass, SpecError, TargetFault
 from analysisq.fake_provider.config import FakeConfig
 from analysisq.fake_provider.server import FakeProvider
 from analysisq.providers.base import Completion
@@ -189,3 +189,20 @@ async def test_a_success_or_another_fault_breaks_the_streak(db: asyncpg.Connecti
     await fault(db, got[10])
     await fault(db, got[11])
     assert not await paused(db)
+
+
+async def test_a_model_can_be_fixed_until_the_target_has_results(db: asyncpg.Connection) -> None:
+    def two(model: str) -> AnalysisRunSpec:
+        return spec(targets=[{"name": "a", "provider": "echo", "model": "echo-1"},
+                             {"name": "b", "provider": "echo", "model": model}])  # fmt: skip
+
+    await add_prompts(db, 2)
+    await new_run(db, s=two("typo"))
+    await runs.create_run(db, "run-1", two("fixed"))  # no result yet: the fix is recorded
+    assert (await runs.get_run(db, "run-1")).spec.target("b").model == "fixed"
+    got = await claim(db, 4)
+    b = [i for i in got if i.target == "b"]
+    assert await items.complete(db, [Outcome(b[0], OK)]) == {b[0].id}
+    with pytest.raises(SpecError, match=r"targets\[b\]: the provider and model cannot change"):
+        await runs.create_run(db, "run-1", two("other"))
+    assert (await runs.get_run(db, "run-1")).spec.target("b").model == "fixed"

@@ -169,3 +169,24 @@ async def test_targets_pause_and_resume(db: asyncpg.Connection, db_url: str) -> 
     again = await invoke(db_url, "targets", "resume", "run-1")
     assert again.exit_code == 0 and "no paused target" in again.stdout
     assert (await runs.targets(db, "run-1"))[0].paused_at is None
+
+
+async def test_retry_puts_failed_items_back_by_filter(db: asyncpg.Connection, db_url: str) -> None:
+    await populate(db)
+    refused = await invoke(db_url, "retry", "run-1", "--class", "permament")
+    assert refused.exit_code == 2 and "'permament' is not one of" in refused.output
+    unknown = await invoke(db_url, "retry", "run-1", "--target", "nope")
+    assert unknown.exit_code == 2 and "unknown target 'nope'" in unknown.output
+    assert await invoke_json(db_url, "retry", "run-1", "--error", "BAD REQ") == {
+        "run": "run-1", "retried": 2,
+    }  # fmt: skip
+    counts = (await invoke_json(db_url, "status", "run-1"))["counts"]
+    assert (counts["pending"], counts["failed"], counts["retrying"]) == (22, 4, 2)
+    result = await invoke(db_url, "retry", "run-1", "--class", "transient", "--target", "echo")
+    assert result.exit_code == 0, result.output
+    assert "put 4 failed items of run run-1 back" in result.output
+    assert "analysisq run --resume run-1" in result.output
+    again = await invoke(db_url, "retry", "run-1")
+    assert "no failed-for-good item of run run-1 matches" in again.output
+    kept = await db.fetch("SELECT last_error FROM analysis_queue WHERE retries = 1")
+    assert sorted(r[0] for r in kept) == ["permanent: bad request"] * 2 + ["transient: timeout"] * 4

@@ -38,6 +38,7 @@ LAZY_COMMANDS = {
     "runs": "runbook",
     "results": "runbook",
     "targets": "runbook",
+    "retry": "runbook",
     "prompts": "prompts",
     "fake-provider": "fake",
     "trigger": "trigger_cmd",

@@ -2,7 +2,8 @@
 
 ``status`` (its first query: count and percentage per status, plus our retrying/stuck split),
 ``stuck``, ``failed``, ``errors`` (grouped by class and message), ``cleanup`` (its SQL
-function, now), then ``runs``, ``results`` and ``targets`` (un-pause after fixing a key).
+function, now), then ``runs``, ``results``, ``targets`` (un-pause after fixing a key) and
+``retry`` (failed items back in the queue after fixing their cause).
 Tables for people, ``--json`` for scripts. docs/runbook.md maps each to the seed's SQL.
 """
 
@@ -28,10 +29,11 @@ from analysisq.cli.output import (
     table,
 )
 from analysisq.db.connect import acquire
+from analysisq.errors import ErrorClass
 from analysisq.local import monitor
 from analysisq.local.export import export_results, result_format, write_results
 from analysisq.local.usage_text import usage_json, usage_lines
-from analysisq.queue import budget, rescue, runs, usage
+from analysisq.queue import budget, rescue, retries, runs, usage
 from analysisq.queue.usage import format_cost
 
 T = TypeVar("T")
@@ -363,4 +365,51 @@ def targets_resume(obj: Context, run: str, target: str | None, as_json: bool) ->
         click.echo("no paused target to resume")
 
 
-COMMANDS = [status, stuck, failed, errors, cleanup, runs_command, results, targets]
+@click.command()
+@click.argument("run")
+@click.option(
+    "--class",
+    "error_class",
+    type=click.Choice([c.value for c in ErrorClass]),
+    help="Only items that failed with this error class.",
+)
+@click.option("--target", help="Only items of this target.")
+@click.option("--error", "error_text", metavar="TEXT", help="Only items whose error contains TEXT.")
+@json_option
+@click.pass_obj
+def retry(
+    obj: Context,
+    run: str,
+    error_class: str | None,
+    target: str | None,
+    error_text: str | None,
+    as_json: bool,
+) -> None:
+    """Put RUN's failed-for-good items back in the queue, after fixing their cause.
+
+    Attempts start again; the error that failed each item stays in its last_error. Filters
+    combine. In a cluster, annotate the AnalysisRun instead (docs/operator.md)."""
+
+    async def work(conn: asyncpg.Connection) -> dict[str, Any]:
+        found = await runs.get_run(conn, run)
+        if target is not None:
+            found.spec.target(target)  # an unknown target is an error, not "0 items"
+        count = await retries.retry_failed(
+            conn, found.id, error_class=error_class, target=target, error=error_text
+        )
+        return {"run": found.id, "retried": count}
+
+    data = _with_db(obj, work)
+    if as_json:
+        print_json(data)
+    elif data["retried"]:
+        click.echo(
+            f"put {data['retried']} failed items of run {data['run']} back in the queue; "
+            f"`analysisq run --resume {data['run']}` works them (in a cluster the run's "
+            "workers take them up)"
+        )
+    else:
+        click.echo(f"no failed-for-good item of run {data['run']} matches")
+
+
+COMMANDS = [status, stuck, failed, errors, cleanup, runs_command, results, targets, retry]

@@ -8,7 +8,8 @@ a retryable one (database, Secret, Kubernetes API) sets ``Degraded`` and raises
 
 - create / resume → ``ensure``; ``spec.workers`` / ``spec.suspend`` → ``rescale``;
   other spec fields → ``reconfigure``; the ``analysisq.io/resume-targets`` annotation →
-  ``resume_targets``;
+  ``resume_targets``; the ``analysisq.io/retry-failed`` annotation → ``retry_failed``, which
+  then removes it;
 - timers on active runs only (a finished run matches no timer): ``reconcile`` every
   ``reconcile_seconds``, ``reset-stuck`` every ``stuck_reset_seconds``;
 - delete: ``delete-rows`` only for ``onDelete: Delete`` (so only those runs carry a
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 from typing import Any
 
 import kopf
@@ -26,6 +28,7 @@ import kopf
 from analysisq.errors import SpecError
 from analysisq.kube.deployment import RESUME_ANNOTATION
 from analysisq.kube.ref import GROUP, PLURAL, VERSION, RunRef
+from analysisq.kube.retries import RETRY_ANNOTATION
 from analysisq.kube.service import (
     RETRYABLE,
     NotYet,
@@ -149,6 +152,18 @@ def register(registry: kopf.OperatorRegistry, service: RunService, settings: Set
     )
     async def resume_targets(body: kopf.Body, patch: kopf.Patch, retry: int, **_: Any) -> None:
         await _handle(body, patch, retry, service.resume_targets)
+
+    @kopf.on.field(
+        **on, id="retry-failed", field=("metadata", "annotations", RETRY_ANNOTATION),
+        registry=registry,
+    )  # fmt: skip
+    async def retry_failed(
+        body: kopf.Body, patch: kopf.Patch, retry: int, new: Any, **_: Any
+    ) -> None:
+        if new is None:
+            return  # removed (by us, once done)
+        await _handle(body, patch, retry, partial(service.retry_failed, value=str(new)))
+        patch.metadata.annotations[RETRY_ANNOTATION] = None
 
     @kopf.timer(
         **on, id="reconcile", interval=settings.reconcile_seconds, when=_active, registry=registry

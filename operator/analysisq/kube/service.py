@@ -25,6 +25,7 @@ import asyncpg
 from analysisq.db.connect import acquire, translated
 from analysisq.errors import (
     AnalysisqError,
+    ConfigError,
     DatabaseError,
     DatabaseUnavailable,
     SchemaMismatch,
@@ -32,6 +33,7 @@ from analysisq.errors import (
 )
 from analysisq.kube.databases import DatabasePools
 from analysisq.kube.deployment import (
+    RESUME_ANNOTATION,
     database_ref,
     desired_replicas,
     worker_deployment,
@@ -39,6 +41,7 @@ from analysisq.kube.deployment import (
 from analysisq.kube.kubeapi import KubeApi, KubeApiError, SecretMissing
 from analysisq.kube.metrics import Metrics
 from analysisq.kube.ref import RunRef
+from analysisq.kube.retries import RETRY_ANNOTATION, last_retry, parse_retry_request, reopened
 from analysisq.kube.status import (
     BUDGET_EXHAUSTED,
     DEGRADED,
@@ -64,7 +67,7 @@ from analysisq.kube.status import (
     summary,
     timestamp,
 )
-from analysisq.queue import budget, rescue, runs, usage
+from analysisq.queue import budget, rescue, retries, runs, usage
 from analysisq.settings import Settings
 from analysisq.spec import AnalysisRunSpec
 
@@ -284,6 +287,34 @@ class RunService:
         message = f"resumed targets {', '.join(resumed)}; workers restart to re-read API keys"
         return Report({"pausedTargets": None}, [Note("Normal", "TargetsResumed", message)])
 
+    async def retry_failed(
+        self, ref: RunRef, spec: AnalysisRunSpec, status: Status, resume_token: str | None,
+        *, value: str,
+    ) -> Report:  # fmt: skip
+        """The retry annotation was set: put failed items back; a finished run runs again."""
+        try:
+            request = parse_retry_request(value, spec)
+        except ConfigError as exc:
+            message = f"annotation {RETRY_ANNOTATION}={value!r} ignored: {exc.message}"
+            return Report({}, [Note("Warning", "RetryRefused", message)])
+        if not is_true(status, FILLED):
+            message = f"annotation {RETRY_ANNOTATION} ignored: the run is not filled yet"
+            return Report({}, [Note("Warning", "RetryRefused", message)])
+        pool = await self._pool(ref, spec)
+        async with acquire(pool) as conn:
+            count = await retries.retry_failed(
+                conn, ref.run_id, error_class=request.error_class, target=request.target,
+                error=request.error,
+            )  # fmt: skip
+        patch: dict[str, Any] = {"lastRetry": last_retry(request, count)}
+        message = f"put {count} failed items back in the queue ({request.describe()})"
+        if count and status.get("phase") in FINISHED:
+            replicas = desired_replicas(spec, finished=False)
+            await self._apply(ref, spec, replicas, resume_token)
+            patch |= reopened(status, spec, count, replicas)
+            message += f"; the run runs again with {replicas} workers"
+        return Report(patch, [Note("Normal", "ItemsRetried", message)])
+
     # --- timers ----------------------------------------------------------------------------
 
     async def reconcile(
@@ -305,7 +336,7 @@ class RunService:
                 spent = await usage.run_usage(conn, ref.run_id)
                 run_budget = await budget.state(conn, ref.run_id)
                 paused = [
-                    PausedTarget(t.target, t.pause_reason or "", t.paused_at)
+                    PausedTarget(t.target, t.pause_reason or "", t.paused_at, t.fault is not None)
                     for t in await runs.targets(conn, ref.run_id)
                     if t.paused_at is not None
                 ]
@@ -424,12 +455,13 @@ def _transition_notes(
     before = {t.get("name") for t in old.get("pausedTargets") or []}
     for target in paused:
         if target.name not in before:
+            fix = "the setting named" if target.by_fault else "its API key"
             notes.append(
                 Note(
                     "Warning",
                     "TargetPaused",
-                    f"target {target.name} paused for the run: {target.reason}; fix its API key "
-                    "and set the annotation analysisq.io/resume-targets to resume it",
+                    f"target {target.name} paused for the run: {target.reason}; fix {fix} and "
+                    f"set the annotation {RESUME_ANNOTATION} to resume it",
                 )
             )
     if new.get("phase") == PAUSED and old.get("phase") != PAUSED:

@@ -68,6 +68,8 @@ class PausedTarget:
     name: str
     reason: str
     since: datetime | None
+    #: Paused by the circuit breaker (a wrong model or endpoint), not by a refused key.
+    by_fault: bool = False
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import asyncpg
 
 from analysisq.db.connect import translated
 from analysisq.db.sql import query
-from analysisq.errors import RunNotFound
+from analysisq.errors import RunNotFound, SpecError
 from analysisq.queue import budget, ratelimit
 from analysisq.queue.states import Counts
 from analysisq.spec import AnalysisRunSpec, parse_spec
@@ -58,6 +58,7 @@ async def create_run(
     """
     with translated(f"recording run {run_id}"):
         async with conn.transaction():
+            await _check_models(conn, run_id, spec)
             before = await conn.fetchval(query("run_max_attempts"), run_id)
             await conn.execute(
                 query("upsert_run"),
@@ -86,6 +87,26 @@ async def create_run(
                     spec.target_fault_threshold,
                 )
             await budget.set_budget(conn, run_id, spec.budget)
+
+
+async def _check_models(conn: asyncpg.Connection, run_id: str, spec: AnalysisRunSpec) -> None:
+    """A target's provider and model may change only while it has no result: a misspelt
+    model can be fixed (the circuit breaker paused it before any answer), but results of two
+    models never mix in one target."""
+    row = await conn.fetchrow(query("get_run"), run_id)
+    if row is None:
+        return
+    old = {t.name: t for t in parse_spec(json.loads(row["spec"]), source=f"run {run_id}").targets}
+    for t in spec.targets:
+        was = old.get(t.name)
+        if was is None or (was.provider, was.model) == (t.provider, t.model):
+            continue
+        if await conn.fetchval(query("target_has_results"), run_id, t.name):
+            raise SpecError(
+                f"targets[{t.name}]: the provider and model cannot change from "
+                f"{was.provider}:{was.model} to {t.provider}:{t.model}, the target has results "
+                "(they would mix two analyses); create a new run instead"
+            )
 
 
 async def fill(conn: asyncpg.Connection, run_id: str, spec: AnalysisRunSpec) -> FillResult:
@@ -145,6 +166,9 @@ class TargetState:
     pool: str
     paused_at: datetime | None
     pause_reason: str | None
+    #: Set while the circuit breaker counts a target fault; a paused target with a fault was
+    #: paused by the breaker (fix the setting its reason names), without one by a refused key.
+    fault: str | None = None
 
 
 async def targets(conn: asyncpg.Connection, run_id: str) -> list[TargetState]:
