@@ -259,3 +259,30 @@ async def test_budget_pauses_the_run_and_resume_with_a_larger_budget(
     )
     exported = (tmp_path / "data/runs" / run_id / "results.jsonl").read_text().splitlines()
     assert {json.loads(r)["cost"] for r in exported} == {1.0}
+
+
+async def test_a_model_typo_pauses_then_resume_with_the_fixed_model(
+    db: asyncpg.Connection, fake: FakeProvider, start_run: object, tmp_path: Path
+) -> None:
+    """A misspelt model (404 model_not_found) stops the run (exit 3) with nothing burnt and
+    says what to fix; ``--resume RUN --target NAME=...`` corrects the target and finishes."""
+    await add_prompts(db, 100)
+    fake.configure(FAKE.model_copy(update={"known_models": ["gpt-4o-mini"], "errors": {}}))
+    args = run_args(fake)
+    args[1] = f"fake=openai:gpt-4o-mni@{fake.url}"
+    first = await start_run(*args)  # type: ignore[operator]
+    assert await first.wait() == 3, first.output()
+    run_id = await db.fetchval("SELECT id FROM analysis_runs")
+    out = " ".join(first.output().split())
+    assert "Target 'fake' is PAUSED: 3 answers in a row" in out
+    assert "fix targets[fake].model (the provider does not know it)" in out
+    assert f"Fix the setting each reason names, then: analysisq run --resume {run_id}" in out
+    counts = await runs.counts(db, run_id)
+    assert counts.completed == counts.failed == counts.processing == 0, counts
+    assert await db.fetchval("SELECT max(attempts) FROM analysis_queue") == 0
+
+    second = await start_run("--resume", run_id, "--target", "fake=openai:gpt-4o-mini")  # type: ignore[operator]
+    assert await second.wait() == 0, second.output()
+    assert (await runs.get_run(db, run_id)).spec.target("fake").endpoint == fake.url
+    results = tmp_path / "data/runs" / run_id / "results.jsonl"
+    await assert_complete_once(db, run_id, results, fake, total=100)

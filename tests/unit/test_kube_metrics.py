@@ -7,7 +7,7 @@ from prometheus_client import generate_latest
 
 from analysisq.kube.metrics import Metrics
 from analysisq.kube.ref import RunRef
-from analysisq.kube.service import rolled_out
+from analysisq.kube.service import old_pods_gone, rolled_out
 
 pytestmark = pytest.mark.unit
 
@@ -58,3 +58,22 @@ def test_a_rollout_is_done_when_only_current_pods_remain() -> None:
     assert not rolled_out(None)
     assert rolled_out({"metadata": {"generation": 1}, "spec": {"replicas": 0}, "status": {
         "observedGeneration": 1}})  # fmt: skip
+
+
+def test_a_resume_waits_until_the_old_pods_finished_terminating() -> None:
+    """rolled_out ignores deleted pods that still drain with the old key; resuming then let a
+    late 401 from one of them pause the target again."""
+    done = {
+        "metadata": {"generation": 2},
+        "spec": {"replicas": 2, "template": {"spec": {"terminationGracePeriodSeconds": 30}}},
+        "status": {"observedGeneration": 2, "updatedReplicas": 2, "replicas": 2},
+    }
+    assert rolled_out(done)
+    assert not old_pods_gone(done, rolled_out_at=100.0, now=100.0)
+    assert not old_pods_gone(done, rolled_out_at=100.0, now=129.0)
+    assert old_pods_gone(done, rolled_out_at=100.0, now=130.5)
+    # where the API counts terminating pods, that count decides at once
+    draining = {**done, "status": {**done["status"], "terminatingReplicas": 1}}
+    assert not old_pods_gone(draining, rolled_out_at=0.0, now=1e9)
+    drained = {**done, "status": {**done["status"], "terminatingReplicas": 0}}
+    assert old_pods_gone(drained, rolled_out_at=100.0, now=100.0)

@@ -27,11 +27,11 @@ from analysisq.settings import Settings
 
 T = TypeVar("T")
 
-#: Flags that shape a new run; ``--resume`` takes the stored spec and refuses them.
+#: Flags that shape a new run; ``--resume`` takes the stored spec and refuses them, except
+#: ``--target NAME=...``, which corrects a target of the run (a misspelt model).
 _SPEC_FLAGS = {
     "spec_file": "--spec",
     "prompts_file": "--prompts",
-    "targets": "--target",
     "tags": "--tag",
     "batch_size": "--batch-size",
     "max_attempts": "--max-attempts",
@@ -86,7 +86,8 @@ async def _launch(settings: Settings, url: str, out: Console, what: Launch) -> O
     "targets",
     multiple=True,
     metavar="NAME=PROVIDER:MODEL[@ENDPOINT]",
-    help="A target; repeatable; replaces the spec's targets.",
+    help="A target; repeatable; replaces the spec's targets (with --resume: corrects the "
+    "run's target of that NAME).",
 )
 @click.option("--tag", "tags", multiple=True, help="Only prompts with one of these tags.")
 @click.option("--workers", type=click.IntRange(1, 1000), help="Worker processes (20).")
@@ -133,6 +134,7 @@ def run(obj: Context, /, **flags: Any) -> None:
     analysisq run --spec run.yaml
     analysisq run --resume local-20250101-020000-ab12
     analysisq run --resume local-20250101-020000-ab12 --budget maxCost=40
+    analysisq run --resume local-20250101-020000-ab12 --target gpt=openai:gpt-4o-mini
     """
     settings = obj.settings
     resume = flags["resume"]
@@ -167,6 +169,7 @@ def run(obj: Context, /, **flags: Any) -> None:
         spec=spec,
         name=flags["name"],
         resume=resume,
+        fixed_targets=tuple(flags["targets"]) if resume is not None else (),
         prompts_file=flags["prompts_file"],
         prompts_format=flags["prompts_format"],
         workers=flags["workers"],

@@ -96,6 +96,23 @@ def rolled_out(deployment: Mapping[str, Any] | None) -> bool:
     )
 
 
+def old_pods_gone(deployment: Mapping[str, Any], rolled_out_at: float, now: float) -> bool:
+    """After ``rolled_out``: no pod of an older template can still run.
+
+    ``rolled_out`` counts active pods only; a deleted pod drains for up to its grace period
+    with the old API key, and one late 401 from it would pause the target again. Where the
+    API reports ``terminatingReplicas`` (Kubernetes 1.33+ with the
+    DeploymentReplicaSetTerminatingReplicas gate) that count decides. Elsewhere (no pod
+    listing: the operator may not read pods) the old pods were deleted before the rollout
+    was first seen complete at *rolled_out_at*, so they are gone one grace period later."""
+    status = deployment.get("status") or {}
+    if status.get("terminatingReplicas") is not None:
+        return int(status["terminatingReplicas"]) == 0
+    pod = ((deployment.get("spec") or {}).get("template") or {}).get("spec") or {}
+    grace = float(pod.get("terminationGracePeriodSeconds", 30))
+    return now - rolled_out_at > grace
+
+
 @dataclass(frozen=True)
 class Note:
     """An Event to post on the AnalysisRun."""
@@ -148,6 +165,8 @@ class RunService:
         self.pools = pools
         self.metrics = metrics
         self._meters: dict[str, RateMeter] = {}
+        #: (run uid, resume token) -> when its rollout was first seen complete.
+        self._rolled_out_at: dict[tuple[str, str | None], float] = {}
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -271,14 +290,20 @@ class RunService:
         self, ref: RunRef, spec: AnalysisRunSpec, status: Status, resume_token: str | None
     ) -> Report:
         """The resume annotation changed: restart the workers (they read API keys at start),
-        then resume the paused targets. In that order, so that no worker still holding the
-        old key can pause a target again."""
+        then resume the paused targets. In that order, and only once the old pods finished
+        terminating, so that no worker still holding the old key can pause a target again."""
         if status.get("phase") in FINISHED or not is_true(status, FILLED):
             return Report()
         await self._apply(ref, spec, desired_replicas(spec, finished=False), resume_token)
         deployment = await self.kube.read_deployment(ref.namespace, ref.deployment_name)
-        if not rolled_out(deployment):
+        key = (ref.uid, resume_token)
+        if deployment is None or not rolled_out(deployment):
+            self._rolled_out_at.pop(key, None)
             raise NotYet("waiting for the workers to restart before resuming targets")
+        since = self._rolled_out_at.setdefault(key, time.monotonic())
+        if not old_pods_gone(deployment, since, time.monotonic()):
+            raise NotYet("waiting for the old worker pods to finish terminating")
+        self._rolled_out_at.pop(key, None)
         pool = await self._pool(ref, spec)
         async with acquire(pool) as conn:
             resumed = await runs.resume_targets(conn, ref.run_id)
@@ -444,6 +469,8 @@ class RunService:
 
     def forget(self, ref: RunRef) -> None:
         self._meters.pop(ref.uid, None)
+        for key in [k for k in self._rolled_out_at if k[0] == ref.uid]:
+            del self._rolled_out_at[key]
         self.metrics.forget(ref)
 
 

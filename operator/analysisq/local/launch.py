@@ -21,7 +21,7 @@ from analysisq.db.connect import acquire
 from analysisq.errors import InputError
 from analysisq.local.prompt_import import import_prompts
 from analysisq.local.runner import Outcome, Supervisor
-from analysisq.local.runspec import new_run_id
+from analysisq.local.runspec import new_run_id, with_fixed_targets
 from analysisq.providers import make_provider, resolve_api_key
 from analysisq.queue import runs
 from analysisq.queue.runs import Run
@@ -44,9 +44,17 @@ async def start_run(
     return await runs.get_run(conn, run_id), filled
 
 
-async def reopen_run(conn: asyncpg.Connection, run_id: str) -> tuple[Run, list[str]]:
-    """An existing run, filled if it never was, with its paused targets resumed."""
+async def reopen_run(
+    conn: asyncpg.Connection, run_id: str, fixed_targets: list[str] | None = None
+) -> tuple[Run, list[str]]:
+    """An existing run, filled if it never was, its targets corrected by *fixed_targets*
+    (``--target`` values), with its paused targets resumed."""
     run = await runs.get_run(conn, run_id)
+    if fixed_targets:
+        await runs.create_run(
+            conn, run.id, with_fixed_targets(run.spec, fixed_targets), name=run.name
+        )
+        run = await runs.get_run(conn, run.id)
     if run.filled_at is None:
         await runs.fill(conn, run.id, run.spec)
     return run, await runs.resume_targets(conn, run.id)
@@ -67,6 +75,8 @@ class Launch:
     spec: AnalysisRunSpec | None = None
     name: str = "local"
     resume: str | None = None
+    #: ``--target`` values that correct targets of the resumed run (a misspelt model).
+    fixed_targets: tuple[str, ...] = ()
     prompts_file: Path | None = None
     prompts_format: str | None = None
     #: Worker processes; default the spec's ``workers``.
@@ -111,7 +121,7 @@ async def launch(
 
 async def _open(conn: asyncpg.Connection, out: Console, what: Launch) -> Run:
     if what.resume is not None:
-        run, resumed = await reopen_run(conn, what.resume)
+        run, resumed = await reopen_run(conn, what.resume, list(what.fixed_targets))
         if what.budget is not None:
             spec = parse_spec({**run.spec.to_json(), "budget": what.budget}, source="--budget")
             await runs.create_run(conn, run.id, spec, name=run.name)

@@ -8,7 +8,8 @@ run is over:
 
 - every item terminal: the workers exit by themselves; the run is marked finished and its
   results are written (``export``);
-- only items of paused targets are left (an auth failure): stop rather than wait forever;
+- only items of paused targets are left (an auth failure, a target fault): stop rather than
+  wait forever;
 - the run's budget is exhausted and nothing is in flight: stop, every item kept (exit 3,
   with the ``--resume RUN --budget`` line that continues);
 - SIGINT/SIGTERM: SIGTERM to the workers, which release what they hold (not counted as an
@@ -70,6 +71,8 @@ class Outcome:
     done_here: int = 0
     restarts: int = 0
     paused: dict[str, str] = field(default_factory=dict)
+    #: Paused targets whose pause is the circuit breaker's (a wrong model or endpoint).
+    faulted: frozenset[str] = frozenset()
     results_path: Path | None = None
     results_written: int = 0
     retry: monitor.RetryReport | None = None
@@ -174,6 +177,7 @@ class Supervisor:
             done_here=snap.counts.terminal - (self._terminal_at_start or 0),
             restarts=self.workers.restarts,
             paused=snap.paused,
+            faulted=await self._faulted(),
         )
         if ending is Ending.FINISHED:
             await self._finish(outcome)
@@ -245,6 +249,11 @@ class Supervisor:
             workers=self.workers.count,
             restarts=self.workers.restarts,
         )
+
+    async def _faulted(self) -> frozenset[str]:
+        async with acquire(self.pool) as conn:
+            targets = await runs.targets(conn, self.run.id)
+        return frozenset(t.target for t in targets if t.paused_at and t.fault)
 
     async def _only_paused_left(self, paused: dict[str, str]) -> bool:
         async with acquire(self.pool) as conn:
@@ -320,11 +329,16 @@ def summary(outcome: Outcome, *, resume: str = "analysisq run --resume") -> list
     for target, reason in outcome.paused.items():
         lines.append(f"Target {target!r} is PAUSED: {reason}")
     if outcome.ending is Ending.PAUSED:
-        keys = ", ".join(_key_variable(run.spec.target(t)) for t in outcome.paused)
-        lines.append(
-            f"Only items of paused targets are left. Fix the API key ({keys}), "
-            f"then: {resume} {run.id}"
-        )
+        keyed = [t for t in outcome.paused if t not in outcome.faulted]
+        fixes = [f"the API key ({', '.join(_key_variable(run.spec.target(t)) for t in keyed)})"]
+        fixes = fixes if keyed else []
+        if outcome.faulted:
+            fixes.append("the setting each reason names")
+        then = f"{resume} {run.id}"
+        if outcome.faulted:
+            then += " [--target NAME=PROVIDER:MODEL[@ENDPOINT]]"
+        lines.append(f"Only items of paused targets are left. Fix {' and '.join(fixes)}, "
+                     f"then: {then}")  # fmt: skip
     elif outcome.ending is Ending.BUDGET:
         lines.append(
             f"The budget cannot cover the next request: {c.pending + c.retrying:,} items wait, "

@@ -62,6 +62,25 @@ def parse_budget(values: list[str]) -> dict[str, Any] | None:
     return budget or None
 
 
+def with_fixed_targets(spec: AnalysisRunSpec, values: list[str]) -> AnalysisRunSpec:
+    """*spec* with its targets of the same names corrected by ``--target`` values.
+
+    How a resumed run gets the model or endpoint that its circuit breaker said to fix; the
+    rest of each target (rate limit, key variable, params) stays. The queue refuses a model
+    change for a target that already has results (``runs.create_run``)."""
+    data = spec.to_json()
+    by_name = {t["name"]: t for t in data["targets"]}
+    for value in values:
+        fix = parse_target(value)
+        if fix["name"] not in by_name:
+            raise SpecError(
+                f"--target {value!r}: the run has no target {fix['name']!r} (it has "
+                f"{', '.join(by_name)}); a resumed run keeps its targets, NAME= picks one"
+            )
+        by_name[fix["name"]].update(fix)
+    return parse_spec(data, source="the resumed run's targets")
+
+
 def build_spec(
     spec_file: Path | None,
     targets: list[str],
