@@ -172,6 +172,11 @@ def wait_for(check: Callable[[], T], timeout: float = 60.0, interval: float = 0.
     return eventually(strict, timeout=timeout, interval=interval)
 
 
+def wait_complete(kubectl: Kubectl, namespace: str, name: str, timeout: int = 180) -> None:
+    kubectl("wait", "--for=condition=Complete", f"analysisrun/{name}", f"--timeout={timeout}s",
+            namespace=namespace, timeout=timeout + 10)  # fmt: skip
+
+
 def delete_runs(kubectl: Kubectl, namespace: str) -> None:
     """Delete every AnalysisRun of the namespace while the operator still runs (finalizers);
     strip what is left so that namespace deletion never hangs on a stopped operator."""

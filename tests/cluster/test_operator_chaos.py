@@ -31,6 +31,7 @@ from operator_env import (  # noqa: F401 (fixtures)
     secret,
     seed_prompts,
     sql,
+    wait_complete,
     wait_for,
 )
 
@@ -53,11 +54,6 @@ def run_id_of(kubectl: Kubectl, namespace: str, name: str) -> str:
 
 def completed(url: str, run_id: str) -> int:
     return queue_counts(url, run_id).get("completed", 0)
-
-
-def wait_complete(kubectl: Kubectl, namespace: str, name: str, timeout: int = 180) -> None:
-    kubectl("wait", "--for=condition=Complete", f"analysisrun/{name}", f"--timeout={timeout}s",
-            namespace=namespace, timeout=timeout + 10)  # fmt: skip
 
 
 def test_a_killed_worker_pods_items_come_back_and_complete_once(

@@ -21,6 +21,7 @@ from operator_env import (  # noqa: F401 (fixtures)
     operators_fixture,
     queue_counts,
     seed_prompts,
+    wait_complete,
     wait_for,
 )
 
@@ -32,11 +33,6 @@ pytestmark = pytest.mark.cluster
 
 def target(url: str, name: str, model: str) -> dict[str, str]:
     return {"name": name, "provider": "openai", "model": model, "endpoint": url}
-
-
-def wait_complete(kubectl: Kubectl, namespace: str, name: str, timeout: int = 120) -> None:
-    kubectl("wait", "--for=condition=Complete", f"analysisrun/{name}", f"--timeout={timeout}s",
-            namespace=namespace, timeout=timeout + 10)  # fmt: skip
 
 
 def test_a_model_typo_pauses_its_target_and_names_the_setting_to_fix(
