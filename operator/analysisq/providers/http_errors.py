@@ -66,10 +66,11 @@ _MODEL_CODES = frozenset(
     {"model_not_found", "invalid_model", "unknown_model", "model_not_available",
      "DeploymentNotFound", "unsupported_model"}
 )  # fmt: skip
-# "Invalid model name passed in model=..." (LiteLLM), "The model `x` does not exist" (OpenAI),
-# "model 'x' not found" (Ollama, vLLM). Bounded gaps keep the scan linear.
+# "Invalid model name passed in model=..." (LiteLLM), "The model `x` does not exist" (OpenAI,
+# vLLM), "model 'x' not found" (Ollama), "model: claude-x" (Anthropic's 404). Bounded gaps
+# keep the scan linear.
 _MODEL_TEXT = re.compile(
-    r"(?i)\b(?:invalid|unknown|unsupported|nonexistent|no such)\s+model\b|"
+    r"(?i)^\s*model:\s|\b(?:invalid|unknown|unsupported|nonexistent|no such)\s+model\b|"
     r"\bmodel\b[^.\n]{0,120}?\b(?:does not exist|not found|is not supported|is invalid)\b"
 )
 #: Bodies are matched on their first characters only (a 32 KB error page needs no more).
