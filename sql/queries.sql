@@ -191,9 +191,11 @@ WITH target AS (
     -- Park only while the target is still paused. Read under a share lock: a resume that
     -- committed first is seen (the item is due at once), a resume that comes later waits
     -- for this release and then unparks the item (resume_targets).
+    -- Only when parking: other releases (a 429 above all) leave the target's row, which
+    -- every rate-limited request updates, unlocked.
     SELECT t.paused_at IS NOT NULL AS paused
     FROM analysis_queue q JOIN run_targets t ON t.run_id = q.run_id AND t.target = q.target
-    WHERE q.id = $1
+    WHERE q.id = $1 AND $7::boolean
     FOR SHARE OF t
 )
 UPDATE analysis_queue SET
