@@ -140,4 +140,10 @@ def test_the_retry_annotation_runs_a_finished_run_again(
     assert_exactly_once(db_url, run_id, 60)
     reasons = [e["reason"] for e in events(kubectl, namespace, "again")]
     assert {"Failed", "ItemsRetried", "Succeeded"} <= set(reasons)
+    (retried,) = [e["message"] for e in events(kubectl, namespace, "again")
+                  if e["reason"] == "ItemsRetried"]  # fmt: skip
+    assert retried == (
+        f"put {failed} failed items back in the queue (class=permanent); the run runs again "
+        "with 2 workers"
+    )
     wait_for(lambda: scaled_to(0), timeout=60)
