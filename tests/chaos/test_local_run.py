@@ -286,3 +286,32 @@ async def test_a_model_typo_pauses_then_resume_with_the_fixed_model(
     assert (await runs.get_run(db, run_id)).spec.target("fake").endpoint == fake.url
     results = tmp_path / "data/runs" / run_id / "results.jsonl"
     await assert_complete_once(db, run_id, results, fake, total=100)
+
+
+async def test_retry_after_a_fix_runs_a_finished_run_again(
+    db: asyncpg.Connection, db_url: str, fake: FakeProvider, start_run: object, tmp_path: Path
+) -> None:
+    """A run that ended with permanent failures: ``analysisq retry`` puts them back and
+    ``--resume`` finishes the run with every item completed once."""
+    await add_prompts(db, 100)
+    fake.configure(FAKE.model_copy(update={"errors": {"400": 0.2}}))
+    first = await start_run(*run_args(fake))  # type: ignore[operator]
+    assert await first.wait() == 1, first.output()  # too many failed for good
+    run_id = await db.fetchval("SELECT id FROM analysis_runs")
+    failed = (await runs.counts(db, run_id)).failed
+    assert failed >= 5
+
+    fake.configure(FAKE.model_copy(update={"errors": {}}))  # the cause is fixed
+    retry = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "analysisq", "retry", run_id, "--class", "permanent",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "DATABASE_URL": db_url},
+    )  # fmt: skip
+    out, _ = await retry.communicate()
+    assert retry.returncode == 0, out
+    assert f"put {failed} failed items of run {run_id} back" in out.decode()
+
+    second = await start_run("--resume", run_id)  # type: ignore[operator]
+    assert await second.wait() == 0, second.output()
+    results = tmp_path / "data/runs" / run_id / "results.jsonl"
+    await assert_complete_once(db, run_id, results, fake, total=100)

@@ -73,8 +73,12 @@ async def test_retry_filters_by_target_and_parks_items_of_a_paused_target(
     for i in await claim_all(db):
         await fail_for_good(db, i, ErrorClass.PERMANENT, "HTTP 404 Not Found")
     assert await runs.pause_target(db, "run-1", "b", "bad key")
+    await db.execute("UPDATE run_targets SET fault = 'HTTP 404', fault_streak = 2")
     assert await retries.retry_failed(db, "run-1", target="b") == 2
     assert await retries.retry_failed(db, "run-1", target="b") == 0
+    # the circuit breaker of the target retried starts over; the other keeps its count
+    streaks = await db.fetch("SELECT target, fault_streak FROM run_targets ORDER BY target")
+    assert [tuple(r) for r in streaks] == [("a", 2), ("b", 0)]
     parked = await db.fetch(
         "SELECT target, status, next_attempt_at = 'infinity' AS parked FROM analysis_queue"
         " WHERE status = 'pending'"
