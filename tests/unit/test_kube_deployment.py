@@ -174,6 +174,7 @@ def test_replicas_follow_workers_suspend_and_the_end_of_the_run() -> None:
 def test_scaling_does_not_restart_workers_but_worker_settings_do() -> None:
     base = config_hash(spec())
     assert config_hash(spec(workers=50, suspend=True, onDelete="Delete")) == base
+    assert config_hash(spec(targetFaultThreshold=10)) == base  # the database reads it
     assert config_hash(spec(batchSize=10)) != base
     assert config_hash(spec(leaseSeconds=30)) != base
     m = worker_deployment(REF, spec(), settings(), replicas=1, resume_token="2025-01-01T00:00")

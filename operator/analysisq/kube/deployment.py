@@ -32,7 +32,11 @@ DEFAULT_RESOURCES: dict[str, dict[str, str]] = {
 }
 
 # Spec fields that do not change what a worker process does: no restart when they change.
-_NOT_FOR_WORKERS = {"workers", "suspend", "deadline", "onDelete", "maxFailedRatio", "resources"}
+# (targetFaultThreshold is read by the database, from run_targets, at each target fault.)
+_NOT_FOR_WORKERS = {
+    "workers", "suspend", "deadline", "onDelete", "maxFailedRatio", "resources",
+    "targetFaultThreshold",
+}  # fmt: skip
 
 
 def desired_replicas(spec: AnalysisRunSpec, *, finished: bool) -> int:
