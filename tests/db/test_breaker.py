@@ -17,7 +17,7 @@ from analysisq.queue import items, runs
 from analysisq.queue.items import ClaimedItem, Outcome
 from analysisq.settings import Settings
 from analysisq.spec import AnalysisRunSpec
-from analysisq.worker.loop import Worker
+from analysisq.worker import Worker
 from support import add_prompts, new_run, spec
 
 pytestmark = [pytest.mark.db, pytest.mark.timeout(120)]
