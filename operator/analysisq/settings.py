@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None, validation_alias=AliasChoices("ANALYSISQ_DATABASE_URL", "DATABASE_URL")
     )
+    #: What sits between analysisq and PostgreSQL: ``none`` (a direct connection) or
+    #: ``transaction`` (PgBouncer, Supavisor, RDS Proxy in transaction pooling mode: no
+    #: server-side prepared statement outlives a statement; see docs/pooler.md).
+    database_pooler: Literal["none", "transaction"] = "none"
     #: Where local runs keep the embedded database and results.
     data_dir: Path = Field(default_factory=_default_data_dir)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

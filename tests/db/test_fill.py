@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import asyncpg
 import pytest
@@ -52,7 +53,9 @@ async def test_selection_by_tags_ids_and_active(db: asyncpg.Connection) -> None:
     assert (await runs.fill(db, "all", everything)).inserted == 8
 
 
-async def test_fill_killed_half_way_then_repeated(db: asyncpg.Connection, db_url: str) -> None:
+async def test_fill_killed_half_way_then_repeated(
+    db: asyncpg.Connection, db_url: str, client_options: dict[str, Any]
+) -> None:
     """A fill whose backend dies mid-statement leaves nothing half-done behind it.
 
     A lock on the last prompt stops the fill at its last row (the foreign-key check waits on
@@ -61,8 +64,8 @@ async def test_fill_killed_half_way_then_repeated(db: asyncpg.Connection, db_url
     await add_prompts(db, 2_000)
     s = spec(targets=TWO_TARGETS)
     await runs.create_run(db, "k", s)
-    blocker = await asyncpg.connect(db_url)
-    victim = await asyncpg.connect(db_url)
+    blocker = await asyncpg.connect(db_url, **client_options)
+    victim = await asyncpg.connect(db_url, **client_options)
     try:
         tx = blocker.transaction()
         await tx.start()
@@ -70,15 +73,17 @@ async def test_fill_killed_half_way_then_repeated(db: asyncpg.Connection, db_url
             "SELECT 1 FROM prompts WHERE id = (SELECT max(id) FROM prompts) FOR UPDATE"
         )
         fill = asyncio.create_task(runs.fill(victim, "k", s))
-        pid = victim.get_server_pid()
+        # The fill's backend, found by what it waits on (behind a pooler the client's
+        # get_server_pid() is the pooler's, not the backend's).
         for _ in range(500):
-            waiting = await db.fetchval(
-                "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid
+            pid = await db.fetchval(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO analysis_queue%'"
             )
-            if waiting:
+            if pid is not None:
                 break
             await asyncio.sleep(0.01)
-        assert waiting, "the fill never reached the locked row"
+        assert pid is not None, "the fill never reached the locked row"
         await db.execute("SELECT pg_terminate_backend($1)", pid)
         with pytest.raises(Exception):  # noqa: B017 - any error: the connection is gone
             await fill

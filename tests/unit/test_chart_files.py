@@ -104,7 +104,9 @@ def test_every_value_is_in_the_schema_and_the_schema_is_closed() -> None:
 
 def test_the_database_url_cannot_be_a_value() -> None:
     schema = json.loads((CHART / "values.schema.json").read_text())
-    assert set(schema["properties"]["database"]["properties"]) == {"existingSecret", "key"}
+    database = schema["properties"]["database"]["properties"]
+    assert set(database) == {"existingSecret", "key", "pooler"}
+    assert database["pooler"]["enum"] == ["none", "transaction"]  # a mode, never a URL
 
 
 def test_one_resource_kind_per_template() -> None:

@@ -83,7 +83,14 @@ def test_secrets_are_referenced_never_inlined() -> None:
         "ANALYSISQ_LOG_FORMAT",
         "ANALYSISQ_LOG_LEVEL",
         "ANALYSISQ_SHUTDOWN_GRACE_SECONDS",
+        "ANALYSISQ_DATABASE_POOLER",
     }
+
+
+def test_workers_reach_the_database_through_the_operators_pooler_mode() -> None:
+    for mode in ("none", "transaction"):
+        m = worker_deployment(REF, spec(), settings(database_pooler=mode), replicas=1)
+        assert env(m)["ANALYSISQ_DATABASE_POOLER"]["value"] == mode
 
 
 def test_a_runs_own_database_secret_and_api_key_env_are_honoured() -> None:

@@ -115,6 +115,8 @@ where the operator cannot know the namespaces in advance and workers run as `def
     secretKeyRef:
       name: {{ .Values.database.existingSecret | quote }}
       key: {{ .Values.database.key | quote }}
+- name: ANALYSISQ_DATABASE_POOLER
+  value: {{ .Values.database.pooler | quote }}
 {{- end }}
 
 {{/*

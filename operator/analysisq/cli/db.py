@@ -17,7 +17,8 @@ def migrate(obj: Context) -> None:
     """Apply the missing schema migrations; safe to run any number of times."""
 
     async def go() -> list[str]:
-        conn = await connect(database_url(obj.settings))
+        settings = obj.settings
+        conn = await connect(database_url(settings), pooler=settings.database_pooler)
         try:
             return [f"{m.version:04d}_{m.name}" for m in await apply_migrations(conn)]
         finally:

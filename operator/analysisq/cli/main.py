@@ -74,6 +74,11 @@ class AnalysisqGroup(click.Group):
 @click.group(cls=AnalysisqGroup)
 @click.version_option(__version__, prog_name="analysisq")
 @click.option("--database-url", envvar=None, help="PostgreSQL URL (env DATABASE_URL).")
+@click.option(
+    "--database-pooler",
+    type=click.Choice(["none", "transaction"]),
+    help="A pooler in transaction mode sits in front (env ANALYSISQ_DATABASE_POOLER).",
+)
 @click.option("--data-dir", type=click.Path(), help="Local state: embedded database, results.")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 @click.option("--log-format", type=click.Choice(["json", "text"]))
@@ -81,6 +86,7 @@ class AnalysisqGroup(click.Group):
 def cli(
     ctx: click.Context,
     database_url: str | None,
+    database_pooler: str | None,
     data_dir: str | None,
     log_level: str | None,
     log_format: str | None,
@@ -88,8 +94,8 @@ def cli(
     """analysisq: daily LLM prompt analyses on a PostgreSQL work queue."""
     try:
         settings = load_settings(
-            database_url=database_url, data_dir=data_dir, log_level=log_level,
-            log_format=log_format,
+            database_url=database_url, database_pooler=database_pooler, data_dir=data_dir,
+            log_level=log_level, log_format=log_format,
         )  # fmt: skip
     except ConfigError as exc:
         raise click.UsageError(exc.message) from None

@@ -112,7 +112,7 @@ async def session(
 ) -> AsyncIterator[asyncpg.Pool]:
     """A small pool on *url*, the schema migrated (or checked, for a database of our own
     choosing: an explicit URL is migrated only by commands that write)."""
-    async with open_pool(url, min_size=1, max_size=4) as pool:
+    async with open_pool(url, pooler=settings.database_pooler, min_size=1, max_size=4) as pool:
         async with acquire(pool) as conn:
             if migrate_schema or not settings.database_url:
                 await migrate(conn)

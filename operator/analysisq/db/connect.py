@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 
@@ -51,29 +51,55 @@ def translated(what: str) -> Iterator[None]:
 
 
 #: Every analysisq session runs in UTC, so timestamps read the same everywhere. Set as a
-#: startup parameter, not with SET: a pool's reset (RESET ALL) would undo a SET.
+#: startup parameter, not with SET: a pool's reset (RESET ALL) would undo a SET, and a pooler
+#: in transaction mode hands each transaction whichever server connection is free. PgBouncer
+#: and Supavisor track ``TimeZone`` and ``application_name`` per client and set them on the
+#: server connection they lend (docs/pooler.md).
 _SERVER_SETTINGS = {"timezone": "UTC", "application_name": "analysisq"}
+
+#: ``none``: a direct connection. ``transaction``: a pooler in transaction mode, where a
+#: named prepared statement may be missing (or another client's) on the next transaction's
+#: server connection.
+Pooler = Literal["none", "transaction"]
+
+
+def _pooler_options(pooler: Pooler) -> dict[str, Any]:
+    """asyncpg options for *pooler*.
+
+    Behind a transaction pooler asyncpg must not cache named prepared statements; with the
+    cache off it sends every statement as an unnamed Parse/Bind/Execute in one message
+    sequence, which no pooler splits across server connections.
+    """
+    return {"statement_cache_size": 0} if pooler == "transaction" else {}
 
 
 async def _no_reset(conn: asyncpg.Connection) -> None:
     """Pool release without asyncpg's reset round trip.
 
-    analysisq leaves no session state behind (no LISTEN, cursors, advisory locks held across
-    calls or SETs), and the default reset costs one round trip per release, the largest cost
-    of a no-op item (docs/benchmarks.md).
+    analysisq leaves no session state behind (no LISTEN, cursors, session advisory locks or
+    SETs: the same rule makes it safe behind a transaction pooler), and the default reset
+    costs one round trip per release, the largest cost of a no-op item (docs/benchmarks.md).
     """
 
 
-async def connect(url: str, *, timeout: float = 10.0) -> asyncpg.Connection:
+async def connect(
+    url: str, *, pooler: Pooler = "none", timeout: float = 10.0
+) -> asyncpg.Connection:
     with translated(f"connecting to {safe_url(url)}"):
         conn: asyncpg.Connection = await asyncpg.connect(
-            url, timeout=timeout, server_settings=_SERVER_SETTINGS
+            url, timeout=timeout, server_settings=_SERVER_SETTINGS, **_pooler_options(pooler)
         )
         return conn
 
 
 async def create_pool(
-    url: str, *, min_size: int = 1, max_size: int = 4, timeout: float = 10.0, **kw: Any
+    url: str,
+    *,
+    pooler: Pooler = "none",
+    min_size: int = 1,
+    max_size: int = 4,
+    timeout: float = 10.0,
+    **kw: Any,
 ) -> asyncpg.Pool:
     with translated(f"connecting to {safe_url(url)}"):
         pool = await asyncpg.create_pool(
@@ -85,6 +111,7 @@ async def create_pool(
             reset=_no_reset,
             # A pooled connection that died with the server is dropped, not reused.
             max_inactive_connection_lifetime=60.0,
+            **_pooler_options(pooler),
             **kw,
         )
         assert pool is not None

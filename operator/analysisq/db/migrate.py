@@ -1,7 +1,9 @@
 """Ordered migrations from ``sql/migrations``, recorded in ``analysisq_migrations``.
 
-``migrate`` applies what is missing, each file in its own transaction, under an advisory lock
-so that several processes starting at once apply each migration once. ``check_schema`` is what
+``migrate`` applies what is missing, each file in its own transaction that first takes a
+transaction-scoped advisory lock and then re-reads what is applied, so that several processes
+starting at once apply each migration once. The lock ends with the transaction (no session
+lock): it works the same through a pooler in transaction mode. ``check_schema`` is what
 the worker and the operator call at start: they refuse to run on a database that is behind
 (run ``analysisq migrate``) or ahead of (upgrade analysisq) the code, or whose applied
 migrations differ from the files.
@@ -69,28 +71,31 @@ async def migrate(conn: asyncpg.Connection) -> list[Migration]:
     """Apply the missing migrations; return those applied (empty when up to date)."""
     applied: list[Migration] = []
     with translated("migrating"):
-        await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
-        try:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)
             await conn.execute(_BOOTSTRAP)
-            rows = await conn.fetch("SELECT version, checksum FROM analysisq_migrations")
-            done = {r["version"]: r["checksum"] for r in rows}
-            _check_known(done)
-            for m in known_migrations():
-                if m.version in done:
+            _check_known(await _applied(conn))
+        for m in known_migrations():
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)
+                # read under the lock: another process may have applied it meanwhile
+                if m.version in await _applied(conn):
                     continue
-                async with conn.transaction():
-                    await conn.execute(m.sql)
-                    await conn.execute(
-                        "INSERT INTO analysisq_migrations (version, name, checksum)"
-                        " VALUES ($1, $2, $3)",
-                        m.version,
-                        m.name,
-                        m.checksum,
-                    )
-                applied.append(m)
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+                await conn.execute(m.sql)
+                await conn.execute(
+                    "INSERT INTO analysisq_migrations (version, name, checksum)"
+                    " VALUES ($1, $2, $3)",
+                    m.version,
+                    m.name,
+                    m.checksum,
+                )
+            applied.append(m)
     return applied
+
+
+async def _applied(conn: asyncpg.Connection) -> dict[int, str]:
+    rows = await conn.fetch("SELECT version, checksum FROM analysisq_migrations")
+    return {r["version"]: r["checksum"] for r in rows}
 
 
 def _check_known(done: dict[int, str]) -> None:
@@ -115,8 +120,7 @@ async def check_schema(conn: asyncpg.Connection) -> int:
         exists = await conn.fetchval("SELECT to_regclass('analysisq_migrations') IS NOT NULL")
         done: dict[int, str] = {}
         if exists:
-            rows = await conn.fetch("SELECT version, checksum FROM analysisq_migrations")
-            done = {r["version"]: r["checksum"] for r in rows}
+            done = await _applied(conn)
     _check_known(done)
     missing = [m.version for m in known_migrations() if m.version not in done]
     if missing:

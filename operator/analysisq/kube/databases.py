@@ -13,12 +13,13 @@ import asyncio
 
 import asyncpg
 
-from analysisq.db.connect import acquire, create_pool
+from analysisq.db.connect import Pooler, acquire, create_pool
 from analysisq.db.migrate import check_schema
 
 
 class DatabasePools:
-    def __init__(self, *, max_size: int = 4) -> None:
+    def __init__(self, *, pooler: Pooler = "none", max_size: int = 4) -> None:
+        self._pooler: Pooler = pooler
         self._max_size = max_size
         self._pools: dict[str, asyncpg.Pool] = {}
         self._lock = asyncio.Lock()
@@ -31,7 +32,9 @@ class DatabasePools:
         async with self._lock:
             pool = self._pools.get(url)
             if pool is None:
-                pool = await create_pool(url, min_size=1, max_size=self._max_size)
+                pool = await create_pool(
+                    url, pooler=self._pooler, min_size=1, max_size=self._max_size
+                )
                 try:
                     async with acquire(pool) as conn:
                         await check_schema(conn)

@@ -72,6 +72,8 @@ def _env(spec: AnalysisRunSpec, settings: Settings) -> list[dict[str, Any]]:
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "ANALYSISQ_LOG_FORMAT", "value": "json"},
         {"name": "ANALYSISQ_LOG_LEVEL", "value": settings.log_level},
+        # Workers reach the database the operator does, through the same pooler (if any).
+        {"name": "ANALYSISQ_DATABASE_POOLER", "value": settings.database_pooler},
         # Leave the worker time to release what it holds before the kubelet's SIGKILL.
         {
             "name": "ANALYSISQ_SHUTDOWN_GRACE_SECONDS",

@@ -104,7 +104,7 @@ async def run_operator(
     if not settings.database_url:
         raise ConfigError("the operator needs DATABASE_URL (its default database)")
     configure_logging(settings)
-    pools = DatabasePools()
+    pools = DatabasePools(pooler=settings.database_pooler)
     try:
         await pools.get(settings.database_url)
     except DatabaseUnavailable as exc:

@@ -29,7 +29,9 @@ async def _wait_for_pool(settings: Settings, url: str, stop: asyncio.Event) -> a
     delay = 1.0
     while True:
         try:
-            return await create_pool(url, min_size=1, max_size=settings.pool_size)
+            return await create_pool(
+                url, pooler=settings.database_pooler, min_size=1, max_size=settings.pool_size
+            )
         except DatabaseUnavailable as exc:
             log.warning("database unavailable; retrying", extra={"error": exc.message})
             try:
