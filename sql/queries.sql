@@ -548,3 +548,67 @@ FROM run_targets t
 WHERE t.run_id = $1 AND t.target = $2 AND q.id = ANY (t.fault_items)
   AND q.run_id = $1 AND q.status = 'failed' AND q.next_attempt_at IS NULL
   AND q.error_class = 'permanent';
+
+-- Throughput, history and retention (issue 15: analysisq.queue.items, analysisq.queue.prune)
+-- ---------------------------------------------------------------------------------------
+
+-- name: complete_and_claim
+-- `complete` and `claim` in one statement: write a finished batch ($1-$8 as in `complete`)
+-- and claim up to $11 items of run $9 ($10 = max attempts) for worker $12 with a lease of
+-- $13 seconds, in one round trip and one transaction instead of two. Rows with written = true
+-- are the completed ids; the others are the new claims. The two UPDATEs touch disjoint rows:
+-- `done` only items processing under the writer's token, `candidates` only waiting ones.
+WITH input AS (
+    SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::text[],
+                         $6::integer[], $7::integer[], $8::double precision[])
+        AS i(id, token, model, response_text, parsed, tokens_in, tokens_out, latency_ms)
+), done AS (
+    UPDATE analysis_queue q SET
+        status = 'completed', completed_at = now(), updated_at = now(),
+        error_class = NULL, error_message = NULL,
+        lease_owner = NULL, lease_expires_at = NULL, claim_token = NULL
+    FROM input i
+    WHERE q.id = i.id AND q.claim_token = i.token AND q.status = 'processing'
+    RETURNING q.id, q.run_id, q.prompt_tracking_id, q.target, q.attempts
+), saved AS (
+    INSERT INTO analysis_results (queue_id, run_id, prompt_tracking_id, target, model,
+                                  response_text, parsed, tokens_in, tokens_out, latency_ms,
+                                  attempt)
+    SELECT d.id, d.run_id, d.prompt_tracking_id, d.target, i.model, i.response_text,
+           i.parsed::jsonb, i.tokens_in, i.tokens_out, i.latency_ms, d.attempts
+    FROM done d JOIN input i ON i.id = d.id
+    RETURNING queue_id
+), candidates AS (
+    -- the claim's scan, as in `claim`
+    SELECT q.id
+    FROM analysis_queue q
+    WHERE q.run_id = $9
+      AND q.status IN ('pending', 'failed')
+      AND q.next_attempt_at IS NOT NULL
+      AND q.next_attempt_at <= now()
+      AND q.attempts < $10
+    ORDER BY (q.status = 'failed'), q.next_attempt_at
+    LIMIT $11
+    FOR UPDATE OF q SKIP LOCKED
+), claimed AS (
+    UPDATE analysis_queue q SET
+        status = 'processing',
+        attempts = q.attempts + 1,
+        lease_owner = $12,
+        lease_expires_at = now() + make_interval(secs => $13),
+        claim_token = gen_random_uuid(),
+        next_attempt_at = NULL,
+        updated_at = now()
+    FROM candidates c, prompts p
+    WHERE q.id = c.id AND p.id = q.prompt_tracking_id
+    RETURNING q.id, q.claim_token, q.prompt_tracking_id, q.target, q.attempts, q.deferrals,
+              p.external_id, p.text
+)
+SELECT true AS written, s.queue_id AS id, NULL::uuid AS claim_token,
+       NULL::bigint AS prompt_tracking_id, NULL::text AS target, NULL::integer AS attempts,
+       NULL::integer AS deferrals, NULL::text AS external_id, NULL::text AS text
+FROM saved s
+UNION ALL
+SELECT false, c.id, c.claim_token, c.prompt_tracking_id, c.target, c.attempts, c.deferrals,
+       c.external_id, c.text
+FROM claimed c;

@@ -69,6 +69,10 @@ async def claim(
         rows = await conn.fetch(
             query("claim"), run_id, max_attempts, limit, worker, float(lease_seconds)
         )
+    return _claimed(rows)
+
+
+def _claimed(rows: Sequence[asyncpg.Record]) -> list[ClaimedItem]:
     return [
         ClaimedItem(
             id=r["id"],
@@ -118,23 +122,56 @@ def _parsed_json(value: object) -> str | None:
         return None
 
 
+def _result_columns(outcomes: Sequence[Outcome]) -> tuple[list[object], ...]:
+    """The parameters $1-$8 of ``complete`` and ``complete_and_claim``, one array each."""
+    return (
+        [o.item.id for o in outcomes],
+        [o.item.token for o in outcomes],
+        [_text(o.completion.model) for o in outcomes],
+        [_text(o.completion.text) for o in outcomes],
+        [_parsed_json(o.completion.parsed) for o in outcomes],
+        [o.completion.tokens_in for o in outcomes],
+        [o.completion.tokens_out for o in outcomes],
+        [float(o.completion.latency_ms) for o in outcomes],
+    )
+
+
 async def complete(conn: asyncpg.Connection, outcomes: Sequence[Outcome]) -> set[int]:
     """Write results for the claims still ours; return the ids written."""
     if not outcomes:
         return set()
     with translated("completing items"):
-        rows = await conn.fetch(
-            query("complete"),
-            [o.item.id for o in outcomes],
-            [o.item.token for o in outcomes],
-            [_text(o.completion.model) for o in outcomes],
-            [_text(o.completion.text) for o in outcomes],
-            [_parsed_json(o.completion.parsed) for o in outcomes],
-            [o.completion.tokens_in for o in outcomes],
-            [o.completion.tokens_out for o in outcomes],
-            [float(o.completion.latency_ms) for o in outcomes],
-        )
+        rows = await conn.fetch(query("complete"), *_result_columns(outcomes))
     return {r[0] for r in rows}
+
+
+async def complete_and_claim(
+    conn: asyncpg.Connection,
+    outcomes: Sequence[Outcome],
+    run_id: str,
+    *,
+    worker: str,
+    limit: int,
+    lease_seconds: float,
+    max_attempts: int,
+) -> tuple[set[int], list[ClaimedItem]]:
+    """``complete`` then ``claim`` in one statement (one round trip, one transaction).
+
+    Returns the ids written (as ``complete``) and the new claims (as ``claim``, up to
+    *limit*). Fencing and write-once are those of ``complete``: a result is written only for
+    a claim still the writer's, and at most once per item.
+    """
+    with translated("completing and claiming items"):
+        rows = await conn.fetch(
+            query("complete_and_claim"),
+            *_result_columns(outcomes),
+            run_id,
+            max_attempts,
+            limit,
+            worker,
+            float(lease_seconds),
+        )
+    return {r["id"] for r in rows if r["written"]}, _claimed([r for r in rows if not r["written"]])
 
 
 async def fail(

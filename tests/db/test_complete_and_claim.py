@@ -1,0 +1,92 @@
+"""``complete_and_claim``: one statement that writes a batch and claims the next, with the
+fencing and write-once of ``complete`` and the order and leases of ``claim``."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+
+import asyncpg
+import pytest
+
+from analysisq.providers.base import Completion
+from analysisq.queue import items, rescue
+from analysisq.queue.items import ClaimedItem, Outcome
+from support import add_prompts, new_run
+
+pytestmark = pytest.mark.db
+
+OK = Completion("answer", {"a": 1}, 10, 5, "echo-1", 12.5)
+
+
+async def claim(db: asyncpg.Connection, n: int) -> list[ClaimedItem]:
+    return await items.claim(db, "run-1", worker="w1", limit=n, lease_seconds=60,
+                             max_attempts=3)  # fmt: skip
+
+
+async def complete_and_claim(
+    db: asyncpg.Connection, done: list[ClaimedItem], n: int, worker: str = "w1"
+) -> tuple[set[int], list[ClaimedItem]]:
+    return await items.complete_and_claim(
+        db, [Outcome(i, OK) for i in done], "run-1", worker=worker, limit=n,
+        lease_seconds=60, max_attempts=3,
+    )  # fmt: skip
+
+
+async def test_writes_the_batch_and_claims_the_freed_slots(db: asyncpg.Connection) -> None:
+    await add_prompts(db, 10)
+    await new_run(db)
+    held = await claim(db, 4)
+    written, claimed = await complete_and_claim(db, held[:3], 3)
+    assert written == {i.id for i in held[:3]}
+    assert len(claimed) == 3 and not {i.id for i in claimed} & {i.id for i in held}
+    assert all(i.attempt == 1 and i.text for i in claimed)
+    rows = await db.fetch(
+        "SELECT q.id, q.status, q.lease_owner, q.claim_token, r.attempt, r.response_text"
+        " FROM analysis_queue q LEFT JOIN analysis_results r ON r.queue_id = q.id"
+        " WHERE q.status <> 'pending' ORDER BY q.id"
+    )
+    by_id = {r["id"]: r for r in rows}
+    for i in held[:3]:
+        assert by_id[i.id]["status"] == "completed" and by_id[i.id]["response_text"] == "answer"
+    for i in [held[3], *claimed]:
+        r = by_id[i.id]
+        assert (r["status"], r["lease_owner"], r["response_text"]) == ("processing", "w1", None)
+    assert {by_id[i.id]["claim_token"] for i in claimed} == {i.token for i in claimed}
+
+
+async def test_fenced_and_written_once(db: asyncpg.Connection) -> None:
+    await add_prompts(db, 6)
+    await new_run(db)
+    held = await claim(db, 3)
+    stale = dataclasses.replace(held[0], token=uuid.uuid4())  # someone else's claim now
+    written, claimed = await complete_and_claim(db, [stale, held[1]], 0)
+    assert written == {held[1].id} and claimed == []
+    # the same answers again (a retried flush): nothing is written twice
+    written, _ = await complete_and_claim(db, [held[1]], 0)
+    assert written == set()
+    assert await db.fetchval("SELECT count(*) FROM analysis_results") == 1
+    assert await db.fetchval(
+        "SELECT status FROM analysis_queue WHERE id = $1", held[0].id
+    ) == "processing"  # fmt: skip
+
+
+async def test_a_rescued_item_is_not_written_but_can_be_claimed_again(
+    db: asyncpg.Connection,
+) -> None:
+    await add_prompts(db, 2)
+    await new_run(db)
+    (lost, other) = await claim(db, 2)
+    await db.execute("UPDATE analysis_queue SET lease_expires_at = now() - interval '1 s'")
+    assert (await rescue.cleanup_stuck(db, "run-1", 900)).reset == 2
+    written, claimed = await complete_and_claim(db, [lost], 2, worker="w2")
+    assert written == set()  # the zombie's answer is refused
+    assert {i.id for i in claimed} == {lost.id, other.id}  # both are served again, to w2
+    assert await db.fetchval("SELECT count(*) FROM analysis_results") == 0
+
+
+async def test_an_empty_batch_is_a_plain_claim(db: asyncpg.Connection) -> None:
+    await add_prompts(db, 3)
+    await new_run(db)
+    written, claimed = await complete_and_claim(db, [], 5)
+    assert written == set() and len(claimed) == 3
