@@ -69,6 +69,9 @@ SELECT id, name, created_at, filled_at, finished_at FROM analysis_runs
 ORDER BY created_at DESC LIMIT $1;
 
 -- name: delete_run
+-- The run with its targets and queue rows (ON DELETE CASCADE) and its results, which have no
+-- foreign key to the queue (retention may remove queue rows and keep results).
+WITH results AS (DELETE FROM analysis_results WHERE run_id = $1)
 DELETE FROM analysis_runs WHERE id = $1;
 
 -- name: fill_run
@@ -612,3 +615,41 @@ UNION ALL
 SELECT false, c.id, c.claim_token, c.prompt_tracking_id, c.target, c.attempts, c.deferrals,
        c.external_id, c.text
 FROM claimed c;
+
+-- name: prunable_runs
+-- Runs finished more than $1 seconds ago whose queue rows are still there (or, with
+-- $2 = true, whose results are too), oldest first.
+SELECT r.id, r.finished_at
+FROM analysis_runs r
+WHERE r.finished_at < now() - make_interval(secs => $1)
+  AND (r.pruned_at IS NULL
+       OR ($2::boolean AND EXISTS (SELECT 1 FROM analysis_results x WHERE x.run_id = r.id)))
+ORDER BY r.finished_at, r.id;
+
+-- name: prune_queue_batch
+-- Delete up to $2 terminal queue rows of finished run $1 in one short transaction. Only
+-- completed and failed-for-good rows (a run retried after it finished keeps its open items),
+-- and SKIP LOCKED: a row some transaction holds is left for the next pass, so a prune never
+-- waits on (or blocks) a claim, a heartbeat or a completion.
+WITH doomed AS (
+    SELECT q.id FROM analysis_queue q
+    WHERE q.run_id = $1
+      AND (q.status = 'completed' OR (q.status = 'failed' AND q.next_attempt_at IS NULL))
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM analysis_queue q USING doomed d WHERE q.id = d.id;
+
+-- name: prune_results_batch
+-- Delete up to $2 results of run $1 (after an export when one was asked for).
+WITH doomed AS (
+    SELECT x.id FROM analysis_results x WHERE x.run_id = $1 ORDER BY x.id LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM analysis_results x USING doomed d WHERE x.id = d.id;
+
+-- name: mark_pruned
+-- Record the prune once no queue row of the run is left; returns the run id if so.
+UPDATE analysis_runs SET pruned_at = coalesce(pruned_at, now())
+WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM analysis_queue q WHERE q.run_id = $1)
+RETURNING id;

@@ -41,7 +41,9 @@ CREATE TABLE analysis_runs (
     spent_cost        double precision NOT NULL DEFAULT 0 CHECK (spent_cost >= 0),
     reserved_tokens   bigint      NOT NULL DEFAULT 0 CHECK (reserved_tokens >= 0),
     reserved_cost     double precision NOT NULL DEFAULT 0 CHECK (reserved_cost >= 0),
-    budget_exhausted_at timestamptz
+    budget_exhausted_at timestamptz,
+    -- when `analysisq prune` removed the run's queue rows (its results may remain)
+    pruned_at         timestamptz
 );
 CREATE INDEX analysis_runs_name_idx ON analysis_runs (name, created_at DESC);
 
@@ -139,7 +141,8 @@ CREATE INDEX analysis_queue_status_idx ON analysis_queue (status, updated_at);
 
 CREATE TABLE analysis_results (
     id                 bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    queue_id           bigint      NOT NULL UNIQUE REFERENCES analysis_queue (id) ON DELETE CASCADE,
+    -- no foreign key: results may outlive their queue rows (retention); one result per item
+    queue_id           bigint      NOT NULL UNIQUE,
     run_id             text        NOT NULL,
     prompt_tracking_id bigint      NOT NULL,
     target             text        NOT NULL,

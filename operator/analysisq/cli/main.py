@@ -40,6 +40,7 @@ LAZY_COMMANDS = {
     "targets": "runbook",
     "retry": "runbook",
     "prompts": "prompts",
+    "prune": "prune",
     "fake-provider": "fake",
     "trigger": "trigger_cmd",
     "operator": "operator_cmd",
