@@ -101,6 +101,8 @@ def test_contradictory_values_fail_with_a_reason(
         ["image.pullPolicy=Sometimes"],
         ["trigger.template.targets[0].provider=nope"],
         ["operator.logLevel=TRACE"],
+        ["retention.olderThan=soon"],
+        ["database.pooler=session"],
         ["unknownKey=1"],
     ],
 )
@@ -134,6 +136,21 @@ def test_default_render_has_every_role(helm: Path) -> None:
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert {"name": "DATABASE_URL", "value": None} not in container["env"]
     assert all("value" not in e for e in container["env"] if e["name"] == "DATABASE_URL")
+
+
+def test_retention_is_a_daily_prune_when_enabled(helm: Path) -> None:
+    def crons(*set_values: str) -> dict[str, dict[str, object]]:
+        docs = documents(render(helm, namespace="ns", set_values=list(set_values)))
+        return {d["metadata"]["name"]: d for d in docs if d["kind"] == "CronJob"}
+
+    assert set(crons()) == {"analysisq-trigger"}  # off by default
+    cron = crons("retention.enabled=true", "retention.olderThan=7d", "retention.results=true")
+    job = cron["analysisq-retention"]["spec"]["jobTemplate"]["spec"]  # type: ignore[index]
+    (container,) = job["template"]["spec"]["containers"]
+    assert container["args"] == ["prune", "--older-than", "7d", "--results"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] == "analysisq-database"
+    assert env["ANALYSISQ_DATABASE_POOLER"]["value"] == "none"
 
 
 def test_config_checksum_rolls_the_operator(helm: Path) -> None:
