@@ -29,7 +29,7 @@ from analysisq.errors import DatabaseUnavailable
 from analysisq.queue import runs
 from analysisq.settings import Settings
 from analysisq.spec import AnalysisRunSpec, parse_spec
-from analysisq.worker.loop import Worker
+from analysisq.worker import Worker
 
 from .common import ROOT, Reporter, bench_database, copy_prompts, stopwatch, table
 

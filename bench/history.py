@@ -31,7 +31,7 @@ from analysisq.db.sql import query
 from analysisq.queue import prune, runs
 from analysisq.settings import Settings
 from analysisq.spec import AnalysisRunSpec, parse_spec
-from analysisq.worker.loop import Worker
+from analysisq.worker import Worker
 
 from .common import ROOT, Reporter, bench_database, copy_prompts, stopwatch, table
 

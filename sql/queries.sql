@@ -604,16 +604,17 @@ WITH input AS (
         updated_at = now()
     FROM candidates c, prompts p
     WHERE q.id = c.id AND p.id = q.prompt_tracking_id
-    RETURNING q.id, q.claim_token, q.prompt_tracking_id, q.target, q.attempts, q.deferrals,
-              p.external_id, p.text
+    RETURNING q.id, q.claim_token, q.run_id, q.prompt_tracking_id, q.target, q.attempts,
+              q.deferrals, q.lease_losses, p.external_id, p.text
 )
-SELECT true AS written, s.queue_id AS id, NULL::uuid AS claim_token,
+SELECT true AS written, s.queue_id AS id, NULL::uuid AS claim_token, NULL::text AS run_id,
        NULL::bigint AS prompt_tracking_id, NULL::text AS target, NULL::integer AS attempts,
-       NULL::integer AS deferrals, NULL::text AS external_id, NULL::text AS text
+       NULL::integer AS deferrals, NULL::integer AS lease_losses, NULL::text AS external_id,
+       NULL::text AS text
 FROM saved s
 UNION ALL
-SELECT false, c.id, c.claim_token, c.prompt_tracking_id, c.target, c.attempts, c.deferrals,
-       c.external_id, c.text
+SELECT false, c.id, c.claim_token, c.run_id, c.prompt_tracking_id, c.target, c.attempts,
+       c.deferrals, c.lease_losses, c.external_id, c.text
 FROM claimed c;
 
 -- name: prunable_runs
