@@ -31,13 +31,11 @@ from typing import Any
 
 import asyncpg
 
-from analysisq.db.connect import acquire
-from analysisq.errors import DatabaseError, DatabaseUnavailable
 from analysisq.queue import items, quota, ratelimit
 from analysisq.queue.items import Outcome
 from analysisq.worker import Worker
 from analysisq.worker.inflight import InFlight, InFlightClaim
-from analysisq.worker.results import ResultBuffer, WriteReport
+from analysisq.worker.results import ResultBuffer
 
 WHATIFS = ("noreset", "eager", "norate", "combined")
 
@@ -121,33 +119,22 @@ class _CombinedBuffer(ResultBuffer):
         super().__init__(worker.spec.batch_size)
         self._worker = worker
 
-    async def write(self, pool: asyncpg.Pool, batch: list[Outcome]) -> WriteReport:
+    async def _complete(self, conn: asyncpg.Connection, batch: list[Outcome]) -> set[int]:
         w = self._worker
         if w._stopping.is_set():
-            return await super().write(pool, batch)
+            return await super()._complete(conn, batch)
         # the batch's claims are still in flight: once written, their slots are free
         free = w.spec.batch_size - len(w.inflight) + len(batch)
-        report = WriteReport()
-        try:
-            async with acquire(pool) as conn:
-                done, claimed = await items.complete_and_claim(
-                    conn, batch, w.run.id, worker=w.name, limit=free,
-                    lease_seconds=w.lease, max_attempts=w.spec.max_attempts,
-                )  # fmt: skip
-        except DatabaseUnavailable as exc:
-            self.put_back(batch)
-            report.kept, report.unavailable = batch, exc.message
-            return report
-        except DatabaseError:
-            return await self._one_by_one(pool, batch)
+        done, claimed = await items.complete_and_claim(
+            conn, batch, w.run.id, worker=w.name, limit=free,
+            lease_seconds=w.lease, max_attempts=w.spec.max_attempts,
+        )  # fmt: skip
         # started before the flush forgets the written claims, so the claim loop, woken by
         # the freed slots, finds them filled
         w.stats.claimed += len(claimed)
         for item in claimed:
             w._start(item)
-        for o in batch:
-            (report.written if o.item.id in done else report.fenced).append(o)
-        return report
+        return done
 
 
 class CombinedWorker(Worker):

@@ -67,7 +67,7 @@ class ResultBuffer:
         report = WriteReport()
         try:
             async with acquire(pool) as conn:
-                done = await items.complete(conn, batch)
+                done = await self._complete(conn, batch)
         except DatabaseUnavailable as exc:
             self.put_back(batch)
             report.kept, report.unavailable = batch, exc.message
@@ -78,6 +78,10 @@ class ResultBuffer:
         for o in batch:
             (report.written if o.item.id in done else report.fenced).append(o)
         return report
+
+    async def _complete(self, conn: asyncpg.Connection, batch: list[Outcome]) -> set[int]:
+        """The batch's one fenced statement; the ids written."""
+        return await items.complete(conn, batch)
 
     async def _one_by_one(self, pool: asyncpg.Pool, batch: list[Outcome]) -> WriteReport:
         report = WriteReport()
