@@ -602,19 +602,22 @@ WITH input AS (
         claim_token = gen_random_uuid(),
         next_attempt_at = NULL,
         updated_at = now()
-    FROM candidates c, prompts p
+    FROM candidates c, prompts p, run_targets t, rate_pools rp
     WHERE q.id = c.id AND p.id = q.prompt_tracking_id
+      AND t.run_id = q.run_id AND t.target = q.target AND rp.name = t.pool
     RETURNING q.id, q.claim_token, q.run_id, q.prompt_tracking_id, q.target, q.attempts,
-              q.deferrals, q.lease_losses, p.external_id, p.text
+              q.deferrals, q.lease_losses, p.external_id, p.text,
+              greatest(0.0, extract(epoch FROM rp.blocked_until - clock_timestamp()))::float8
+                  AS blocked_seconds
 )
 SELECT true AS written, s.queue_id AS id, NULL::uuid AS claim_token, NULL::text AS run_id,
        NULL::bigint AS prompt_tracking_id, NULL::text AS target, NULL::integer AS attempts,
        NULL::integer AS deferrals, NULL::integer AS lease_losses, NULL::text AS external_id,
-       NULL::text AS text
+       NULL::text AS text, NULL::float8 AS blocked_seconds
 FROM saved s
 UNION ALL
 SELECT false, c.id, c.claim_token, c.run_id, c.prompt_tracking_id, c.target, c.attempts,
-       c.deferrals, c.lease_losses, c.external_id, c.text
+       c.deferrals, c.lease_losses, c.external_id, c.text, c.blocked_seconds
 FROM claimed c;
 
 -- name: prunable_runs
