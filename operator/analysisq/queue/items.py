@@ -64,27 +64,38 @@ async def claim(
     limit: int,
     lease_seconds: float,
     max_attempts: int,
+    skip_targets: Sequence[str] = (),
 ) -> list[ClaimedItem]:
+    """Claim items for the sync path; *skip_targets* (those in mode batch) are left to
+    ``queue.batches.claim``."""
     with translated("claiming items"):
         rows = await conn.fetch(
-            query("claim"), run_id, max_attempts, limit, worker, float(lease_seconds)
+            query("claim"),
+            run_id,
+            max_attempts,
+            limit,
+            worker,
+            float(lease_seconds),
+            list(skip_targets),
         )
-    return [
-        ClaimedItem(
-            id=r["id"],
-            token=r["claim_token"],
-            run_id=r["run_id"],
-            prompt_tracking_id=r["prompt_tracking_id"],
-            external_id=r["external_id"],
-            target=r["target"],
-            attempt=r["attempts"],
-            deferrals=r["deferrals"],
-            lease_losses=r["lease_losses"],
-            text=r["text"],
-            blocked_seconds=r["blocked_seconds"],
-        )
-        for r in rows
-    ]
+    return [claimed_item(r) for r in rows]
+
+
+def claimed_item(r: asyncpg.Record) -> ClaimedItem:
+    """A ``ClaimedItem`` from a row of a claim (``claim``, ``batch_claim``...)."""
+    return ClaimedItem(
+        id=r["id"],
+        token=r["claim_token"],
+        run_id=r["run_id"],
+        prompt_tracking_id=r["prompt_tracking_id"],
+        external_id=r["external_id"],
+        target=r["target"],
+        attempt=r["attempts"],
+        deferrals=r["deferrals"],
+        lease_losses=r["lease_losses"],
+        text=r["text"],
+        blocked_seconds=r.get("blocked_seconds", 0.0),
+    )
 
 
 async def heartbeat(
@@ -118,8 +129,11 @@ def _parsed_json(value: object) -> str | None:
         return None
 
 
-async def complete(conn: asyncpg.Connection, outcomes: Sequence[Outcome]) -> set[int]:
-    """Write results for the claims still ours; return the ids written."""
+async def complete(
+    conn: asyncpg.Connection, outcomes: Sequence[Outcome], *, via_batch: bool = False
+) -> set[int]:
+    """Write results for the claims still ours; return the ids written. *via_batch*: the
+    answers came through a provider batch (recorded per result)."""
     if not outcomes:
         return set()
     with translated("completing items"):
@@ -133,6 +147,7 @@ async def complete(conn: asyncpg.Connection, outcomes: Sequence[Outcome]) -> set
             [o.completion.tokens_in for o in outcomes],
             [o.completion.tokens_out for o in outcomes],
             [float(o.completion.latency_ms) for o in outcomes],
+            via_batch,
         )
     return {r[0] for r in rows}
 
