@@ -18,7 +18,9 @@ from types import ModuleType
 from .common import DEFAULT_RESULTS, Reporter
 
 #: Benchmark name -> module (imported on use: ``overhead`` needs the ``bench`` extra).
-BENCHMARKS = ("fill", "overhead", "quotas", "ratecap", "recovery", "rss", "history", "connections")
+BENCHMARKS = (
+    "fill", "overhead", "quotas", "ratecap", "recovery", "rss", "history", "connections", "batch",
+)
 
 
 def _module(name: str) -> ModuleType:

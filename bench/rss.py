@@ -29,7 +29,7 @@ NAME = "rss"
 TARGET_MB = 150.0
 
 
-def _hwm_mb(pid: int) -> float | None:
+def vm_hwm_mb(pid: int) -> float | None:
     with contextlib.suppress(OSError, ValueError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -51,7 +51,7 @@ async def sample(url: str, run_id: str, logdir: Path) -> dict[str, Any]:
         while proc.poll() is None:
             with contextlib.suppress(psutil.Error):
                 peak = max(peak, ps.memory_info().rss / 1024 / 1024)
-                hwm = _hwm_mb(proc.pid) or hwm
+                hwm = vm_hwm_mb(proc.pid) or hwm
                 samples += 1
             await asyncio.sleep(0.02)
             if time.perf_counter() - started > 600:

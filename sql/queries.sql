@@ -100,7 +100,8 @@ SELECT i FROM unnest($1::text[]) AS i
 WHERE NOT EXISTS (SELECT 1 FROM prompts p WHERE p.external_id = i);
 
 -- name: claim
--- Claim up to $3 items of run $1 for worker $4 with a lease of $5 seconds.
+-- Claim up to $3 items of run $1 for worker $4 with a lease of $5 seconds, skipping the
+-- targets $6 (those in mode batch).
 WITH candidates AS (
     -- pending items first, then failed items whose backoff elapsed and attempts remain;
     -- next_attempt_at also defers pending items released after a 429, and parks the items
@@ -113,6 +114,8 @@ WITH candidates AS (
       AND q.next_attempt_at IS NOT NULL
       AND q.next_attempt_at <= now()
       AND q.attempts < $2
+      -- targets in mode batch are claimed by batch_claim only
+      AND q.target <> ALL ($6::text[])
     ORDER BY (q.status = 'failed'), q.next_attempt_at
     LIMIT $3
     -- rows another worker is claiming are skipped, not waited for
@@ -149,7 +152,7 @@ RETURNING q.id;
 -- name: complete
 -- Fenced completion of a batch: the status flips and the result row is written in one
 -- statement, only for claims that are still the writer's. UNIQUE (queue_id) on results makes
--- a second result for an item impossible.
+-- a second result for an item impossible. $9: answered through a provider batch.
 WITH input AS (
     SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::text[],
                          $6::integer[], $7::integer[], $8::double precision[])
@@ -158,7 +161,7 @@ WITH input AS (
     UPDATE analysis_queue q SET
         status = 'completed', completed_at = now(), updated_at = now(),
         error_class = NULL, error_message = NULL,
-        lease_owner = NULL, lease_expires_at = NULL, claim_token = NULL
+        lease_owner = NULL, lease_expires_at = NULL, claim_token = NULL, submission_id = NULL
     FROM input i
     WHERE q.id = i.id AND q.claim_token = i.token AND q.status = 'processing'
     RETURNING q.id, q.run_id, q.prompt_tracking_id, q.target, q.attempts
@@ -170,9 +173,10 @@ WITH input AS (
       AND t.paused_at IS NULL
 )
 INSERT INTO analysis_results (queue_id, run_id, prompt_tracking_id, target, model,
-                              response_text, parsed, tokens_in, tokens_out, latency_ms, attempt)
+                              response_text, parsed, tokens_in, tokens_out, latency_ms, attempt,
+                              via_batch)
 SELECT d.id, d.run_id, d.prompt_tracking_id, d.target, i.model, i.response_text,
-       i.parsed::jsonb, i.tokens_in, i.tokens_out, i.latency_ms, d.attempts
+       i.parsed::jsonb, i.tokens_in, i.tokens_out, i.latency_ms, d.attempts, $9::boolean
 FROM done d JOIN input i ON i.id = d.id
 RETURNING queue_id;
 
@@ -182,7 +186,8 @@ UPDATE analysis_queue SET
     status = 'failed', error_class = $3, error_message = $4,
     next_attempt_at = CASE WHEN $5::double precision IS NULL THEN NULL
                            ELSE now() + make_interval(secs => $5) END,
-    lease_owner = NULL, lease_expires_at = NULL, claim_token = NULL, updated_at = now()
+    lease_owner = NULL, lease_expires_at = NULL, claim_token = NULL, submission_id = NULL,
+    updated_at = now()
 WHERE id = $1 AND claim_token = $2 AND status = 'processing'
 RETURNING id;
 
@@ -207,7 +212,8 @@ UPDATE analysis_queue SET
     error_class = coalesce($3, error_class), error_message = coalesce($4, error_message),
     next_attempt_at = CASE WHEN $7::boolean AND (SELECT paused FROM target) THEN 'infinity'
                            ELSE now() + make_interval(secs => $6) END,
-    lease_owner = NULL, lease_expires_at = NULL, claim_token = NULL, updated_at = now()
+    lease_owner = NULL, lease_expires_at = NULL, claim_token = NULL, submission_id = NULL,
+    updated_at = now()
 WHERE id = $1 AND claim_token = $2 AND status = 'processing'
 RETURNING id;
 
@@ -657,3 +663,175 @@ DELETE FROM analysis_results x USING doomed d WHERE x.id = d.id;
 UPDATE analysis_runs SET pruned_at = coalesce(pruned_at, now())
 WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM analysis_queue q WHERE q.run_id = $1)
 RETURNING id;
+-- Provider Batch APIs: submissions and their items (analysisq.queue.batches)
+-- ---------------------------------------------------------------------------------------
+
+-- name: batch_claim
+-- Claim up to $4 items of target $2 of run $1 into a new submission, owned by worker $5 for
+-- $6 seconds: the intent and its items commit together, before anything is sent. Items get
+-- a claim (the fence of their results) and a lease of $7 seconds that the owner renews with
+-- batch_touch_items while they wait inside the provider batch.
+WITH candidates AS (
+    -- the sync claim's order and conditions, for one target
+    SELECT q.id
+    FROM analysis_queue q
+    WHERE q.run_id = $1
+      AND q.status IN ('pending', 'failed')
+      AND q.next_attempt_at IS NOT NULL
+      AND q.next_attempt_at <= now()
+      AND q.attempts < $3
+      AND q.target = $2
+    ORDER BY (q.status = 'failed'), q.next_attempt_at
+    LIMIT $4
+    FOR UPDATE OF q SKIP LOCKED
+), submission AS (
+    -- HAVING: no row (and no submission) when nothing is claimable
+    INSERT INTO batch_submissions (run_id, target, item_count, lease_owner, lease_expires_at)
+    SELECT $1, $2, count(*), $5, now() + make_interval(secs => $6)
+    FROM candidates HAVING count(*) > 0
+    RETURNING id
+)
+UPDATE analysis_queue q SET
+    status = 'processing',
+    attempts = q.attempts + 1,
+    lease_owner = $5,
+    lease_expires_at = now() + make_interval(secs => $7),
+    claim_token = gen_random_uuid(),
+    next_attempt_at = NULL,
+    submission_id = s.id,
+    updated_at = now()
+FROM candidates c, submission s, prompts p
+WHERE q.id = c.id AND p.id = q.prompt_tracking_id
+RETURNING s.id AS submission_id, q.id, q.claim_token, q.run_id, q.prompt_tracking_id,
+          q.target, q.attempts, q.deferrals, q.lease_losses, p.external_id, p.text;
+
+-- name: batch_take
+-- Submissions of run $1 that worker $2 should work on now, leased to it for $3 seconds: its
+-- own that are due for a poll, and anyone's whose lease expired (the owner died: adoption).
+WITH due AS (
+    SELECT id FROM batch_submissions
+    WHERE run_id = $1 AND state <> 'done'
+      AND ((lease_owner = $2 AND poll_at <= now()) OR lease_expires_at < now())
+    ORDER BY id
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE batch_submissions b SET
+    lease_owner = $2, lease_expires_at = now() + make_interval(secs => $3), updated_at = now()
+FROM due
+WHERE b.id = due.id
+RETURNING b.id, b.target, b.state, b.provider_batch_id, b.item_count, b.cancel_reason,
+          b.created_at;
+
+-- name: batch_heartbeat
+-- Renew worker $2's leases on submissions $1; the ids not returned were lost.
+UPDATE batch_submissions SET lease_expires_at = now() + make_interval(secs => $3),
+                             updated_at = now()
+WHERE id = ANY ($1::bigint[]) AND lease_owner = $2 AND state <> 'done'
+RETURNING id;
+
+-- name: batch_touch_items
+-- The items of submission $1 are still waiting in its provider batch, watched by its owner
+-- $2: their updated_at stays recent (so the seed's "stuck" query, processing and not updated
+-- for 10 minutes, stays true) and their lease runs $3 seconds more.
+UPDATE analysis_queue q SET
+    lease_expires_at = now() + make_interval(secs => $3), updated_at = now()
+FROM batch_submissions b
+WHERE b.id = $1 AND b.lease_owner = $2 AND b.state <> 'done'
+  AND q.submission_id = b.id AND q.status = 'processing';
+
+-- name: batch_submitted
+-- The provider accepted submission $1 as batch $3 (fenced: only while $2 owns it); the first
+-- poll after $4 seconds.
+UPDATE batch_submissions SET
+    state = 'submitted', provider_batch_id = $3, submitted_at = now(),
+    poll_at = now() + make_interval(secs => $4), updated_at = now()
+WHERE id = $1 AND lease_owner = $2 AND state = 'intent'
+RETURNING id;
+
+-- name: batch_polled
+-- What the last poll of submission $1 said; next poll after $5 seconds (fenced by owner $2).
+UPDATE batch_submissions SET
+    provider_status = $3, request_counts = $4::jsonb,
+    poll_at = now() + make_interval(secs => $5), updated_at = now()
+WHERE id = $1 AND lease_owner = $2 AND state <> 'done'
+RETURNING id;
+
+-- name: batch_items
+-- The claims of submission $1's items still waiting: what its results are matched against.
+SELECT q.id, q.claim_token, q.run_id, q.prompt_tracking_id, q.target, q.attempts,
+       q.deferrals, q.lease_losses, p.external_id, ''::text AS text
+FROM analysis_queue q JOIN prompts p ON p.id = q.prompt_tracking_id
+WHERE q.submission_id = $1 AND q.status = 'processing'
+ORDER BY q.id;
+
+-- name: batch_items_with_text
+-- The same with the prompts: to (re)build the requests of a submission not yet sent.
+SELECT q.id, q.claim_token, q.run_id, q.prompt_tracking_id, q.target, q.attempts,
+       q.deferrals, q.lease_losses, p.external_id, p.text
+FROM analysis_queue q JOIN prompts p ON p.id = q.prompt_tracking_id
+WHERE q.submission_id = $1 AND q.status = 'processing'
+ORDER BY q.id;
+
+-- name: batch_finish
+-- Submission $1 is done (fenced by owner $2), with outcome $3: every item still waiting in
+-- it goes back to pending unspent (not an attempt) after $4 seconds, with reason $5 if set.
+WITH finished AS (
+    UPDATE batch_submissions SET
+        state = 'done', outcome = $3, finished_at = now(), updated_at = now(),
+        lease_owner = NULL, lease_expires_at = NULL
+    WHERE id = $1 AND lease_owner = $2 AND state <> 'done'
+    RETURNING id
+), released AS (
+    UPDATE analysis_queue q SET
+        status = 'pending', attempts = greatest(q.attempts - 1, 0),
+        error_class = CASE WHEN $5::text IS NULL THEN q.error_class ELSE 'transient' END,
+        error_message = coalesce($5, q.error_message),
+        next_attempt_at = now() + make_interval(secs => $4),
+        lease_owner = NULL, lease_expires_at = NULL, claim_token = NULL, submission_id = NULL,
+        updated_at = now()
+    FROM finished f
+    WHERE q.submission_id = f.id AND q.status = 'processing'
+    RETURNING q.id
+)
+SELECT (SELECT count(*) FROM finished)::integer AS finished,
+       (SELECT count(*) FROM released)::integer AS released;
+
+-- name: batch_cancel_open
+-- Ask for the open submissions of run $1 (of target $2, or all with NULL) to be cancelled,
+-- for reason $3 (suspend, delete, deadline); their owners cancel at the provider and ingest
+-- what was answered. Returns how many were asked.
+WITH asked AS (
+    UPDATE batch_submissions SET cancel_reason = $3, poll_at = now(), updated_at = now()
+    WHERE run_id = $1 AND ($2::text IS NULL OR target = $2) AND state <> 'done'
+      AND cancel_reason IS NULL
+    RETURNING id
+)
+SELECT count(*)::integer FROM asked;
+
+-- name: batch_known_ids
+-- Provider batches the submissions of target $2 of run $1 already own (Anthropic's
+-- reconciliation leaves these out).
+SELECT provider_batch_id FROM batch_submissions
+WHERE run_id = $1 AND target = $2 AND provider_batch_id IS NOT NULL;
+
+-- name: batch_open
+-- The open submissions of run $1, for status and the live output.
+SELECT id, target, state, provider_batch_id, provider_status, item_count,
+       request_counts::text AS request_counts, created_at, submitted_at, cancel_reason,
+       lease_owner
+FROM batch_submissions
+WHERE run_id = $1 AND state <> 'done'
+ORDER BY id;
+
+-- name: batch_summary
+-- Items of run $1 waiting in provider batches, open batches, and results answered through a
+-- batch out of all results.
+SELECT
+    (SELECT count(*) FROM analysis_queue
+     WHERE run_id = $1 AND submission_id IS NOT NULL)::integer AS in_batches,
+    (SELECT count(*) FROM batch_submissions
+     WHERE run_id = $1 AND state <> 'done')::integer AS open_batches,
+    (SELECT count(*) FROM analysis_results WHERE run_id = $1 AND via_batch)::integer
+        AS answered_by_batch,
+    (SELECT count(*) FROM analysis_results WHERE run_id = $1)::integer AS answered;

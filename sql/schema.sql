@@ -90,6 +90,45 @@ CREATE TABLE run_targets (
 );
 CREATE INDEX run_targets_pool_idx ON run_targets (pool);
 
+-- A provider batch (targets[].mode: batch): recorded as an intent, with its items, before it
+-- is sent, so that a worker that dies between the POST and the commit leaves a row another
+-- worker reconciles with the provider instead of paying for a second batch. Its own lease:
+-- a dead owner's submission is adopted and polled by another worker, never submitted twice.
+--   intent -> submitted  the provider accepted it (provider_batch_id known)
+--   intent -> done       nothing was sent (refused, or the run stopped first)
+--   submitted -> done    its results were ingested; items without one went back unspent
+CREATE DOMAIN submission_state AS text CHECK (VALUE IN ('intent', 'submitted', 'done'));
+
+CREATE TABLE batch_submissions (
+    id                bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    run_id            text        NOT NULL,
+    target            text        NOT NULL,
+    state             submission_state NOT NULL DEFAULT 'intent',
+    provider_batch_id text        UNIQUE,
+    provider_status   text,
+    item_count        integer     NOT NULL CHECK (item_count > 0),
+    request_counts    jsonb       NOT NULL DEFAULT '{}',
+    lease_owner       text,
+    lease_expires_at  timestamptz,
+    poll_at           timestamptz NOT NULL DEFAULT now(),
+    cancel_reason     text,
+    outcome           text,
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    submitted_at      timestamptz,
+    finished_at       timestamptz,
+    updated_at        timestamptz NOT NULL DEFAULT now(),
+    FOREIGN KEY (run_id, target) REFERENCES run_targets (run_id, target) ON DELETE CASCADE,
+    CONSTRAINT intent_has_no_batch CHECK (state <> 'intent' OR provider_batch_id IS NULL),
+    CONSTRAINT submitted_has_batch CHECK (state <> 'submitted' OR provider_batch_id IS NOT NULL),
+    CONSTRAINT done_has_time CHECK ((state = 'done') = (finished_at IS NOT NULL)),
+    CONSTRAINT open_has_owner CHECK (
+        (state = 'done') = (lease_owner IS NULL AND lease_expires_at IS NULL)
+    )
+);
+-- Open submissions of a run, by when their lease ends (adoption, status).
+CREATE INDEX batch_submissions_open_idx ON batch_submissions (run_id, lease_expires_at)
+    WHERE state <> 'done';
+
 CREATE TABLE analysis_queue (
     id                 bigint       GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     run_id             text         NOT NULL,
@@ -111,6 +150,8 @@ CREATE TABLE analysis_queue (
     -- Bulk retry (0003): the error that had failed the item for good, and how often.
     last_error         text,
     retries            integer      NOT NULL DEFAULT 0 CHECK (retries >= 0),
+    -- the provider batch the item waits in (targets[].mode: batch)
+    submission_id      bigint       REFERENCES batch_submissions (id) ON DELETE SET NULL,
     UNIQUE (run_id, prompt_tracking_id, target),
     FOREIGN KEY (run_id, target) REFERENCES run_targets (run_id, target) ON DELETE CASCADE,
     -- A claim exists exactly while the item is processing.
@@ -118,6 +159,8 @@ CREATE TABLE analysis_queue (
         (status = 'processing')
         = (lease_owner IS NOT NULL AND lease_expires_at IS NOT NULL AND claim_token IS NOT NULL)
     ),
+    CONSTRAINT submission_only_while_processing
+        CHECK (submission_id IS NULL OR status = 'processing'),
     CONSTRAINT completed_has_time CHECK ((status = 'completed') = (completed_at IS NOT NULL)),
     CONSTRAINT failed_has_reason CHECK (
         status <> 'failed' OR (error_message IS NOT NULL AND error_class IS NOT NULL)
@@ -138,6 +181,8 @@ CREATE INDEX analysis_queue_lease_idx ON analysis_queue (lease_expires_at)
     WHERE status = 'processing';
 -- The seed's runbook groups and filters by status over the whole table.
 CREATE INDEX analysis_queue_status_idx ON analysis_queue (status, updated_at);
+CREATE INDEX analysis_queue_submission_idx ON analysis_queue (submission_id)
+    WHERE submission_id IS NOT NULL;
 
 CREATE TABLE analysis_results (
     id                 bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -153,6 +198,8 @@ CREATE TABLE analysis_results (
     tokens_out         integer     CHECK (tokens_out >= 0),
     latency_ms         double precision NOT NULL CHECK (latency_ms >= 0),
     attempt            integer     NOT NULL CHECK (attempt >= 1),
+    -- answered through a provider batch (priced at the batch discount)
+    via_batch          boolean     NOT NULL DEFAULT false,
     created_at         timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX analysis_results_run_idx ON analysis_results (run_id, id);
@@ -173,6 +220,9 @@ LANGUAGE sql AS $$
         WHERE q.status = 'processing'
           AND (p_run_id IS NULL OR q.run_id = p_run_id)
           AND (q.lease_expires_at < now() OR q.updated_at < now() - p_stuck_after)
+          -- items waiting inside a provider batch belong to their submission, whose own
+          -- lease is what a dead worker loses (another worker adopts it): never reset here
+          AND q.submission_id IS NULL
         ORDER BY q.id
         FOR UPDATE OF q SKIP LOCKED
     ), reset AS (

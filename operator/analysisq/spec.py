@@ -30,6 +30,9 @@ from analysisq.errors import SpecError
 
 Provider = Literal["openai", "anthropic", "http", "echo"]
 PROVIDERS: tuple[str, ...] = ("openai", "anthropic", "http", "echo")
+Mode = Literal["sync", "batch"]
+#: Providers whose asynchronous Batch API ``mode: batch`` drives.
+BATCH_PROVIDERS: tuple[str, ...] = ("openai", "anthropic")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -95,6 +98,18 @@ class Budget(_Model):
         return self
 
 
+class BatchOptions(_Model):
+    """How a ``mode: batch`` target fills its provider batches (the provider's own limits
+    are the ceilings: OpenAI 50,000 requests / 200 MB per file, Anthropic 100,000 / 256 MB)."""
+
+    #: Most requests in one provider batch.
+    max_requests: int = Field(default=50_000, ge=1, le=100_000)
+    #: Most bytes of one batch's input (OpenAI's JSONL file, Anthropic's request body).
+    max_bytes: int = Field(default=200_000_000, ge=1_000, le=256_000_000)
+    #: Seconds between two polls of an open batch.
+    poll_seconds: float = Field(default=30.0, ge=0.05, le=3600)
+
+
 class Target(_Model):
     """Where a prompt is sent: a provider, a model and its parameters."""
 
@@ -109,6 +124,11 @@ class Target(_Model):
     pricing: Pricing | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     timeout_seconds: float = Field(default=60.0, gt=0, le=3600)
+    #: ``sync``: one request per item; ``batch``: the provider's Batch API (half the price,
+    #: answers within 24 h), openai and anthropic only.
+    mode: Mode = "sync"
+    #: Limits and polling of ``mode: batch``.
+    batch: BatchOptions = Field(default_factory=BatchOptions)
 
     @field_validator("name")
     @classmethod
@@ -126,6 +146,13 @@ class Target(_Model):
     def _endpoint_needed(self) -> Target:
         if self.provider == "http" and not self.endpoint:
             raise ValueError("provider 'http' needs an endpoint")
+        if self.mode == "batch" and self.provider not in BATCH_PROVIDERS:
+            raise ValueError(
+                f"mode 'batch' needs a provider with a Batch API (openai or anthropic); "
+                f"provider {self.provider!r} has none: use mode 'sync'"
+            )
+        if self.mode == "batch" and self.provider == "openai" and self.batch.max_requests > 50_000:
+            raise ValueError("batch.maxRequests: OpenAI takes at most 50000 requests per batch")
         return self
 
 

@@ -332,3 +332,40 @@ def test_the_operator_refuses_to_run_on_a_schema_it_does_not_know(
     assert result.returncode == 1, result.stderr
     assert "schema migrations [999] that this analysisq does not know" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_batch_run_shows_its_provider_batches_and_completes(
+    operators: OperatorFactory,
+    namespace: str,
+    kubectl: Kubectl,
+    pod_runner: PodRunner,
+    db_url: str,
+    fake_providers: FakeProviders,
+) -> None:
+    seed_prompts(db_url, 200)
+    provider = fake_providers("--batch-seconds", "8")
+    operators([namespace])
+    target = {**fake_target(provider), "mode": "batch", "batch": {"pollSeconds": 0.5}}
+    apply(kubectl, namespace, analysis_run("nightly", workers=2, leaseSeconds=10, targets=[target]))
+
+    def waiting_in_a_batch() -> list[str]:
+        batches = get_run(kubectl, namespace, "nightly")["status"].get("batches") or {}
+        assert batches.get("items") == 200 and batches.get("openCount", 0) >= 1, batches
+        assert all(b["providerBatchId"].startswith("batch_") for b in batches["open"]), batches
+        lines = kubectl("get", "ar", "-o", "wide", namespace=namespace).stdout.splitlines()
+        header, row = lines[0].split(), lines[1].split()
+        assert "INBATCHES" in header and "BATCHES" in header
+        return row
+
+    row = wait_for(waiting_in_a_batch, timeout=60)
+    assert row[1] == "Running" and row[4] == "200"  # processing: inside the provider batch
+    kubectl("wait", "--for=condition=Complete", "analysisrun/nightly", "--timeout=120s",
+            namespace=namespace)  # fmt: skip
+    status = get_run(kubectl, namespace, "nightly")["status"]
+    assert status["phase"] == "Succeeded" and status["counts"]["completed"] == 200
+    assert status["batches"]["items"] == 0 and status["batches"]["answeredByBatch"] == "100.0%"
+    run_id = status["runId"]
+    assert_exactly_once(db_url, run_id, 200)
+    stats = provider.stats()
+    assert stats["requests"] == 0 and stats["batch_requests"] == 200
+    assert stats["prompts_completed_more_than_once"] == 0

@@ -74,6 +74,21 @@ INVALID: list[tuple[str, dict[str, Any] | None, str]] = [
         "spec.targets[0].endpoint in body should match '^https?://",
     ),
     (
+        "batch-mode-on-echo",
+        {"targets": [{**ECHO, "mode": "batch"}]},
+        "spec.targets[0].mode: Invalid value: \"object\": mode 'batch' needs a provider with a "
+        "Batch API (openai or anthropic)",
+    ),
+    (
+        "openai-batch-too-large",
+        {
+            "targets": [
+                {**ECHO, "provider": "openai", "mode": "batch", "batch": {"maxRequests": 60000}}
+            ]
+        },
+        "OpenAI takes at most 50000 requests per batch",
+    ),
+    (
         "ratio-above-one",
         {"maxFailedRatio": 1.5, "targets": [ECHO]},
         "spec.maxFailedRatio in body should be less than or equal to 1",

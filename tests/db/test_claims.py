@@ -80,12 +80,14 @@ async def test_claim_uses_its_index(db: asyncpg.Connection) -> None:
     await new_run(db)
     await db.execute("ANALYZE")
     await db.execute("SET enable_seqscan = off")  # the plan must not need a full scan
-    plan = await db.fetchval("EXPLAIN (FORMAT JSON) " + query("claim"), "run-1", 3, 5, "w", 60.0)
+    plan = await db.fetchval(
+        "EXPLAIN (FORMAT JSON) " + query("claim"), "run-1", 3, 5, "w", 60.0, []
+    )
     text = json.dumps(plan)
     assert "analysis_queue_claim_idx" in text, text
     await db.execute("RESET enable_seqscan")
     plan = json.dumps(
-        await db.fetchval("EXPLAIN (FORMAT JSON) " + query("claim"), "run-1", 3, 5, "w", 60.0)
+        await db.fetchval("EXPLAIN (FORMAT JSON) " + query("claim"), "run-1", 3, 5, "w", 60.0, [])
     )
     assert "analysis_queue_claim_idx" in plan, plan
 

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel
 
 from analysisq.errors import SpecError
-from analysisq.spec import AnalysisRunSpec, parse_spec
+from analysisq.spec import AnalysisRunSpec, Target, parse_spec
 
 pytestmark = pytest.mark.unit
 
@@ -112,11 +112,13 @@ def normalise(node: dict[str, Any], defs: dict[str, Any], path: tuple[str, ...] 
 
 def pydantic_schema() -> Any:
     schema = AnalysisRunSpec.model_json_schema(by_alias=True)
-    # A sub-model made by default_factory is the CRD's `default: {}` (all its own defaults).
-    for name, info in AnalysisRunSpec.model_fields.items():
-        factory = info.default_factory
-        if isinstance(factory, type) and issubclass(factory, BaseModel):
-            schema["properties"][info.alias or name]["default"] = {}
+    # A sub-model made by default_factory is the CRD's `default: {}` (all its own defaults),
+    # at the top and inside a target.
+    for model, node in ((AnalysisRunSpec, schema), (Target, schema["$defs"]["Target"])):
+        for name, info in model.model_fields.items():
+            factory = info.default_factory
+            if isinstance(factory, type) and issubclass(factory, BaseModel):
+                node["properties"][info.alias or name]["default"] = {}
     return normalise(schema, schema.get("$defs", {}))
 
 

@@ -186,3 +186,25 @@ def test_kopf_is_configured_under_analysisq_io_and_standalone() -> None:
     assert ks.peering.standalone is True
     assert namespaces(Settings(namespaces=" a, b ,,")) == ["a", "b"]
     assert namespaces(Settings()) == []
+
+
+def test_open_provider_batches_are_in_the_status() -> None:
+    from analysisq.kube.status import BatchView
+    from analysisq.queue.batches import BatchSummary, OpenBatch
+
+    open_ = [
+        OpenBatch(7, "cheap", "submitted", "batch_abc", "in_progress", 50_000,
+                  {"total": 50_000, "completed": 120}, T0 - timedelta(minutes=42), T0, None, "w1"),
+        OpenBatch(8, "cheap", "intent", None, None, 20_000, {}, T0, None, None, "w2"),
+    ]  # fmt: skip
+    view = BatchView(BatchSummary(70_000, 2, 30_000, 40_000), open_)
+    counts = Counts(total=100_000, processing=70_000, completed=30_000)
+    new = reconciled(filled(), spec(), seen(counts, batches=view))
+    batches = new["batches"]
+    assert batches["items"] == 70_000 and batches["openCount"] == 2
+    assert batches["answeredByBatch"] == "75.0%"
+    first, second = batches["open"]
+    assert first["providerBatchId"] == "batch_abc" and first["age"] == "42m"
+    assert first["requestCounts"] == {"total": 50_000, "completed": 120}
+    assert "providerBatchId" not in second and second["providerStatus"] == "intent"
+    assert reconciled(filled(), spec(), seen(counts))["batches"] is None

@@ -125,3 +125,27 @@ def test_server_restarts_and_failovers_are_unavailable_not_bugs(exc: str) -> Non
 
     with pytest.raises(DatabaseUnavailable), translated("testing"):
         raise getattr(asyncpg, exc)("server says no")
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_batch_mode_for_providers_with_a_batch_api(provider: str) -> None:
+    target = {"name": "a", "provider": provider, "model": "m", "mode": "batch"}
+    spec = parse_spec({"targets": [target]})
+    assert spec.targets[0].mode == "batch" and spec.targets[0].batch.max_requests == 50_000
+    assert parse_spec({"targets": [{**target, "mode": "sync"}]}).targets[0].mode == "sync"
+    assert spec.to_json()["targets"][0]["mode"] == "batch"
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ({"provider": "echo"}, "targets.0: .*mode 'batch' needs a provider with a Batch API"),
+        ({"provider": "http", "endpoint": "http://x"}, "provider 'http' has none"),
+        ({"provider": "openai", "batch": {"maxRequests": 60_000}}, "at most 50000"),
+        ({"provider": "anthropic", "batch": {"maxRequests": 200_000}}, "maxRequests"),
+        ({"provider": "openai", "mode": "async"}, "targets.0.mode: Input should be 'sync'"),
+    ],
+)
+def test_batch_mode_refused_clearly(target: dict[str, object], message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        parse_spec({"targets": [{"name": "a", "model": "m", "mode": "batch", **target}]})

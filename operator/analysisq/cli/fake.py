@@ -15,9 +15,10 @@ from analysisq.fake_provider.cli_options import config_from_options, fake_provid
 @click.command("fake-provider")
 @fake_provider_options
 def fake_provider(host: str, port: int, **options: Any) -> None:
-    """Serve a fake OpenAI-compatible API (latency, faults, 429s, a rate cap) for tests,
-    the demo and benchmarks. Point a target at http://HOST:PORT/v1; GET /stats counts
-    requests per prompt."""
+    """Serve a fake OpenAI-compatible API (latency, faults, 429s, a rate cap) and both
+    Batch APIs (OpenAI /v1/files + /v1/batches, Anthropic /v1/messages/batches) for tests,
+    the demo and benchmarks. Point a target at http://HOST:PORT/v1 (Anthropic:
+    http://HOST:PORT); GET /stats counts requests per prompt and batches created."""
     from analysisq.fake_provider.server import serve  # aiohttp: only this command needs it
 
     config = config_from_options(options)

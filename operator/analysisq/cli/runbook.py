@@ -33,7 +33,7 @@ from analysisq.errors import ErrorClass
 from analysisq.local import monitor
 from analysisq.local.export import export_results, result_format, write_results
 from analysisq.local.usage_text import usage_json, usage_lines
-from analysisq.queue import budget, rescue, retries, runs, usage
+from analysisq.queue import batches, budget, rescue, retries, runs, usage
 from analysisq.queue.usage import format_cost
 
 T = TypeVar("T")
@@ -86,6 +86,25 @@ def status(obj: Context, run: str | None, as_json: bool) -> None:
             out["usage"] = usage_json(await usage.run_usage(conn, run_id))
             state = await budget.state(conn, run_id)
             out["budget"] = None if state is None else {**vars(state), "exhausted": state.exhausted}
+            summary = await batches.summary(conn, run_id)
+            if summary.open_batches or summary.answered_by_batch:
+                out["batches"] = {
+                    "items_in_batches": summary.in_batches,
+                    "answered_by_batch": summary.answered_by_batch,
+                    "answered": summary.answered,
+                    "open": [
+                        {
+                            "submission": b.id,
+                            "target": b.target,
+                            "provider_batch_id": b.provider_batch_id,
+                            "status": b.provider_status or b.state,
+                            "items": b.item_count,
+                            "request_counts": dict(b.request_counts),
+                            "created_at": b.created_at.isoformat(),
+                        }
+                        for b in await batches.open_batches(conn, run_id)
+                    ],
+                }
         return out
 
     data = _with_db(obj, work)
@@ -107,6 +126,28 @@ def status(obj: Context, run: str | None, as_json: bool) -> None:
             out.print(f"target {target} PAUSED: {reason}")
         for line in usage_lines(data["usage"], data["budget"]):
             out.print(line, soft_wrap=True)
+    if "batches" in data:
+        b = data["batches"]
+        out.print(
+            f"{b['items_in_batches']:,} items waiting in {len(b['open'])} open provider "
+            f"batches; {b['answered_by_batch']:,} of {b['answered']:,} answers came through a "
+            "batch",
+            soft_wrap=True,
+        )
+        listed = [
+            (
+                o["submission"],
+                o["target"],
+                o["provider_batch_id"] or "-",
+                o["status"],
+                o["items"],
+                o["created_at"],
+            )
+            for o in b["open"]
+        ]
+        if listed:
+            columns = ["submission", "target", "provider batch", "status", "items", "created"]
+            out.print(table("Open provider batches", columns, listed))
 
 
 @click.command()

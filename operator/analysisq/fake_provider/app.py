@@ -11,28 +11,35 @@ realistic ``chat.completion`` whose content is JSON derived from the prompt alon
 
 Control: ``GET /stats`` (``?histogram=1`` adds requests per second), ``POST /reset``,
 ``GET``/``POST /config`` (a partial ``FakeConfig`` as JSON), ``GET /healthz``,
-``GET /v1/models``. ``server`` runs this app.
+``GET /v1/models``. The Batch APIs (OpenAI ``/v1/files`` + ``/v1/batches``, Anthropic
+``/v1/messages/batches``) are ``openai_batches`` and ``anthropic_batches`` over one
+``batches.BatchBook``. ``server`` runs this app.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
 import random
 import time
-import uuid
 from typing import Any
 
 from aiohttp import web
 from pydantic import ValidationError
 
+from analysisq.fake_provider.answers import chat_completion, last_user_message
+from analysisq.fake_provider.anthropic_batches import AnthropicBatches
+from analysisq.fake_provider.batches import BatchBook
 from analysisq.fake_provider.config import ERROR_KINDS, ErrorKind, FakeConfig
+from analysisq.fake_provider.openai_batches import OpenAIBatches
+from analysisq.fake_provider.routing import presented_key
 from analysisq.fake_provider.stats import Recorder, prompt_key
 from analysisq.providers.tokens import DEFAULT_COMPLETION_TOKENS, approx_tokens
 
-_SENTIMENTS = ("positive", "neutral", "negative")
+#: Largest request body accepted: Anthropic's 256 MB batch limit and a little more, so that
+#: the Batch APIs, not the server, refuse an oversized batch.
+BODY_LIMIT = 257 * 1024 * 1024
 
 
 class _TokenBucket:
@@ -70,6 +77,7 @@ class FakeApp:
 
     def __init__(self, config: FakeConfig) -> None:
         self.recorder = Recorder()
+        self.book = BatchBook(config, self.recorder)
         #: Set on shutdown: releases every request held by an injected hang.
         self.closing = asyncio.Event()
         self.configure(config)
@@ -80,14 +88,17 @@ class FakeApp:
         self._rng = random.Random(config.seed)
         rps = config.rate_limit_rps
         self._bucket = _TokenBucket(rps, config.burst) if rps else None
+        self.book.configure(config)
 
     def reset(self) -> None:
         """Forget every counter (``fail_first`` starts over too)."""
         self.recorder = Recorder()
+        self.book.clear(self.recorder)
         self.configure(self.config)
 
     def application(self) -> web.Application:
-        app = web.Application()
+        # Batch input files may be 200 MB (OpenAI) and request bodies 256 MB (Anthropic).
+        app = web.Application(client_max_size=BODY_LIMIT)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/stats", self.stats)
@@ -95,6 +106,8 @@ class FakeApp:
         app.router.add_get("/config", self.get_config)
         app.router.add_post("/config", self.set_config)
         app.router.add_get("/healthz", self.healthz)
+        OpenAIBatches(self.book).add_routes(app)
+        AnthropicBatches(self.book).add_routes(app)
         return app
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
@@ -104,12 +117,12 @@ class FakeApp:
             body = await request.json()
         except ValueError:
             return self._error(400, "We could not parse the JSON body of your request.")
-        prompt = _last_user_message(body)
+        prompt = last_user_message(body)
         if prompt is None:
             return self._error(400, "'messages' must end with a user message with text content.")
         key = prompt_key(prompt)
         self.recorder.prompt(key)
-        if cfg.require_api_key is not None and _presented_key(request) != cfg.require_api_key:
+        if cfg.require_api_key is not None and presented_key(request) != cfg.require_api_key:
             return self._error(401, "Incorrect API key provided.", code="invalid_api_key")
         model = str(body.get("model") or cfg.model)
         if cfg.known_models is not None and model not in cfg.known_models:
@@ -236,41 +249,17 @@ class FakeApp:
     def _completion(
         self, body: dict[str, Any], prompt: str, key: bytes, latency_s: float
     ) -> web.Response:
-        content = _answer(prompt, key)
-        prompt_tokens = sum(
-            approx_tokens(m["content"])
-            for m in body["messages"]
-            if isinstance(m, dict) and isinstance(m.get("content"), str)
-        )
-        completion_tokens = approx_tokens(content)
+        reply = chat_completion(body, prompt, key, self.config.model)
+        usage = reply["usage"]
         factor = self.config.usage_factor
         if factor is not None:
             ceiling = body.get("max_tokens")
             if not isinstance(ceiling, int) or isinstance(ceiling, bool) or ceiling < 1:
                 ceiling = DEFAULT_COMPLETION_TOKENS
-            prompt_tokens = round(factor * prompt_tokens)
-            completion_tokens = round(factor * ceiling)
-        reply = {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": str(body.get("model") or self.config.model),
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": content, "refusal": None},
-                    "logprobs": None,
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
-            "system_fingerprint": "fp_analysisq_fake",
-        }
-        self.recorder.completed(key, time.monotonic(), prompt_tokens + completion_tokens)
+            usage["prompt_tokens"] = round(factor * usage["prompt_tokens"])
+            usage["completion_tokens"] = round(factor * ceiling)
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        self.recorder.completed(key, time.monotonic(), usage["total_tokens"])
         self.recorder.responded(200)
         headers = {"openai-processing-ms": str(round(latency_s * 1000))}
         if self._bucket is not None:
@@ -290,37 +279,3 @@ class FakeApp:
         self.recorder.responded(status)
         error = {"message": message, "type": type_, "param": param, "code": code}
         return web.json_response({"error": error}, status=status, headers=headers)
-
-
-def _last_user_message(body: Any) -> str | None:
-    """The text of the last user message; list-of-parts content is joined."""
-    messages = body.get("messages") if isinstance(body, dict) else None
-    if not isinstance(messages, list):
-        return None
-    for message in reversed(messages):
-        if isinstance(message, dict) and message.get("role") == "user":
-            content = message.get("content")
-            if isinstance(content, list):
-                texts = [p.get("text") for p in content if isinstance(p, dict)]
-                content = "".join(t for t in texts if isinstance(t, str))
-            return content if isinstance(content, str) and content else None
-    return None
-
-
-def _presented_key(request: web.Request) -> str | None:
-    auth = request.headers.get("Authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip()
-    return request.headers.get("x-api-key")
-
-
-def _answer(prompt: str, key: bytes) -> str:
-    """A deterministic, analysis-shaped JSON answer derived from the prompt alone."""
-    words = len(prompt.split())
-    answer = {
-        "summary": f"A prompt of {words} words and {len(prompt)} characters.",
-        "sentiment": _SENTIMENTS[key[0] % len(_SENTIMENTS)],
-        "score": round(key[1] / 255, 3),
-        "prompt_sha256": key.hex(),
-    }
-    return json.dumps(answer)

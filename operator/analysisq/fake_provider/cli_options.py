@@ -23,7 +23,7 @@ import yaml
 from pydantic import ValidationError
 
 from analysisq.errors import ConfigError
-from analysisq.fake_provider.config import ERROR_KINDS, FakeConfig
+from analysisq.fake_provider.config import BATCH_ERROR_KINDS, ERROR_KINDS, FakeConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -81,6 +81,47 @@ _OPTIONS = (
         type=_FLOAT,
         help="Report usage as F x (prompt tokens + the request's max_tokens).",
     ),
+    click.option(
+        "--batch-seconds", type=_FLOAT, help="Batch APIs: seconds from create to the end."
+    ),
+    click.option(
+        "--batch-error",
+        "batch_errors",
+        multiple=True,
+        metavar="KIND=P",
+        help=f"Per-request error inside batches with probability P; KIND is one of "
+        f"{', '.join(BATCH_ERROR_KINDS)}. Repeatable.",
+    ),
+    click.option(
+        "--batch-expire-first",
+        type=click.IntRange(min=0),
+        help="The first N batches expire with about half their requests answered.",
+    ),
+    click.option(
+        "--batch-fail-first",
+        type=click.IntRange(min=0),
+        help="The first N batches are refused: token_limit_exceeded (OpenAI), 429 (Anthropic).",
+    ),
+    click.option(
+        "--batch-not-found-s",
+        type=_FLOAT,
+        help="A batch answers 404 for this many seconds after its create.",
+    ),
+    click.option(
+        "--batch-delay-before-create-s",
+        type=_FLOAT,
+        help="Hold a batch create this long before the batch exists (chaos tests).",
+    ),
+    click.option(
+        "--batch-delay-after-create-s",
+        type=_FLOAT,
+        help="Hold a batch create this long after the batch exists (chaos tests).",
+    ),
+    click.option(
+        "--batch-corrupt-results/--no-batch-corrupt-results",
+        default=None,
+        help="Add a non-JSON line, an unknown custom_id and a repeated result to result files.",
+    ),
     click.option("--seed", type=int, help="Seed of the random draws."),
 )
 
@@ -105,13 +146,16 @@ def config_from_options(options: Mapping[str, Any]) -> FakeConfig:
             raise ConfigError(f"{config_file} must hold a mapping of FakeConfig fields")
         data.update(loaded)
     for name, value in options.items():
-        if name in ("host", "port", "config_file", "errors") or value is None or value == ():
+        skip = ("host", "port", "config_file", "errors", "batch_errors")
+        if name in skip or value is None or value == ():
             continue
         if name in ("fail_first_status", "unknown_model_status"):
             value = int(value)
         data[name] = list(value) if name == "known_models" else value
-    if options.get("errors"):
-        data["errors"] = {**data.get("errors", {}), **_error_mix(options["errors"])}
+    for name in ("errors", "batch_errors"):
+        if options.get(name):
+            flag = "--error" if name == "errors" else "--batch-error"
+            data[name] = {**data.get(name, {}), **_error_mix(options[name], flag)}
     try:
         return FakeConfig.model_validate(data)
     except ValidationError as exc:
@@ -121,7 +165,7 @@ def config_from_options(options: Mapping[str, Any]) -> FakeConfig:
         raise ConfigError(f"invalid fake provider options: {problems}") from None
 
 
-def _error_mix(pairs: tuple[str, ...]) -> dict[str, float]:
+def _error_mix(pairs: tuple[str, ...], flag: str) -> dict[str, float]:
     mix: dict[str, float] = {}
     for pair in pairs:
         kind, sep, rate = pair.partition("=")
@@ -130,5 +174,5 @@ def _error_mix(pairs: tuple[str, ...]) -> dict[str, float]:
         except ValueError:
             sep = ""
         if not sep:
-            raise ConfigError(f"--error {pair!r}: expected KIND=PROBABILITY, e.g. 500=0.1")
+            raise ConfigError(f"{flag} {pair!r}: expected KIND=PROBABILITY, e.g. 500=0.1")
     return mix

@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 #: ``malformed`` (200 with a truncated JSON body) or ``hang`` (no answer for ``hang_s``).
 ErrorKind = Literal["400", "401", "429", "500", "503", "malformed", "hang"]
 ERROR_KINDS: tuple[ErrorKind, ...] = ("400", "401", "429", "500", "503", "malformed", "hang")
+#: Per-request errors inside a batch: the status a request's result carries.
+BatchErrorKind = Literal["400", "429", "500"]
+BATCH_ERROR_KINDS: tuple[BatchErrorKind, ...] = ("400", "429", "500")
 
 
 class FakeConfig(BaseModel):
@@ -60,6 +63,29 @@ class FakeConfig(BaseModel):
     #: the provider's tokenizer counted F times the four-characters rule. Tests of token
     #: accounting use it to make usage differ from analysisq's estimate.
     usage_factor: float | None = Field(default=None, gt=0, le=100)
+    #: Batch APIs: seconds from create to ``completed`` (OpenAI) / ``ended`` (Anthropic); the
+    #: first tenth validates, the next 70% processes requests in order, the rest finalizes.
+    batch_seconds: float = Field(default=2.0, ge=0, le=172_800)
+    #: Probability of each per-request error inside a batch (results with that status).
+    batch_errors: dict[BatchErrorKind, Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=dict
+    )
+    #: The first N batches created expire at their end with about half their requests
+    #: answered (the rest ``batch_expired`` / ``expired``).
+    batch_expire_first: int = Field(default=0, ge=0, le=1000)
+    #: The first N batches created (after the expiring ones) are refused for the enqueued-token
+    #: limit: OpenAI ``failed`` with ``token_limit_exceeded``, Anthropic 429 at create.
+    batch_fail_first: int = Field(default=0, ge=0, le=1000)
+    #: Retrieving a batch this many seconds after its create answers 404 (eventual consistency).
+    batch_not_found_s: float = Field(default=0.0, ge=0, le=3600)
+    #: Chaos tests: a batch create waits this long before the batch exists (a client that
+    #: hangs up meanwhile created nothing), and this long after it exists before the answer
+    #: (a client that dies meanwhile never learns the id it paid for).
+    batch_delay_before_create_s: float = Field(default=0.0, ge=0, le=3600)
+    batch_delay_after_create_s: float = Field(default=0.0, ge=0, le=3600)
+    #: Bad provider output: every result file also holds a line that is not JSON, a result
+    #: for a ``custom_id`` no request had, and a second copy of its first result.
+    batch_corrupt_results: bool = False
     #: Seed of the random draws (latency, error mix); ``None`` for a fresh one each start.
     seed: int | None = 0
 
@@ -67,6 +93,8 @@ class FakeConfig(BaseModel):
     def _rates_sum_to_at_most_one(self) -> FakeConfig:
         if sum(self.errors.values()) > 1 + 1e-9:
             raise ValueError("error rates must sum to at most 1")
+        if sum(self.batch_errors.values()) > 1 + 1e-9:
+            raise ValueError("batch error rates must sum to at most 1")
         return self
 
     @property

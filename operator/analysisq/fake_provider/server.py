@@ -80,6 +80,11 @@ class FakeProvider:
         return f"http://{host}:{self.port}/v1"
 
     @property
+    def root_url(self) -> str:
+        """Base URL without ``/v1``: what Anthropic's client takes."""
+        return self.url.removesuffix("/v1")
+
+    @property
     def config(self) -> FakeConfig:
         return self._app.config
 

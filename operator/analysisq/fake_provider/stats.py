@@ -64,6 +64,9 @@ class FakeStats:
     max_tokens_60s: int = 0
     #: Wall-clock time (Unix seconds) of the first request, ``None`` before one.
     first_request_at: float | None = None
+    #: Batches created through either Batch API (paid work), and the requests they held.
+    batches_created: int = 0
+    batch_requests: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,6 +135,8 @@ class Recorder:
         self._tokens = 0
         self._token_peaks = (_SlidingSum(10.0), _SlidingSum(60.0))
         self._first_wall: float | None = None
+        self._batches = 0
+        self._batch_requests = 0
 
     def request(self, t: float) -> None:
         """A request arrived at monotonic time *t* (before it is even parsed)."""
@@ -147,6 +152,11 @@ class Recorder:
             self._per_second[-1][1] += 1
         else:
             self._per_second.append([second, 1])
+
+    def batch_created(self, requests: int) -> None:
+        """A batch of *requests* was accepted (its prompts are counted one by one)."""
+        self._batches += 1
+        self._batch_requests += requests
 
     def prompt(self, key: bytes) -> None:
         self._counts(key).requests += 1
@@ -197,6 +207,8 @@ class Recorder:
             max_tokens_10s=self._token_peaks[0].peak,
             max_tokens_60s=self._token_peaks[1].peak,
             first_request_at=self._first_wall,
+            batches_created=self._batches,
+            batch_requests=self._batch_requests,
         )
 
     def _counts(self, key: bytes) -> _Counts:

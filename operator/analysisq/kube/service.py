@@ -54,6 +54,7 @@ from analysisq.kube.status import (
     RUNNING,
     SUCCEEDED,
     SUSPENDED,
+    BatchView,
     Observation,
     PausedTarget,
     Problem,
@@ -67,7 +68,7 @@ from analysisq.kube.status import (
     summary,
     timestamp,
 )
-from analysisq.queue import budget, rescue, retries, runs, usage
+from analysisq.queue import batches, budget, rescue, retries, runs, usage
 from analysisq.settings import Settings
 from analysisq.spec import AnalysisRunSpec
 
@@ -252,12 +253,19 @@ class RunService:
     async def rescale(
         self, ref: RunRef, spec: AnalysisRunSpec, status: Status, resume_token: str | None
     ) -> Report:
-        """``workers`` or ``suspend`` changed: scale the Deployment (no database needed)."""
+        """``workers`` or ``suspend`` changed: scale the Deployment (the database only to
+        mark a suspended run's open provider batches for cancelling)."""
         if status.get("phase") in FINISHED or not is_true(status, FILLED):
             return Report()  # ensure() applies the right replicas once the run is filled
         replicas = desired_replicas(spec, finished=False)
-        await self._apply(ref, spec, replicas, resume_token)
         was_suspended = status.get("phase") == SUSPENDED
+        if spec.suspend and not was_suspended and any(t.mode == "batch" for t in spec.targets):
+            # Before the scale-down: the stopping workers cancel what is marked (its partial
+            # results are ingested on resume).
+            pool = await self._pool(ref, spec)
+            async with acquire(pool) as conn:
+                await batches.cancel_open(conn, ref.run_id, "suspend")
+        await self._apply(ref, spec, replicas, resume_token)
         if spec.suspend and not was_suspended:
             note = Note("Normal", "Suspended", "workers scaled to 0; the queue is kept")
         elif was_suspended and not spec.suspend:
@@ -365,6 +373,12 @@ class RunService:
                     for t in await runs.targets(conn, ref.run_id)
                     if t.paused_at is not None
                 ]
+                batch_view = None
+                if any(t.mode == "batch" for t in spec.targets):
+                    batch_view = BatchView(
+                        await batches.summary(conn, ref.run_id),
+                        await batches.open_batches(conn, ref.run_id),
+                    )
             deployment = await self.kube.read_deployment(ref.namespace, ref.deployment_name)
         except RETRYABLE as exc:
             problem = problem_of(exc)
@@ -394,6 +408,7 @@ class RunService:
             problems=problems,
             usage=spent,
             budget=run_budget,
+            batches=batch_view,
         )
         new = reconciled(status, spec, seen)
         notes += _transition_notes(status, new, paused)

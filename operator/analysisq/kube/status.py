@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from analysisq.queue.batches import BatchSummary, OpenBatch
 from analysisq.queue.budget import BudgetState
 from analysisq.queue.states import Counts
 from analysisq.queue.usage import RunUsage, TargetUsage
@@ -73,6 +74,14 @@ class PausedTarget:
 
 
 @dataclass(frozen=True)
+class BatchView:
+    """The run's provider batches (targets in mode batch), as the queue reports them."""
+
+    summary: BatchSummary
+    open: Sequence[OpenBatch] = ()
+
+
+@dataclass(frozen=True)
 class Observation:
     """What one reconciliation saw."""
 
@@ -87,6 +96,7 @@ class Observation:
     usage: RunUsage | None = None
     #: The run's budget and spending; None without a budget.
     budget: BudgetState | None = None
+    batches: BatchView | None = None
 
 
 # --- conditions ----------------------------------------------------------------------------
@@ -296,6 +306,7 @@ def reconciled(old: Mapping[str, Any], spec: AnalysisRunSpec, seen: Observation)
         "conditions": conditions,
         "message": _message(phase, counts, problems, seen),
         "usage": usage_status(seen.usage, seen.budget) if seen.usage is not None else None,
+        "batches": batches_status(seen.batches, now) if seen.batches else None,
     }
     if outcome is not None:
         status["finishedAt"] = old.get("finishedAt") or timestamp(now)
@@ -338,6 +349,37 @@ def _target_usage(t: TargetUsage) -> dict[str, Any]:
     if t.cost is not None:
         out["cost"] = round(t.cost, 6)
     return out
+
+
+#: Open batches listed in the status (the oldest first); the count covers all of them.
+MAX_LISTED_BATCHES = 20
+
+
+def batches_status(view: BatchView, now: datetime) -> dict[str, Any]:
+    """``status.batches``: items waiting in provider batches, each open batch (provider id,
+    counts, age) and the share of results answered through a batch."""
+    summary = view.summary
+    share = summary.answered_by_batch / summary.answered if summary.answered else 0.0
+    listed = []
+    for b in view.open[:MAX_LISTED_BATCHES]:
+        entry: dict[str, Any] = {
+            "submission": b.id,
+            "target": b.target,
+            "items": b.item_count,
+            "providerStatus": b.provider_status or b.state,
+            "requestCounts": dict(b.request_counts),
+            "createdAt": timestamp(b.created_at),
+            "age": eta_text(max(0.0, (now - b.created_at).total_seconds())),
+        }
+        if b.provider_batch_id:
+            entry["providerBatchId"] = b.provider_batch_id
+        listed.append(entry)
+    return {
+        "items": summary.in_batches,
+        "openCount": summary.open_batches,
+        "answeredByBatch": f"{100 * share:.1f}%",
+        "open": listed,
+    }
 
 
 def _message(phase: str, counts: Counts, problems: list[Problem], seen: Observation) -> str:

@@ -20,6 +20,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from analysisq.queue.batches import BatchSummary
 from analysisq.queue.states import Counts
 
 _STATUS_STYLES = (
@@ -66,6 +67,8 @@ class Snapshot:
     workers_alive: int = 0
     workers: int = 0
     restarts: int = 0
+    #: Runs with targets in mode batch: items waiting in provider batches, open batches.
+    batches: BatchSummary | None = None
 
     @property
     def eta(self) -> float | None:
@@ -106,6 +109,8 @@ def render(snap: Snapshot) -> RenderableType:
         errors = Text("errors by class: ", style="dim")
         errors.append("   ".join(f"{k} {v:,}" for k, v in snap.errors.items()), style="magenta")
         parts.append(errors)
+    if snap.batches is not None:
+        parts.append(Text(batches_text(snap.batches), style="cyan"))
     for target, reason in snap.paused.items():
         parts.append(Text(f"target {target} PAUSED: {reason}", style="bold red"))
     return Panel(Group(*parts), title=f"analysisq run {snap.run_id}", title_align="left")
@@ -123,9 +128,20 @@ def line(snap: Snapshot) -> str:
     )
     if snap.errors:
         text += " errors=" + ",".join(f"{k}:{v}" for k, v in snap.errors.items())
+    if snap.batches is not None:
+        b = snap.batches
+        text += f" in_batches={b.in_batches} open_batches={b.open_batches}"
     if snap.paused:
         text += " paused=" + ",".join(snap.paused)
     return text
+
+
+def batches_text(b: BatchSummary) -> str:
+    share = 100 * b.answered_by_batch / b.answered if b.answered else 0.0
+    return (
+        f"provider batches: {b.in_batches:,} items waiting in {b.open_batches} open batches; "
+        f"{share:.1f}% of answers came through a batch"
+    )
 
 
 class Display:

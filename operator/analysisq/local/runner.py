@@ -39,7 +39,7 @@ from analysisq.local.progress import Display, RateMeter, Snapshot, duration
 from analysisq.local.usage_text import usage_json, usage_lines
 from analysisq.local.workers import WorkerPool
 from analysisq.providers import api_key_env_names
-from analysisq.queue import budget, rescue, runs, usage
+from analysisq.queue import batches, budget, rescue, runs, usage
 from analysisq.queue.budget import BudgetState
 from analysisq.queue.runs import Run
 from analysisq.queue.states import Counts
@@ -235,6 +235,9 @@ class Supervisor:
             counts = await runs.counts(conn, self.run.id)
             errors = await monitor.error_classes(conn, self.run.id)
             targets = await runs.targets(conn, self.run.id)
+            in_batches = None
+            if any(t.mode == "batch" for t in self.run.spec.targets):
+                in_batches = await batches.summary(conn, self.run.id)
         self._meter.add(counts.terminal)
         if self._terminal_at_start is None:
             self._terminal_at_start = counts.terminal
@@ -248,6 +251,7 @@ class Supervisor:
             workers_alive=self.workers.alive,
             workers=self.workers.count,
             restarts=self.workers.restarts,
+            batches=in_batches,
         )
 
     async def _faulted(self) -> frozenset[str]:

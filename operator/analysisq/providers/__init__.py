@@ -2,7 +2,9 @@
 
 The worker builds one ``httpx.AsyncClient`` per process with ``make_http_client``, resolves
 each target's key once with ``resolve_api_key`` and asks ``make_provider`` for the target's
-provider; then it calls ``await provider.complete(prompt)`` per item. Modules, in the order a
+provider; then it calls ``await provider.complete(prompt)`` per item. A ``mode: batch``
+target gets ``make_batch_client`` instead (``batch``: the contract; ``openai_batch``,
+``anthropic_batch``: one Batch API each), over the same provider and client. Modules, in the order a
 request travels: ``base`` (the contract), ``openai`` / ``anthropic`` / ``http`` / ``echo``
 (one API each), ``client`` (the shared HTTP pipeline), ``http_errors`` (status → error).
 
@@ -27,19 +29,24 @@ import httpx
 from analysisq.errors import ConfigError
 from analysisq.providers.anthropic import DEFAULT_ENDPOINT as ANTHROPIC_ENDPOINT
 from analysisq.providers.anthropic import AnthropicProvider
+from analysisq.providers.anthropic_batch import AnthropicBatchClient
 from analysisq.providers.base import Completion, Provider
+from analysisq.providers.batch import BatchClient
 from analysisq.providers.client import USER_AGENT, make_http_client
 from analysisq.providers.echo import EchoProvider
 from analysisq.providers.http import HttpProvider
 from analysisq.providers.openai import DEFAULT_ENDPOINT as OPENAI_ENDPOINT
 from analysisq.providers.openai import OpenAIProvider
+from analysisq.providers.openai_batch import OpenAIBatchClient
 from analysisq.spec import Target
 
 __all__ = [
     "USER_AGENT",
+    "BatchClient",
     "Completion",
     "Provider",
     "api_key_env_names",
+    "make_batch_client",
     "make_http_client",
     "make_provider",
     "resolve_api_key",
@@ -73,6 +80,19 @@ def make_provider(target: Target, client: httpx.AsyncClient, api_key: str | None
     if target.provider == "http":
         return HttpProvider(target, client, api_key)
     return EchoProvider(target)
+
+
+def make_batch_client(
+    target: Target, client: httpx.AsyncClient, api_key: str | None
+) -> BatchClient:
+    """The Batch API client of a ``mode: batch`` *target*: over the same provider (request
+    builder, answer parser, key checks) and the same shared *client* as the sync path."""
+    provider = make_provider(target, client, api_key)
+    if isinstance(provider, OpenAIProvider):
+        return OpenAIBatchClient(provider, client, api_key)
+    if isinstance(provider, AnthropicProvider):
+        return AnthropicBatchClient(provider, client, api_key)
+    raise ConfigError(f"target {target.name!r}: provider {target.provider!r} has no Batch API")
 
 
 def resolve_api_key(target: Target, environ: Mapping[str, str] = os.environ) -> str | None:

@@ -10,6 +10,8 @@ of ``content``; ``stop_reason: refusal`` is ``InvalidInput``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 
 from analysisq.errors import ConfigError, InvalidInput, TransientError
@@ -44,27 +46,40 @@ class AnthropicProvider:
         return f"AnthropicProvider(target={self.target.name!r}, url={self._url!r})"
 
     async def complete(self, prompt: str) -> Completion:
+        reply = await post_json(
+            self._client,
+            self._url,
+            self.payload(prompt),
+            headers=self.headers(),
+            timeout_s=self.target.timeout_seconds,
+            secrets=(self._api_key or "",),
+        )
+        return self.parse(reply, decode_json(reply))
+
+    def payload(self, prompt: str) -> dict[str, Any]:
+        """The request body for *prompt*: sent as is, or as a batch request's ``params``."""
         check_prompt(prompt)
-        payload = {
+        return {
             **self._params,
             "model": self.target.model,
             "messages": [{"role": "user", "content": prompt}],
         }
+
+    def headers(self) -> dict[str, str]:
         headers = {"anthropic-version": self._version}
         if self._api_key:
             headers["x-api-key"] = self._api_key
-        reply = await post_json(
-            self._client,
-            self._url,
-            payload,
-            headers=headers,
-            timeout_s=self.target.timeout_seconds,
-            secrets=(self._api_key or "",),
-        )
-        return self._completion(reply)
+        return headers
 
-    def _completion(self, reply: Reply) -> Completion:
-        body = dig(reply, decode_json(reply), expect=dict)
+    @property
+    def url(self) -> str:
+        """``{endpoint}/v1/messages``; the Batch API lives under it (``/batches``)."""
+        return self._url
+
+    def parse(self, reply: Reply, decoded: Any) -> Completion:
+        """The ``Completion`` in a decoded ``message`` (a reply's, or a batch result's
+        ``result.message``; *reply* names where it came from)."""
+        body = dig(reply, decoded, expect=dict)
         blocks = dig(reply, body, "content", expect=list)
         if body.get("stop_reason") == "refusal":
             raise InvalidInput(f"{reply.where} refused the prompt (stop_reason refusal)")

@@ -2,7 +2,8 @@
 
 ``make_http_client`` builds the ``httpx.AsyncClient`` a worker process shares across every
 target and item (pooled connections, no transport retries: the queue owns retries).
-``post_json`` sends one request with the target's timeouts and translates whatever happens
+``post_json`` (and ``send`` for other methods, ``stream_lines`` for result files read line
+by line) sends one request with the target's timeouts and translates whatever happens
 at the boundary: httpx exceptions become ``TransientError`` (or ``PermanentError`` for a URL
 that can never work), non-2xx answers go to ``http_errors.error_for_response``, and a 2xx
 body that is not the JSON the provider module expects becomes ``TransientError`` through
@@ -17,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,15 +98,33 @@ async def post_json(
     *timeout_s* bounds the whole exchange (a server that trickles bytes cannot hold a worker
     past it); *secrets* are masked in any body excerpt that reaches an error message.
     """
+    return await send(
+        client, "POST", url, headers=headers, timeout_s=timeout_s, secrets=secrets, json=payload
+    )
+
+
+async def send(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    headers: Mapping[str, str],
+    timeout_s: float,
+    secrets: Iterable[str] = (),
+    **content: Any,
+) -> Reply:
+    """Send one request (*content*: httpx's ``json``, ``files``, ``data``, ``params``) and
+    translate the outcome as ``post_json`` does; the Batch API clients use it for GETs and
+    multipart uploads."""
     secrets = tuple(s for s in secrets if s)
     failure: ProviderError
     try:
         request = client.build_request(
-            "POST",
+            method,
             url,
-            json=payload,
             headers={"User-Agent": USER_AGENT, **headers},
             timeout=request_timeout(timeout_s),
+            **content,
         )
     except httpx.InvalidURL as exc:
         failure = PermanentError(f"invalid provider URL: {redact(str(exc), 200)}")
@@ -119,7 +138,7 @@ async def post_json(
             phase = type(exc).__name__ if isinstance(exc, httpx.TimeoutException) else "deadline"
             failure = TransientError(f"no answer from {where} within {timeout_s:g}s ({phase})")
         except httpx.UnsupportedProtocol as exc:
-            failure = PermanentError(f"cannot POST to {where}: {redact(str(exc), 200)}")
+            failure = PermanentError(f"cannot {method} {where}: {redact(str(exc), 200)}")
         except httpx.HTTPError as exc:
             # Connection refused/reset, protocol errors, bad content encoding: all may pass.
             detail = redact(str(exc), 200) or "(no detail)"
@@ -133,6 +152,57 @@ async def post_json(
                 response.status_code, response.headers, response.text, where=where, secrets=secrets
             )
     raise failure
+
+
+async def stream_lines(
+    client: httpx.AsyncClient,
+    url: str,
+    *,
+    headers: Mapping[str, str],
+    timeout_s: float,
+    secrets: Iterable[str] = (),
+) -> AsyncIterator[str]:
+    """GET *url* and yield its body line by line without holding it whole (a batch result
+    file of 50,000 lines stays a few kilobytes in memory). *timeout_s* bounds each read, not
+    the whole download; errors are translated as in ``send``."""
+    secrets = tuple(s for s in secrets if s)
+    failure: ProviderError | None = None
+    request = client.build_request(
+        "GET",
+        url,
+        headers={"User-Agent": USER_AGENT, **headers},
+        timeout=request_timeout(timeout_s),
+    )
+    where = _where(request.url)
+    try:
+        response = await client.send(request, stream=True)
+    except httpx.TimeoutException as exc:
+        failure = TransientError(
+            f"no answer from {where} within {timeout_s:g}s ({type(exc).__name__})"
+        )
+    except httpx.HTTPError as exc:
+        failure = TransientError(
+            f"{type(exc).__name__} talking to {where}: {redact(str(exc), 200)}"
+        )
+    if failure is not None:
+        raise failure
+    try:
+        if not response.is_success:
+            text = (await response.aread()).decode("utf-8", "replace")
+            failure = error_for_response(
+                response.status_code, response.headers, text, where=where, secrets=secrets
+            )
+        else:
+            try:
+                async for line in response.aiter_lines():
+                    yield line
+            except httpx.HTTPError as exc:
+                detail = redact(str(exc), 200) or "(no detail)"
+                failure = TransientError(f"{type(exc).__name__} reading {where}: {detail}")
+    finally:
+        await response.aclose()
+    if failure is not None:
+        raise failure
 
 
 def decode_json(reply: Reply) -> Any:

@@ -32,29 +32,42 @@ class OpenAIProvider:
         self._api_key = api_key
         self._url = with_path(target.endpoint or DEFAULT_ENDPOINT, "/chat/completions")
 
+    @property
+    def url(self) -> str:
+        """``{endpoint}/chat/completions``; the Batch API lives beside it (``/files``,
+        ``/batches``)."""
+        return self._url
+
     def __repr__(self) -> str:
         return f"OpenAIProvider(target={self.target.name!r}, url={self._url!r})"
 
     async def complete(self, prompt: str) -> Completion:
+        reply = await post_json(
+            self._client,
+            self._url,
+            self.payload(prompt),
+            headers=self.headers(),
+            timeout_s=self.target.timeout_seconds,
+            secrets=(self._api_key or "",),
+        )
+        return self.parse(reply, decode_json(reply))
+
+    def payload(self, prompt: str) -> dict[str, Any]:
+        """The request body for *prompt*: sent as is, or as one line of a batch file."""
         check_prompt(prompt)
-        payload = {
+        return {
             **self.target.params,
             "model": self.target.model,
             "messages": [{"role": "user", "content": prompt}],
         }
-        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-        reply = await post_json(
-            self._client,
-            self._url,
-            payload,
-            headers=headers,
-            timeout_s=self.target.timeout_seconds,
-            secrets=(self._api_key or "",),
-        )
-        return self._completion(reply)
 
-    def _completion(self, reply: Reply) -> Completion:
-        body = dig(reply, decode_json(reply), expect=dict)
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+
+    def parse(self, reply: Reply, decoded: Any) -> Completion:
+        """The ``Completion`` in a decoded ``chat.completion`` (a reply's, or a batch
+        result's ``response.body``; *reply* names where it came from)."""
+        body = dig(reply, decoded, expect=dict)
         choice = dig(reply, body, "choices", 0, expect=dict)
         message = dig(reply, choice, "message", expect=dict)
         if choice.get("finish_reason") == "content_filter" or message.get("refusal"):

@@ -64,31 +64,38 @@ async def claim(
     limit: int,
     lease_seconds: float,
     max_attempts: int,
+    skip_targets: Sequence[str] = (),
 ) -> list[ClaimedItem]:
+    """Claim items for the sync path; *skip_targets* (those in mode batch) are left to
+    ``queue.batches.claim``."""
     with translated("claiming items"):
         rows = await conn.fetch(
-            query("claim"), run_id, max_attempts, limit, worker, float(lease_seconds)
+            query("claim"),
+            run_id,
+            max_attempts,
+            limit,
+            worker,
+            float(lease_seconds),
+            list(skip_targets),
         )
-    return _claimed(rows)
+    return [claimed_item(r) for r in rows]
 
 
-def _claimed(rows: Sequence[asyncpg.Record]) -> list[ClaimedItem]:
-    return [
-        ClaimedItem(
-            id=r["id"],
-            token=r["claim_token"],
-            run_id=r["run_id"],
-            prompt_tracking_id=r["prompt_tracking_id"],
-            external_id=r["external_id"],
-            target=r["target"],
-            attempt=r["attempts"],
-            deferrals=r["deferrals"],
-            lease_losses=r["lease_losses"],
-            text=r["text"],
-            blocked_seconds=r["blocked_seconds"],
-        )
-        for r in rows
-    ]
+def claimed_item(r: asyncpg.Record) -> ClaimedItem:
+    """A ``ClaimedItem`` from a row of a claim (``claim``, ``batch_claim``...)."""
+    return ClaimedItem(
+        id=r["id"],
+        token=r["claim_token"],
+        run_id=r["run_id"],
+        prompt_tracking_id=r["prompt_tracking_id"],
+        external_id=r["external_id"],
+        target=r["target"],
+        attempt=r["attempts"],
+        deferrals=r["deferrals"],
+        lease_losses=r["lease_losses"],
+        text=r["text"],
+        blocked_seconds=r.get("blocked_seconds", 0.0),
+    )
 
 
 async def heartbeat(
@@ -136,12 +143,15 @@ def _result_columns(outcomes: Sequence[Outcome]) -> tuple[list[object], ...]:
     )
 
 
-async def complete(conn: asyncpg.Connection, outcomes: Sequence[Outcome]) -> set[int]:
-    """Write results for the claims still ours; return the ids written."""
+async def complete(
+    conn: asyncpg.Connection, outcomes: Sequence[Outcome], *, via_batch: bool = False
+) -> set[int]:
+    """Write results for the claims still ours; return the ids written. *via_batch*: the
+    answers came through a provider batch (recorded per result)."""
     if not outcomes:
         return set()
     with translated("completing items"):
-        rows = await conn.fetch(query("complete"), *_result_columns(outcomes))
+        rows = await conn.fetch(query("complete"), *_result_columns(outcomes), via_batch)
     return {r[0] for r in rows}
 
 
@@ -171,7 +181,9 @@ async def complete_and_claim(
             worker,
             float(lease_seconds),
         )
-    return {r["id"] for r in rows if r["written"]}, _claimed([r for r in rows if not r["written"]])
+    return {r["id"] for r in rows if r["written"]}, [
+        claimed_item(r) for r in rows if not r["written"]
+    ]
 
 
 async def fail(

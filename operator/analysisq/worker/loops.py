@@ -11,10 +11,12 @@ One asyncio process, four loops sharing a small database pool:
   15 s), so a crashed worker's items come back within about 1.25 leases.
 
 A verdict that is not an answer is a ``Decision`` applied by ``queue.decisions.apply``, the
-one call by which the worker changes an item. At start the worker resets its run's stuck
-items, as the seed's ``process-queue`` did. On stop (SIGTERM) it claims nothing more, gives
-in-flight items ``shutdown_grace_seconds`` to finish, then releases what it still holds (a
-release is not an attempt) and exits. ``startup.serve`` builds a worker for a process.
+one call by which the worker changes an item. Targets in ``mode: batch`` are left to a
+``worker.batch.BatchDriver`` running beside these loops (the sync claim skips them). At
+start the worker resets its run's stuck items, as the seed's ``process-queue`` did. On stop
+(SIGTERM) it claims nothing more, gives in-flight items ``shutdown_grace_seconds`` to finish,
+then releases what it still holds (a release is not an attempt) and exits. ``startup.serve``
+builds a worker for a process.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import httpx
 
 from analysisq.db.connect import acquire
 from analysisq.errors import BudgetExhausted, DatabaseError, DatabaseUnavailable, ErrorClass
-from analysisq.providers import make_provider, resolve_api_key
+from analysisq.providers import BatchClient, make_batch_client, make_provider, resolve_api_key
 from analysisq.providers.base import Completion, Provider
 from analysisq.providers.client import make_http_client
 from analysisq.queue import budget, items, rescue, runs
@@ -54,6 +56,8 @@ from analysisq.queue.retry import RetryPolicy
 from analysisq.queue.runs import Run
 from analysisq.settings import Settings
 from analysisq.worker.attempt import Attempts
+from analysisq.worker.batch import BatchDriver
+from analysisq.worker.batch_plan import batch_targets, sync_targets_skipped
 from analysisq.worker.inflight import InFlight, InFlightClaim
 from analysisq.worker.results import ResultBuffer
 
@@ -106,6 +110,8 @@ class Worker:
         )
         self._providers = providers
         self._client: httpx.AsyncClient | None = None
+        #: Targets in mode batch: their provider Batch API clients (``worker.batch``).
+        self._batch_clients: dict[str, BatchClient] = {}
         self._rng = rng or random.Random()
         self._clock = clock
         self._stopping = asyncio.Event()
@@ -153,8 +159,22 @@ class Worker:
                     tg.create_task(self._flush_loop()),
                     tg.create_task(self._housekeeping_loop()),
                 ]
+                driving = None
+                if self._batch_clients:
+                    driver = BatchDriver(
+                        self.pool,
+                        self.run,
+                        self._batch_clients,
+                        name=self.name,
+                        policy=self.policy,
+                        rng=self._rng,
+                    )
+                    driving = tg.create_task(driver.run_until(self._stopping))
                 await claim
                 await self._drain()
+                if driving is not None:
+                    self._stopping.set()  # the driver's last pass, then it returns
+                    await driving
                 for t in background:
                     t.cancel()
             await self._flush()
@@ -169,9 +189,12 @@ class Worker:
         self._client = make_http_client(
             timeout_s=timeout, max_connections=max(10, 2 * self.spec.batch_size)
         )
-        return {
-            t.name: make_provider(t, self._client, resolve_api_key(t)) for t in self.spec.targets
+        keys = {t.name: resolve_api_key(t) for t in self.spec.targets}
+        self._batch_clients = {
+            t.name: make_batch_client(t, self._client, keys[t.name])
+            for t in batch_targets(self.spec)
         }
+        return {t.name: make_provider(t, self._client, keys[t.name]) for t in self.spec.targets}
 
     async def _drain(self) -> None:
         """After the claim loop ends: let in-flight items finish within the grace period."""
@@ -210,6 +233,7 @@ class Worker:
                         limit=free,
                         lease_seconds=self.lease,
                         max_attempts=self.spec.max_attempts,
+                        skip_targets=sync_targets_skipped(self.spec),
                     )
             except DatabaseError as exc:
                 self._log(logging.WARNING, "claim failed; database error", error=exc.message)

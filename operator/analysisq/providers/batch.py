@@ -1,0 +1,162 @@
+"""Provider Batch APIs: what a batch client promises, and the one for a target.
+
+A ``BatchClient`` submits many prompts as one provider batch, finds a batch it may have
+created before a crash (``find``), polls it, cancels it and streams its results.
+``analysisq.providers.make_batch_client`` builds it over the target's sync provider: the
+same shared httpx client, the same request builder (``payload``) and the same answer parser
+(``parse``), so a batch answer and a sync answer for one prompt are the same
+``Completion``. Each API is one module (``openai_batch``, ``anthropic_batch``).
+
+Results are ``BatchResult`` per request: a ``Completion``, a typed ``ProviderError`` (the
+retry policy decides, exactly as for a sync answer), ``unspent`` (expired or cancelled: the
+item goes back without an attempt) or ``problem`` (a line that cannot be read: logged, and
+the item stays unanswered, so it goes back unspent when the batch is ingested).
+
+``custom_id`` is ``<item id>-<claim token hex>``: the item and its claim, within Anthropic's
+``^[a-zA-Z0-9_-]{1,64}$``; ``parse_custom_id`` reads it back.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal, Protocol
+
+import httpx
+
+from analysisq.errors import PermanentError, ProviderError
+from analysisq.providers.base import Completion
+from analysisq.providers.client import Reply, decode_json, dig, send
+from analysisq.spec import Target
+
+#: ``open``: still running; ``ended``: results can be read; ``failed``: refused as a whole
+#: (``failure`` says why: a ``RateLimited`` is back-pressure, anything else a bad batch).
+BatchPhase = Literal["open", "ended", "failed"]
+
+
+@dataclass(frozen=True)
+class BatchEntry:
+    """One prompt to send, under its item's claim."""
+
+    custom_id: str
+    prompt: str
+
+
+@dataclass(frozen=True)
+class BatchState:
+    """A provider batch as last polled."""
+
+    provider_id: str
+    phase: BatchPhase
+    #: The provider's own status word (``in_progress``, ``expired``, ``ended``...).
+    status: str
+    #: The provider's request counts, as it names them.
+    counts: Mapping[str, int] = field(default_factory=dict)
+    failure: ProviderError | None = None
+    #: Where an ended batch's results are: file ids (OpenAI), the results URL (Anthropic).
+    outputs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """The result of one request of a batch (see the module docstring)."""
+
+    custom_id: str | None
+    completion: Completion | None = None
+    error: ProviderError | None = None
+    unspent: bool = False
+    problem: str | None = None
+
+
+class BatchClient(Protocol):
+    """One target's Batch API over the shared client."""
+
+    @property
+    def target(self) -> Target: ...
+
+    def entry_size(self, entry: BatchEntry) -> int:
+        """Bytes *entry* adds to a batch's input (for ``batch.maxBytes``)."""
+        ...
+
+    async def submit(self, entries: Sequence[BatchEntry], metadata: Mapping[str, str]) -> str:
+        """Create one provider batch; its id. Raises ``ProviderError``."""
+        ...
+
+    async def find(
+        self, metadata: Mapping[str, str], *, since: datetime, count: int, known: set[str]
+    ) -> str | None:
+        """The id of a batch this submission created before a crash, if any: OpenAI by
+        ``metadata``; Anthropic by listing batches created since *since* holding *count*
+        requests that no other submission owns (not in *known*)."""
+        ...
+
+    async def poll(self, provider_id: str) -> BatchState: ...
+
+    async def cancel(self, provider_id: str) -> None:
+        """Ask the provider to cancel (a batch that already ended is not an error)."""
+        ...
+
+    def results(self, state: BatchState) -> AsyncIterator[BatchResult]:
+        """Every result of an ended batch, streamed."""
+        ...
+
+
+class _Sync(Protocol):
+    """What a Batch API client needs of its sync provider."""
+
+    @property
+    def target(self) -> Target: ...
+
+    def headers(self) -> dict[str, str]: ...
+
+
+class BatchHttp:
+    """What both Batch API clients share: the key's headers and secrets, the target's
+    timeout, and one JSON call over the shared client (``client.send``)."""
+
+    def __init__(self, sync: _Sync, client: httpx.AsyncClient, api_key: str | None) -> None:
+        self._sync = sync
+        self._client = client
+        self._secrets = (api_key or "",)
+        self._timeout = sync.target.timeout_seconds
+
+    @property
+    def target(self) -> Target:
+        return self._sync.target
+
+    async def _call(self, method: str, url: str, **content: Any) -> tuple[Reply, Any]:
+        """*method* *url*; the reply and its JSON object body, or a ``ProviderError``."""
+        reply = await send(
+            self._client,
+            method,
+            url,
+            headers=self._sync.headers(),
+            timeout_s=self._timeout,
+            secrets=self._secrets,
+            **content,
+        )
+        return reply, dig(reply, decode_json(reply), expect=dict)
+
+    async def _cancel(self, url: str) -> None:
+        try:
+            await self._call("POST", url)
+        except PermanentError as exc:
+            if exc.status != 400:  # 400: it ended already, which is what we wanted
+                raise
+
+
+def custom_id(item_id: int, token: uuid.UUID) -> str:
+    return f"{item_id}-{token.hex}"
+
+
+def parse_custom_id(value: str) -> tuple[int, uuid.UUID] | None:
+    """``(item id, claim token)`` of a ``custom_id`` we made, else ``None``."""
+    item, sep, token = value.partition("-")
+    if not sep or not item.isdigit() or len(token) != 32:
+        return None
+    try:
+        return int(item), uuid.UUID(hex=token)
+    except ValueError:
+        return None

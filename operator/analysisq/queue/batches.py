@@ -1,0 +1,241 @@
+"""Provider batch submissions: the queue side of ``targets[].mode: batch``.
+
+A submission is a row of ``batch_submissions`` with its own lease. ``claim`` records the
+intent and claims its items in one statement, before anything is sent; ``submitted`` records
+the provider's batch id once it accepted. ``take`` hands a worker the submissions it should
+work on now (its own, when due for a poll, and anyone's whose lease expired: adoption);
+``heartbeat`` renews its leases and ``touch_items`` keeps its waiting items visibly alive.
+Results are written with ``items.complete`` / ``items.fail`` / ``items.release``, fenced by
+each item's claim like any sync answer; ``finish`` ends a submission and puts every item
+that got no answer back unspent. The worker's batch driver (``analysisq.worker.batch``)
+calls these in that order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from analysisq.db.connect import translated
+from analysisq.db.sql import query
+from analysisq.errors import redact
+from analysisq.queue.items import MAX_ERROR_CHARS, ClaimedItem, claimed_item
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A submission as ``take`` leased it to a worker."""
+
+    id: int
+    target: str
+    state: str
+    provider_batch_id: str | None
+    item_count: int
+    cancel_reason: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class OpenBatch:
+    """An open submission, for status and the live output."""
+
+    id: int
+    target: str
+    state: str
+    provider_batch_id: str | None
+    provider_status: str | None
+    item_count: int
+    request_counts: Mapping[str, int]
+    created_at: datetime
+    submitted_at: datetime | None
+    cancel_reason: str | None
+    owner: str | None
+
+
+@dataclass(frozen=True)
+class BatchSummary:
+    in_batches: int
+    open_batches: int
+    answered_by_batch: int
+    answered: int
+
+
+async def claim(
+    conn: asyncpg.Connection,
+    run_id: str,
+    target: str,
+    *,
+    worker: str,
+    limit: int,
+    max_attempts: int,
+    lease_seconds: float,
+    item_lease_seconds: float,
+) -> tuple[int | None, list[ClaimedItem]]:
+    """A new submission of up to *limit* claimable items of *target*: ``(id, items)``, or
+    ``(None, [])`` when nothing is claimable."""
+    with translated(f"claiming a batch of {target}"):
+        rows = await conn.fetch(
+            query("batch_claim"),
+            run_id,
+            target,
+            max_attempts,
+            limit,
+            worker,
+            float(lease_seconds),
+            float(item_lease_seconds),
+        )
+    if not rows:
+        return None, []
+    return rows[0]["submission_id"], [claimed_item(r) for r in rows]
+
+
+async def take(
+    conn: asyncpg.Connection, run_id: str, *, worker: str, lease_seconds: float, limit: int = 10
+) -> list[Submission]:
+    with translated("taking batch submissions"):
+        rows = await conn.fetch(query("batch_take"), run_id, worker, float(lease_seconds), limit)
+    return [
+        Submission(
+            id=r["id"],
+            target=r["target"],
+            state=r["state"],
+            provider_batch_id=r["provider_batch_id"],
+            item_count=r["item_count"],
+            cancel_reason=r["cancel_reason"],
+            created_at=r["created_at"],
+        )
+        for r in rows
+    ]
+
+
+async def heartbeat(
+    conn: asyncpg.Connection, ids: Sequence[int], *, worker: str, lease_seconds: float
+) -> set[int]:
+    """Renew the leases; return the submission ids still held (the others were lost)."""
+    if not ids:
+        return set()
+    with translated("renewing batch submission leases"):
+        rows = await conn.fetch(query("batch_heartbeat"), list(ids), worker, float(lease_seconds))
+    return {r[0] for r in rows}
+
+
+async def touch_items(
+    conn: asyncpg.Connection, submission_id: int, *, worker: str, lease_seconds: float
+) -> None:
+    with translated(f"touching the items of batch submission {submission_id}"):
+        await conn.execute(query("batch_touch_items"), submission_id, worker, float(lease_seconds))
+
+
+async def submitted(
+    conn: asyncpg.Connection,
+    submission_id: int,
+    *,
+    worker: str,
+    provider_batch_id: str,
+    poll_in: float,
+) -> bool:
+    """Record the provider's batch id; False if the submission is no longer ours."""
+    with translated(f"recording batch submission {submission_id}"):
+        row = await conn.fetchval(
+            query("batch_submitted"), submission_id, worker, provider_batch_id, float(poll_in)
+        )
+    return row is not None
+
+
+async def polled(
+    conn: asyncpg.Connection,
+    submission_id: int,
+    *,
+    worker: str,
+    status: str,
+    counts: Mapping[str, int],
+    poll_in: float,
+) -> bool:
+    with translated(f"recording a poll of batch submission {submission_id}"):
+        row = await conn.fetchval(
+            query("batch_polled"),
+            submission_id,
+            worker,
+            status,
+            json.dumps(dict(counts)),
+            float(poll_in),
+        )
+    return row is not None
+
+
+async def waiting_items(
+    conn: asyncpg.Connection, submission_id: int, *, with_text: bool = False
+) -> list[ClaimedItem]:
+    """The items still waiting in the submission (their prompts only if *with_text*)."""
+    name = "batch_items_with_text" if with_text else "batch_items"
+    with translated(f"reading the items of batch submission {submission_id}"):
+        rows = await conn.fetch(query(name), submission_id)
+    return [claimed_item(r) for r in rows]
+
+
+async def finish(
+    conn: asyncpg.Connection,
+    submission_id: int,
+    *,
+    worker: str,
+    outcome: str,
+    release_in: float = 0.0,
+    reason: str | None = None,
+) -> int | None:
+    """End the submission; items without an answer go back unspent after *release_in*
+    seconds. Returns how many went back, or ``None`` if the submission is no longer ours."""
+    with translated(f"finishing batch submission {submission_id}"):
+        row = await conn.fetchrow(
+            query("batch_finish"),
+            submission_id,
+            worker,
+            redact(outcome, MAX_ERROR_CHARS),
+            float(release_in),
+            redact(reason, MAX_ERROR_CHARS) if reason else None,
+        )
+    return int(row["released"]) if row and row["finished"] else None
+
+
+async def cancel_open(
+    conn: asyncpg.Connection, run_id: str, reason: str, target: str | None = None
+) -> int:
+    """Ask for the run's open submissions to be cancelled (suspend, delete, deadline)."""
+    with translated(f"cancelling the open batches of run {run_id}"):
+        return int(await conn.fetchval(query("batch_cancel_open"), run_id, target, reason))
+
+
+async def known_ids(conn: asyncpg.Connection, run_id: str, target: str) -> set[str]:
+    with translated("reading known provider batches"):
+        rows = await conn.fetch(query("batch_known_ids"), run_id, target)
+    return {r[0] for r in rows}
+
+
+async def open_batches(conn: asyncpg.Connection, run_id: str) -> list[OpenBatch]:
+    with translated(f"reading the open batches of run {run_id}"):
+        rows = await conn.fetch(query("batch_open"), run_id)
+    return [
+        OpenBatch(
+            id=r["id"],
+            target=r["target"],
+            state=r["state"],
+            provider_batch_id=r["provider_batch_id"],
+            provider_status=r["provider_status"],
+            item_count=r["item_count"],
+            request_counts=json.loads(r["request_counts"]),
+            created_at=r["created_at"],
+            submitted_at=r["submitted_at"],
+            cancel_reason=r["cancel_reason"],
+            owner=r["lease_owner"],
+        )
+        for r in rows
+    ]
+
+
+async def summary(conn: asyncpg.Connection, run_id: str) -> BatchSummary:
+    with translated(f"reading the batch summary of run {run_id}"):
+        r = await conn.fetchrow(query("batch_summary"), run_id)
+    return BatchSummary(r["in_batches"], r["open_batches"], r["answered_by_batch"], r["answered"])
