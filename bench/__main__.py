@@ -19,7 +19,15 @@ from .common import DEFAULT_RESULTS, Reporter
 
 #: Benchmark name -> module (imported on use: ``overhead`` needs the ``bench`` extra).
 BENCHMARKS = (
-    "fill", "overhead", "quotas", "ratecap", "recovery", "rss", "history", "connections", "batch",
+    "fill",
+    "overhead",
+    "quotas",
+    "ratecap",
+    "recovery",
+    "rss",
+    "history",
+    "connections",
+    "batch",
 )
 
 
