@@ -236,3 +236,31 @@ async def test_page_embeds_the_csrf_token_and_assets_are_local(dash: Dashboard) 
     assert page.headers["X-Frame-Options"] == "DENY"
     for asset in ("/static/vendor/uPlot.iife.min.js", "/static/dashboard.js"):
         assert (await dash.client.get(asset)).status_code == 200
+
+
+async def test_retry_failed_by_class_applied_when_enabled(
+    dash: Dashboard, db: asyncpg.Connection
+) -> None:
+    r = await dash.post("/api/runs/bad/retry", {"error_class": "transient"})
+    assert r.status_code == 200 and r.json()["retried"] == 0
+    r = await dash.post("/api/runs/bad/retry", {"error_class": "permanent"})
+    assert r.status_code == 200 and r.json()["retried"] == 10
+    counts = (await dash.client.get("/api/runs/bad")).json()["run"]["counts"]
+    assert counts["pending"] == 10 and counts["failed"] == 0
+
+
+async def test_retry_refused_when_disabled(readonly: Dashboard, db: asyncpg.Connection) -> None:
+    r = await readonly.post("/api/runs/bad/retry", {"error_class": "permanent"})
+    assert r.status_code == 403
+    assert (await runs.counts(db, "bad")).failed == 10
+
+
+async def test_retry_with_a_bad_body_names_the_field(dash: Dashboard) -> None:
+    r = await dash.post("/api/runs/bad/retry", {"error_class": "nonsense"})
+    assert r.status_code == 400 and "error_class" in r.json()["error"]["message"]
+    r = await dash.client.post(
+        "/api/runs/bad/retry",
+        content=b"{not json",
+        headers={"X-CSRF-Token": dash.csrf, "Content-Type": "application/json"},
+    )
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
