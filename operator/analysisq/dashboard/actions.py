@@ -155,4 +155,3 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post(f"{run}/resume-target", resume_target)
     app.router.add_post(f"{run}/suspend", suspend)
     app.router.add_post(f"{run}/resume", resume)
-

@@ -128,9 +128,9 @@
     if (chart) { chart.setData(data); return; }
     chart = new uPlot({
       width: Math.max(box.clientWidth, 320), height: 220,
-      series: [{}, { label: "completed", stroke: "#2e7d32", width: 2 },
-        { label: "failed", stroke: "#c62828", width: 2 },
-        { label: "open", stroke: "#1565c0", width: 2, dash: [6, 4] }],
+      series: [{}, { label: "completed", stroke: "#2e7d32", width: 2, points: { show: false } },
+        { label: "failed", stroke: "#c62828", width: 2, points: { show: false } },
+        { label: "open", stroke: "#1565c0", width: 2, dash: [6, 4], points: { show: false } }],
       axes: [{}, { size: 60 }],
     }, data, box);
   }
