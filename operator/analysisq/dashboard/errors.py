@@ -15,6 +15,7 @@ from aiohttp import web
 
 from analysisq.errors import (
     AnalysisqError,
+    ConfigError,
     DatabaseUnavailable,
     InputError,
     RunNotFound,
@@ -38,6 +39,7 @@ class ActionUnavailable(AnalysisqError):
 _STATUS: list[tuple[type[AnalysisqError], int, str]] = [
     (RunNotFound, 404, "run_not_found"),
     (InputError, 400, "bad_request"),
+    (ConfigError, 400, "bad_request"),
     (DatabaseUnavailable, 503, "database_unavailable"),
     (SchemaMismatch, 503, "schema_mismatch"),
     (ActionUnavailable, 409, "action_unavailable"),
