@@ -556,15 +556,25 @@ WHERE t.run_id = $1 AND t.target = $2 AND q.id = ANY (t.fault_items)
 
 -- name: dashboard_runs
 -- Runs newest first with their counts, items completed in the last $2 seconds and paused
--- targets: one index range of analysis_queue (run_id, ...) per listed run.
+-- targets: one index range of analysis_queue (run_id, ...) per listed run, skipped for the
+-- finished runs whose counts the caller already holds ($4 ids with their $5 finished_at:
+-- a finished run's counts no longer change; a retry clears finished_at). Those rows come
+-- back with counted = false and zero counts.
 SELECT r.id, r.name, r.created_at, r.filled_at, r.finished_at,
        coalesce((r.spec ->> 'suspend')::boolean, false) AS suspended,
        coalesce((r.spec ->> 'maxFailedRatio')::double precision, 0.01) AS max_failed_ratio,
+       NOT k.known AS counted,
        c.total, c.pending, c.processing, c.completed, c.failed, c.retrying, c.stuck, c.recent,
        (SELECT count(*) FROM run_targets t
         WHERE t.run_id = r.id AND t.paused_at IS NOT NULL) AS paused_targets,
        NULL::double precision AS cost
 FROM analysis_runs r
+CROSS JOIN LATERAL (
+    SELECT EXISTS (
+        SELECT 1 FROM unnest($4::text[], $5::timestamptz[]) AS h(id, finished_at)
+        WHERE h.id = r.id AND h.finished_at = r.finished_at
+    ) AS known
+) k
 CROSS JOIN LATERAL (
     SELECT count(*) AS total,
            count(*) FILTER (WHERE status = 'pending') AS pending,
@@ -575,7 +585,8 @@ CROSS JOIN LATERAL (
            count(*) FILTER (WHERE status = 'processing' AND lease_expires_at < now()) AS stuck,
            count(*) FILTER (WHERE status = 'completed'
                               AND completed_at > now() - make_interval(secs => $2)) AS recent
-    FROM analysis_queue q WHERE q.run_id = r.id
+    -- NOT k.known depends on the outer row only: a one-time filter, so no item is read
+    FROM analysis_queue q WHERE q.run_id = r.id AND NOT k.known
 ) c
 WHERE $3::text IS NULL OR r.id = $3
 ORDER BY r.created_at DESC, r.id

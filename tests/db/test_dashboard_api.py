@@ -264,3 +264,21 @@ async def test_retry_with_a_bad_body_names_the_field(dash: Dashboard) -> None:
         headers={"X-CSRF-Token": dash.csrf, "Content-Type": "application/json"},
     )
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+
+
+async def test_finished_runs_are_counted_once_until_a_retry_reopens_them(
+    dash: Dashboard, db: asyncpg.Connection
+) -> None:
+    await runs.mark_finished(db, "bad")
+
+    async def bad_counts() -> dict[str, int]:
+        listed = (await dash.client.get("/api/runs")).json()["runs"]
+        counts: dict[str, int] = next(r for r in listed if r["id"] == "bad")["counts"]
+        return counts
+
+    assert (await bad_counts())["failed"] == 10
+    assert (await bad_counts())["failed"] == 10  # from the dashboard's memory, same answer
+    assert (await dash.post("/api/runs/bad/retry", {})).json()["retried"] == 10
+    assert await db.fetchval("SELECT finished_at IS NULL FROM analysis_runs WHERE id = 'bad'")
+    counts = await bad_counts()
+    assert counts["failed"] == 0 and counts["pending"] == 10

@@ -84,7 +84,7 @@ async def _known(ctx: DashboardContext, run_id: str) -> None:
 async def list_runs(request: web.Request) -> web.Response:
     limit = int_param(request, "limit", 20, 1, 200)
     async with context(request).connection() as conn:
-        rows = await panels.run_summaries(conn, limit)
+        rows = await panels.run_summaries(conn, limit, context(request).finished)
     return reply({"runs": [run_json(r) for r in rows]})
 
 

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from analysisq.dashboard.guard import Guard
 from analysisq.db.connect import acquire, create_pool
+from analysisq.queue.dashboard import FinishedRuns
 
 if TYPE_CHECKING:
     from analysisq.dashboard.actions import Actions
@@ -31,6 +32,8 @@ class DashboardContext:
     refresh_seconds: float = 5.0
     #: statement timeout for the dashboard's queries: a slow panel must not pile up work
     statement_timeout_ms: int = 5000
+    #: finished runs already counted (the runs list does not count them again)
+    finished: FinishedRuns = field(default_factory=FinishedRuns, repr=False)
     _pool: asyncpg.Pool | None = field(default=None, repr=False)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 

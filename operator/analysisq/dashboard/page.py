@@ -89,7 +89,7 @@ RUNS_COLUMNS = (
 async def runs_page(request: web.Request) -> web.Response:
     ctx = context(request)
     async with ctx.connection() as conn:
-        summaries = await panels.run_summaries(conn, 20)
+        summaries = await panels.run_summaries(conn, 20, ctx.finished)
     head = "".join(f"<th>{c}</th>" for c in RUNS_COLUMNS)
     rows = "".join(_run_row(r) for r in summaries)
     body = (

@@ -10,7 +10,7 @@ something from them (a run's phase, the latency histogram).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -76,17 +76,59 @@ def _summary(row: asyncpg.Record) -> RunSummary:
     )
 
 
-async def run_summaries(conn: asyncpg.Connection, limit: int) -> list[RunSummary]:
-    """The newest *limit* runs with counts, throughput and paused targets."""
+class FinishedRuns:
+    """Summaries of finished runs, which the runs list does not count again.
+
+    A finished run's items no longer change (a bulk retry reopens the run: its
+    ``finished_at`` is cleared), so after one count its summary is reused for as long as its
+    ``finished_at`` is the same. Holds the finished runs of the latest lists only.
+    """
+
+    def __init__(self, keep: int = 500) -> None:
+        self._held: dict[str, RunSummary] = {}
+        self._keep = keep
+
+    def snapshot(self) -> dict[str, RunSummary]:
+        return dict(self._held)
+
+    def resolve(
+        self, rows: Sequence[asyncpg.Record], snapshot: dict[str, RunSummary]
+    ) -> list[RunSummary]:
+        out = [_summary(r) if r["counted"] else snapshot[r["id"]] for r in rows]
+        for s in out:
+            if s.finished_at is not None:
+                self._held[s.id] = replace(s, throughput=0.0)
+        while len(self._held) > self._keep:
+            self._held.pop(next(iter(self._held)))
+        return out
+
+
+async def run_summaries(
+    conn: asyncpg.Connection, limit: int, finished: FinishedRuns | None = None
+) -> list[RunSummary]:
+    """The newest *limit* runs with counts, throughput and paused targets; the items of
+    runs that *finished* already holds are not counted again."""
+    finished = finished or FinishedRuns()
+    snapshot = finished.snapshot()
+    held = [s for s in snapshot.values() if s.finished_at is not None]
     with translated("listing runs"):
-        rows = await conn.fetch(query("dashboard_runs"), limit, THROUGHPUT_WINDOW_SECONDS, None)
-    return [_summary(r) for r in rows]
+        rows = await conn.fetch(
+            query("dashboard_runs"),
+            limit,
+            THROUGHPUT_WINDOW_SECONDS,
+            None,
+            [s.id for s in held],
+            [s.finished_at for s in held],
+        )
+    return finished.resolve(rows, snapshot)
 
 
 async def run_summary(conn: asyncpg.Connection, run_id: str) -> RunSummary | None:
     """One run's summary by exact id, or None."""
     with translated(f"reading run {run_id}"):
-        row = await conn.fetchrow(query("dashboard_runs"), 1, THROUGHPUT_WINDOW_SECONDS, run_id)
+        row = await conn.fetchrow(
+            query("dashboard_runs"), 1, THROUGHPUT_WINDOW_SECONDS, run_id, [], []
+        )
     return None if row is None else _summary(row)
 
 
