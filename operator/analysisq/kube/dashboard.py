@@ -80,7 +80,7 @@ def context_for(settings: Settings, kube: KubeApi) -> DashboardContext:
     assert settings.database_url is not None
     token = settings.dashboard_action_token
     guard = Guard.create(
-        allowed_hosts=[h.strip() for h in settings.dashboard_allowed_hosts.split(",") if h],
+        allowed_hosts=[h.strip() for h in settings.dashboard_allowed_hosts.split(",") if h.strip()],
         allow_actions=token is not None,
         action_token=token,
     )
