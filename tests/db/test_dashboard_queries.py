@@ -9,6 +9,8 @@ and the runs list does not read the items of the finished run it already counted
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -33,41 +35,30 @@ PANELS: dict[str, tuple[object, ...]] = {
 }
 
 
-def rows_read(plan: object, table: str) -> float:
-    """Rows an EXPLAIN ANALYZE plan read from *table* (over every loop)."""
-    total = 0.0
-
-    def walk(node: object) -> None:
-        nonlocal total
-        if isinstance(node, dict):
-            if node.get("Relation Name") == table:
-                total += node.get("Actual Rows", 0) * node.get("Actual Loops", 1)
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(plan)
-    return total
+def plan_nodes(plan: object) -> Iterator[dict[str, Any]]:
+    """Every node of an EXPLAIN (FORMAT JSON) plan."""
+    if isinstance(plan, dict):
+        if "Node Type" in plan:
+            yield plan
+        for value in plan.values():
+            yield from plan_nodes(value)
+    elif isinstance(plan, list):
+        for value in plan:
+            yield from plan_nodes(value)
 
 
 def full_scans(plan: object) -> set[str]:
     """Tables the plan reads with a sequential scan."""
-    found: set[str] = set()
+    return {str(n.get("Relation Name")) for n in plan_nodes(plan) if n["Node Type"] == "Seq Scan"}
 
-    def walk(node: object) -> None:
-        if isinstance(node, dict):
-            if node.get("Node Type") == "Seq Scan":
-                found.add(str(node.get("Relation Name")))
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
 
-    walk(plan)
-    return found
+def rows_read(plan: object, table: str) -> float:
+    """Rows an EXPLAIN ANALYZE plan read from *table* (over every loop)."""
+    return sum(
+        n.get("Actual Rows", 0) * n.get("Actual Loops", 1)
+        for n in plan_nodes(plan)
+        if n.get("Relation Name") == table
+    )
 
 
 async def test_panel_queries_read_one_run_through_an_index(db: asyncpg.Connection) -> None:

@@ -14,6 +14,7 @@ resume-targets annotation) and the operator does the rest.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -28,18 +29,21 @@ from analysisq.queue import runs
 RETRY, RESUME_TARGET, SUSPEND, RESUME = "retry", "resume-target", "suspend", "resume"
 
 
+@dataclass(frozen=True)
+class RetryFilter:
+    """Which failed-for-good items to retry (each field narrows; none = all of the run)."""
+
+    error_class: str | None = None
+    target: str | None = None
+    error: str | None = None
+
+
 class Actions(Protocol):
     #: the actions this backend can carry out
     available: frozenset[str]
 
     async def retry_failed(
-        self,
-        ctx: DashboardContext,
-        run_id: str,
-        *,
-        error_class: str | None,
-        target: str | None,
-        error: str | None,
+        self, ctx: DashboardContext, run_id: str, which: RetryFilter
     ) -> dict[str, Any]: ...
 
     async def resume_target(
@@ -57,19 +61,13 @@ class LocalActions:
     available = frozenset({RETRY, RESUME_TARGET})
 
     async def retry_failed(
-        self,
-        ctx: DashboardContext,
-        run_id: str,
-        *,
-        error_class: str | None,
-        target: str | None,
-        error: str | None,
+        self, ctx: DashboardContext, run_id: str, which: RetryFilter
     ) -> dict[str, Any]:
         from analysisq.queue import retries
 
         async with ctx.connection() as conn:
             retried = await retries.retry_failed(
-                conn, run_id, error_class=error_class, target=target, error=error
+                conn, run_id, error_class=which.error_class, target=which.target, error=which.error
             )
         return {"retried": retried}
 
@@ -122,13 +120,12 @@ async def _known_run(request: web.Request, action: str) -> tuple[DashboardContex
 async def retry(request: web.Request) -> web.Response:
     body = await _body(request)
     ctx, run_id = await _known_run(request, RETRY)
-    result = await ctx.actions.retry_failed(
-        ctx,
-        run_id,
+    which = RetryFilter(
         error_class=_body_text(body, "error_class", choices={c.value for c in ErrorClass}),
         target=_body_text(body, "target"),
         error=_body_text(body, "error"),
     )
+    result = await ctx.actions.retry_failed(ctx, run_id, which)
     return reply({"run": run_id, **result})
 
 

@@ -11,11 +11,13 @@ or a database URL. ``analysisq.dashboard.actions`` holds the POSTs.
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+import asyncpg
 from aiohttp import web
 
 from analysisq.dashboard.context import DashboardContext, context
@@ -97,56 +99,58 @@ async def get_run(request: web.Request) -> web.Response:
     return reply({"run": run_json(run), "actions": ctx.actions_json()})
 
 
-async def timeline(request: web.Request) -> web.Response:
+async def _panel(
+    request: web.Request,
+    key: str,
+    read: Callable[[asyncpg.Connection, str], Awaitable[list[dict[str, Any]]]],
+    *,
+    redacted: str | None = None,
+) -> web.Response:
+    """One panel of a known run: ``{"run": id, key: rows}``, *redacted* field redacted."""
     ctx, run_id = context(request), run_id_of(request)
-    buckets = int_param(request, "buckets", 60, 2, 500)
     await _known(ctx, run_id)
     async with ctx.connection() as conn:
-        points = await panels.timeline(conn, run_id, buckets)
-    return reply({"run": run_id, "points": points})
+        rows = await read(conn, run_id)
+    if redacted is not None:
+        for row in rows:
+            if row[redacted] is not None:
+                row[redacted] = redact(row[redacted])
+    return reply({"run": run_id, key: rows})
+
+
+async def timeline(request: web.Request) -> web.Response:
+    buckets = int_param(request, "buckets", 60, 2, 500)
+    return await _panel(request, "points", lambda c, r: panels.timeline(c, r, buckets))
 
 
 async def targets(request: web.Request) -> web.Response:
-    ctx, run_id = context(request), run_id_of(request)
-    await _known(ctx, run_id)
-    async with ctx.connection() as conn:
-        rows = await panels.target_stats(conn, run_id)
-    for row in rows:
-        if row["pause_reason"] is not None:
-            row["pause_reason"] = redact(row["pause_reason"])
-    return reply({"run": run_id, "targets": rows})
+    return await _panel(request, "targets", panels.target_stats, redacted="pause_reason")
 
 
 async def errors(request: web.Request) -> web.Response:
-    ctx, run_id = context(request), run_id_of(request)
     limit = int_param(request, "limit", 20, 1, 200)
-    await _known(ctx, run_id)
-    async with ctx.connection() as conn:
-        rows = await monitor.error_summary(conn, run_id, limit)
-    for row in rows:
-        row["error_message"] = redact(row["error_message"] or "")
-    return reply({"run": run_id, "errors": rows})
+    return await _panel(
+        request,
+        "errors",
+        lambda c, r: monitor.error_summary(c, r, limit),
+        redacted="error_message",
+    )
 
 
 async def failed(request: web.Request) -> web.Response:
-    ctx, run_id = context(request), run_id_of(request)
     limit = int_param(request, "limit", 20, 1, 200)
-    await _known(ctx, run_id)
-    async with ctx.connection() as conn:
-        rows = await panels.failed_items(conn, run_id, limit, EXCERPT_CHARS)
-    for row in rows:
-        row["error_message"] = redact(row["error_message"] or "")
-    return reply({"run": run_id, "items": rows})
+    return await _panel(
+        request,
+        "items",
+        lambda c, r: panels.failed_items(c, r, limit, EXCERPT_CHARS),
+        redacted="error_message",
+    )
 
 
 async def stuck(request: web.Request) -> web.Response:
-    ctx, run_id = context(request), run_id_of(request)
     limit = int_param(request, "limit", 20, 1, 200)
     older_than = int_param(request, "older_than", 900, 1, 86400)
-    await _known(ctx, run_id)
-    async with ctx.connection() as conn:
-        rows = await panels.stuck_items(conn, run_id, older_than, limit)
-    return reply({"run": run_id, "items": rows})
+    return await _panel(request, "items", lambda c, r: panels.stuck_items(c, r, older_than, limit))
 
 
 def add_routes(app: web.Application) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from analysisq.dashboard.actions import RESUME, RESUME_TARGET, SUSPEND
+from analysisq.dashboard.actions import RESUME, RESUME_TARGET, SUSPEND, RetryFilter
 from analysisq.dashboard.app import start
 from analysisq.dashboard.context import DashboardContext
 from analysisq.dashboard.errors import ActionUnavailable, BadParameter
@@ -50,13 +50,7 @@ class ClusterActions:
             raise RunNotFound(f"AnalysisRun {ref.display_name} is gone (or was recreated)")
 
     async def retry_failed(
-        self,
-        ctx: DashboardContext,
-        run_id: str,
-        *,
-        error_class: str | None,
-        target: str | None,
-        error: str | None,
+        self, ctx: DashboardContext, run_id: str, which: RetryFilter
     ) -> dict[str, Any]:
         raise ActionUnavailable("retrying failed items is not offered in the cluster yet")
 
