@@ -18,7 +18,7 @@ from types import ModuleType
 from .common import DEFAULT_RESULTS, Reporter
 
 #: Benchmark name -> module (imported on use: ``overhead`` needs the ``bench`` extra).
-BENCHMARKS = ("fill", "overhead", "quotas", "ratecap", "recovery", "rss")
+BENCHMARKS = ("fill", "overhead", "quotas", "ratecap", "recovery", "rss", "dashboard")
 
 
 def _module(name: str) -> ModuleType:
