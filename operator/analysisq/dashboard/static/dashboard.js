@@ -219,14 +219,18 @@
         fmtTime(i.lease_expires_at), fmtTime(i.updated_at)]);
   }
 
+  // The next refresh waits at least five times as long as this one took: a big run whose
+  // panels take a second to read is polled every five seconds or more, never back to back.
   async function tick() {
+    const began = performance.now();
     try {
       await (meta.page === "run" ? refreshRun() : refreshRuns());
       setLive(true);
     } catch (err) {
       setLive(false, "not updating: " + err.message);
     }
-    setTimeout(tick, meta.refresh * 1000);
+    const took = performance.now() - began;
+    setTimeout(tick, Math.max(meta.refresh * 1000, 5 * took));
   }
   tick();
 })();
