@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     #: 0 turns one off.
     health_port: int = Field(default=8080, ge=0, le=65535)
     metrics_port: int = Field(default=9090, ge=0, le=65535)
+    #: Seconds between two reads of a run's provider metrics from the database (one pass
+    #: over its items and one over its results: costly for runs of a million items).
+    provider_metrics_seconds: float = Field(default=60.0, ge=1, le=3600)
     #: Port of the dashboard the operator serves (the page of ``analysisq dashboard``,
     #: read-only unless ``dashboard_action_token`` is set); 0 turns it off.
     dashboard_port: int = Field(default=0, ge=0, le=65535)

@@ -58,7 +58,8 @@ async def test_provider_metrics_match_the_rows(pool: asyncpg.Pool) -> None:
         deferrals = await db.fetchval("SELECT sum(deferrals) FROM analysis_queue")
         failed = await db.fetchval("SELECT count(*) FROM analysis_queue WHERE status='failed'")
     metrics = Metrics()
-    metrics.providers.observe(REF, calls, {"fake": False})
+    metrics.providers.observe_calls(REF, calls)
+    metrics.providers.observe_paused(REF, {"fake": False})
     got = samples(metrics)
     key = {("namespace", "team"), ("run", "nightly"), ("target", "fake")}
 

@@ -191,7 +191,8 @@ def test_alerts_use_metrics_the_operator_exposes() -> None:
     }  # fmt: skip
     metrics.observe(ref, status, deadline=2_000_000_000.0)
     metrics.reconcile_errors.labels("test").inc()
-    metrics.providers.observe(ref, {"t": TargetCalls(outcomes={"ok": 1})}, {"t": True})
+    metrics.providers.observe_calls(ref, {"t": TargetCalls(outcomes={"ok": 1})})
+    metrics.providers.observe_paused(ref, {"t": True})
     exposed = set(
         re.findall(
             r"^(analysisq_\w+?)(?:\{| )", generate_latest(metrics.registry).decode(), re.MULTILINE

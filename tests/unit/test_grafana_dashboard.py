@@ -127,7 +127,8 @@ def exported() -> set[str]:
     metrics.observe(ref, {"phase": "Running", "counts": counts, "throughput": "1.0/s"}, None)
     metrics.reconcile_errors.labels("test").inc()
     calls = TargetCalls(outcomes={"ok": 1}, latency_count=1, latency_buckets=[1] * 11)
-    metrics.providers.observe(ref, {"t": calls}, {"t": False})
+    metrics.providers.observe_calls(ref, {"t": calls})
+    metrics.providers.observe_paused(ref, {"t": False})
     text = generate_latest(metrics.registry).decode()
     return set(re.findall(r"^(analysisq_\w+?)(?:\{| )", text, re.MULTILINE))
 
@@ -167,3 +168,20 @@ def test_the_chart_ships_it_for_the_sidecar() -> None:
     assert values["grafana"]["labels"] == {"grafana_dashboard": "1"}
     template = (CHART / "templates" / "grafana-dashboard-configmap.yaml").read_text()
     assert '.Files.Get "files/grafana-dashboard.json"' in template
+
+
+def test_provider_calls_are_read_at_most_every_refresh_interval() -> None:
+    from analysisq.kube.provider_metrics import ProviderCollector
+
+    REFRESH_SECONDS = 60.0
+    now = [1000.0]
+    collector = ProviderCollector(REFRESH_SECONDS, clock=lambda: now[0])
+    ref = RunRef(namespace="ns", name="run", uid="u")
+    assert collector.due(ref)
+    collector.observe_calls(ref, {"t": TargetCalls()})
+    now[0] += REFRESH_SECONDS - 1
+    assert not collector.due(ref)
+    now[0] += 1
+    assert collector.due(ref)
+    collector.forget(ref)
+    assert collector.due(ref) and all(not m.samples for m in collector.collect())

@@ -31,7 +31,7 @@ class DashboardContext:
     #: seconds between the page's polls of each panel
     refresh_seconds: float = 5.0
     #: statement timeout for the dashboard's queries: a slow panel must not pile up work
-    statement_timeout_ms: int = 5000
+    statement_timeout_ms: int = 15000
     #: finished runs already counted (the runs list does not count them again)
     finished: FinishedRuns = field(default_factory=FinishedRuns, repr=False)
     _pool: asyncpg.Pool | None = field(default=None, repr=False)

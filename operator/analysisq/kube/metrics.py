@@ -28,7 +28,7 @@ _RUN = ("namespace", "run")
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, provider_refresh_seconds: float = 60.0) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.items = Gauge(
@@ -87,7 +87,7 @@ class Metrics:
         )
         #: Targets with token series per run, so that ``forget`` removes them all.
         self._targets: dict[tuple[str, str], set[str]] = {}
-        self.providers = ProviderCollector()
+        self.providers = ProviderCollector(provider_refresh_seconds)
         r.register(self.providers)
 
     def observe(self, ref: RunRef, status: dict[str, Any], deadline: float | None) -> None:

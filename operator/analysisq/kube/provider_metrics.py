@@ -5,9 +5,11 @@ already hold each fact (one result per successful call with its latency and toke
 class of each item's last error, the 429 deferrals), so the numbers are exact across worker
 restarts and scale-downs (a killed worker pod takes its counters with it), cost nothing in
 the worker's hot path, need no PodMonitor reaching every worker pod, and read the same for a
-run drained by ``analysisq run``. The price is one pass over the run's items and results
-per reconcile (``queue.dashboard.provider_calls``), and that what the database does not keep
-cannot be exported: the class of an error that a later attempt overcame.
+run drained by ``analysisq run``. The price is one pass over the run's items and one over its
+results (``queue.dashboard.provider_calls``), at most every ``provider_metrics_seconds`` per
+run (a setting, 60 s by default), and
+that what the database does not keep cannot be exported: the class of an error that a later
+attempt overcame.
 
 Series (labels ``namespace``, ``run``, ``target``):
 
@@ -23,8 +25,8 @@ Series (labels ``namespace``, ``run``, ``target``):
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -50,26 +52,37 @@ NAMES = (
 )
 
 
-@dataclass(frozen=True)
-class _Snapshot:
-    calls: Mapping[str, TargetCalls]
-    paused: Mapping[str, bool]
-
-
 class ProviderCollector(Collector):
     """Holds the latest snapshot per run; renders it at scrape time (no query on scrape)."""
 
-    def __init__(self) -> None:
-        self._runs: dict[tuple[str, str], _Snapshot] = {}
-
-    def observe(
-        self, ref: RunRef, calls: Mapping[str, TargetCalls], paused: Mapping[str, bool]
+    def __init__(
+        self, refresh_seconds: float = 60.0, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        """Replace the run's snapshot: *paused* maps every target of the run to its pause."""
-        self._runs[(ref.namespace, ref.name)] = _Snapshot(dict(calls), dict(paused))
+        #: seconds between two reads of a run's calls (paused targets: every reconcile)
+        self.refresh_seconds = refresh_seconds
+        self._calls: dict[tuple[str, str], Mapping[str, TargetCalls]] = {}
+        self._paused: dict[tuple[str, str], Mapping[str, bool]] = {}
+        self._read_at: dict[tuple[str, str], float] = {}
+        self._clock = clock
+
+    def due(self, ref: RunRef) -> bool:
+        """Whether the run's calls should be read again (``refresh_seconds`` passed)."""
+        last = self._read_at.get((ref.namespace, ref.name))
+        return last is None or self._clock() - last >= self.refresh_seconds
+
+    def observe_calls(self, ref: RunRef, calls: Mapping[str, TargetCalls]) -> None:
+        key = (ref.namespace, ref.name)
+        self._calls[key] = dict(calls)
+        self._read_at[key] = self._clock()
+
+    def observe_paused(self, ref: RunRef, paused: Mapping[str, bool]) -> None:
+        """*paused* maps every target of the run to whether it is paused."""
+        self._paused[(ref.namespace, ref.name)] = dict(paused)
 
     def forget(self, ref: RunRef) -> None:
-        self._runs.pop((ref.namespace, ref.name), None)
+        key = (ref.namespace, ref.name)
+        for held in (self._calls, self._paused, self._read_at):
+            held.pop(key, None)
 
     def collect(self) -> Iterator[Metric]:
         labels = ["namespace", "run", "target"]
@@ -94,10 +107,11 @@ class ProviderCollector(Collector):
         paused = GaugeMetricFamily(
             "analysisq_target_paused", "1 while a target of the run is paused", labels=labels
         )
-        for (namespace, run), snap in sorted(self._runs.items()):
-            for target, is_paused in sorted(snap.paused.items()):
+        for (namespace, run), targets in sorted(self._paused.items()):
+            for target, is_paused in sorted(targets.items()):
                 paused.add_metric([namespace, run, target], 1.0 if is_paused else 0.0)
-            for target, calls in sorted(snap.calls.items()):
+        for (namespace, run), per_target in sorted(self._calls.items()):
+            for target, calls in sorted(per_target.items()):
                 key = [namespace, run, target]
                 for outcome, n in sorted(calls.outcomes.items()):
                     items.add_metric([*key, outcome], n)

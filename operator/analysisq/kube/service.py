@@ -363,14 +363,16 @@ class RunService:
                 spent = await usage.run_usage(conn, ref.run_id)
                 run_budget = await budget.state(conn, ref.run_id)
                 states = await runs.targets(conn, ref.run_id)
-                calls = await provider_calls(conn, ref.run_id, LATENCY_BOUNDS)
+                if self.metrics.providers.due(ref):
+                    calls = await provider_calls(conn, ref.run_id, LATENCY_BOUNDS)
+                    self.metrics.providers.observe_calls(ref, calls)
             paused = [
                 PausedTarget(t.target, t.pause_reason or "", t.paused_at, t.fault is not None)
                 for t in states
                 if t.paused_at is not None
             ]
-            self.metrics.providers.observe(
-                ref, calls, {t.target: t.paused_at is not None for t in states}
+            self.metrics.providers.observe_paused(
+                ref, {t.target: t.paused_at is not None for t in states}
             )
             deployment = await self.kube.read_deployment(ref.namespace, ref.deployment_name)
         except RETRYABLE as exc:

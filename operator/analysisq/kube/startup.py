@@ -110,7 +110,7 @@ async def run_operator(
     except DatabaseUnavailable as exc:
         log.warning("database unavailable at start; runs wait for it", extra={"error": exc.message})
     kube = KubeApi(load_client())
-    metrics = Metrics()
+    metrics = Metrics(settings.provider_metrics_seconds)
     server = metrics.serve(settings.metrics_port) if settings.metrics_port else None
     service = RunService(settings, kube, pools, metrics)
     page = await dashboard.serve(settings, kube) if settings.dashboard_port else None
