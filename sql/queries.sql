@@ -549,6 +549,7 @@ WHERE t.run_id = $1 AND t.target = $2 AND q.id = ANY (t.fault_items)
   AND q.run_id = $1 AND q.status = 'failed' AND q.next_attempt_at IS NULL
   AND q.error_class = 'permanent';
 
+-- ---------------------------------------------------------------------------------------
 -- Dashboard and provider metrics (analysisq.queue.dashboard). One query per panel; each
 -- reads one run's rows through an index whose first column is run_id (docs/dashboard.md
 -- states the cost). Cost columns read NULL until targets carry pricing.

@@ -26,7 +26,7 @@ from analysisq.fake_provider.config import FakeConfig
 from analysisq.fake_provider.server import FakeProvider
 from analysisq.queue import runs
 from analysisq.settings import Settings
-from analysisq.worker.loop import Worker
+from analysisq.worker import Worker
 from support import add_prompts, spec
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]

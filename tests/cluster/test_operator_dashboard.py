@@ -1,6 +1,6 @@
 """The operator's dashboard against the real control plane: it lists the cluster's runs,
-refuses actions without the token from its Secret, and with it suspends and resumes an
-AnalysisRun by patching it (the operator then scales the workers); the provider metrics
+refuses actions without the token from its Secret, and with it suspends, resumes and retries
+an AnalysisRun by patching it (the operator then acts); the provider metrics
 derived from the database appear on the operator's /metrics.
 """
 
@@ -83,7 +83,7 @@ def test_operator_dashboard_reads_and_acts_through_the_analysisrun(
     assert status == 200 and one["actions"] == {
         "enabled": True,
         "token_required": True,
-        "available": ["resume", "resume-target", "suspend"],
+        "available": ["resume", "resume-target", "retry", "suspend"],
     }
     status, page = call(f"{base}/runs/{quote(run_id)}")
     assert status == 200
@@ -107,6 +107,21 @@ def test_operator_dashboard_reads_and_acts_through_the_analysisrun(
     status, _ = call(f"{api}/resume", data={}, headers={**headers, "X-Action-Token": TOKEN})
     assert status == 200
     wait_for(lambda: get_run(kubectl, namespace, "watched")["status"]["phase"] != "Suspended")
+
+    # Retry in the cluster is the operator's retry-failed annotation; it acts and removes it.
+    status, asked = call(
+        f"{api}/retry",
+        data={"error_class": "permanent"},
+        headers={**headers, "X-Action-Token": TOKEN},
+    )
+    assert status == 200 and asked == {**asked, "retried": None, "requested": "class=permanent"}
+
+    def retried() -> None:
+        run = get_run(kubectl, namespace, "watched")
+        assert run["status"]["lastRetry"]["filter"] == "class=permanent", run["status"]
+        assert "analysisq.io/retry-failed" not in (run["metadata"].get("annotations") or {})
+
+    wait_for(retried, timeout=30)
 
     def provider_metrics() -> None:
         text = op.metrics()

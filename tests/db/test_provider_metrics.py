@@ -19,7 +19,7 @@ from analysisq.kube.ref import RunRef
 from analysisq.queue import runs
 from analysisq.queue.dashboard import provider_calls
 from analysisq.settings import Settings
-from analysisq.worker.loop import Worker
+from analysisq.worker import Worker
 from support import add_prompts, spec
 
 pytestmark = [pytest.mark.db, pytest.mark.timeout(120)]

@@ -24,7 +24,7 @@ from analysisq.dashboard.context import DashboardContext, context
 from analysisq.dashboard.errors import ActionUnavailable, BadParameter
 from analysisq.errors import ErrorClass, RunNotFound
 from analysisq.queue import dashboard as panels
-from analysisq.queue import runs
+from analysisq.queue import retries, runs
 
 RETRY, RESUME_TARGET, SUSPEND, RESUME = "retry", "resume-target", "suspend", "resume"
 
@@ -63,8 +63,6 @@ class LocalActions:
     async def retry_failed(
         self, ctx: DashboardContext, run_id: str, which: RetryFilter
     ) -> dict[str, Any]:
-        from analysisq.queue import retries
-
         async with ctx.connection() as conn:
             retried = await retries.retry_failed(
                 conn, run_id, error_class=which.error_class, target=which.target, error=which.error

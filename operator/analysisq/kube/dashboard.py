@@ -4,9 +4,8 @@
 over the operator's default database (runs with their own ``databaseSecretRef`` live
 elsewhere and are not shown). Actions need ``dashboard_action_token`` (from the chart's
 Secret), and go through the AnalysisRun, never behind the operator's back:
-``ClusterActions`` patches ``spec.suspend`` or the resume-targets annotation and the operator
-does the rest. Retrying failed items in the cluster goes through the AnalysisRun too, which
-this dashboard does not offer yet (``analysisq retry`` against the database does it).
+``ClusterActions`` patches ``spec.suspend``, the resume-targets or the retry-failed
+annotation (``kube.retries``), and the operator does the rest.
 """
 
 from __future__ import annotations
@@ -16,15 +15,16 @@ from typing import Any
 
 from aiohttp import web
 
-from analysisq.dashboard.actions import RESUME, RESUME_TARGET, SUSPEND, RetryFilter
+from analysisq.dashboard.actions import RESUME, RESUME_TARGET, RETRY, SUSPEND, RetryFilter
 from analysisq.dashboard.app import start
 from analysisq.dashboard.context import DashboardContext
-from analysisq.dashboard.errors import ActionUnavailable, BadParameter
+from analysisq.dashboard.errors import BadParameter
 from analysisq.dashboard.guard import Guard
 from analysisq.errors import RunNotFound
 from analysisq.kube.deployment import RESUME_ANNOTATION
 from analysisq.kube.kubeapi import KubeApi
 from analysisq.kube.ref import RunRef
+from analysisq.kube.retries import RETRY_ANNOTATION
 from analysisq.settings import Settings
 
 
@@ -39,7 +39,7 @@ def run_ref(run_id: str) -> RunRef:
 class ClusterActions:
     """Actions as changes to the AnalysisRun, for the operator to carry out."""
 
-    available = frozenset({SUSPEND, RESUME, RESUME_TARGET})
+    available = frozenset({RETRY, SUSPEND, RESUME, RESUME_TARGET})
 
     def __init__(self, kube: KubeApi) -> None:
         self._kube = kube
@@ -52,7 +52,22 @@ class ClusterActions:
     async def retry_failed(
         self, ctx: DashboardContext, run_id: str, which: RetryFilter
     ) -> dict[str, Any]:
-        raise ActionUnavailable("retrying failed items is not offered in the cluster yet")
+        # The annotation's filter syntax (kube.retries.parse_retry_request); the operator
+        # retries, reopens a finished run and removes the annotation.
+        if which.error and "," in which.error:
+            raise BadParameter("in the cluster the error filter cannot contain a comma")
+        parts = [
+            f"{key}={value}"
+            for key, value in (
+                ("class", which.error_class),
+                ("target", which.target),
+                ("error", which.error),
+            )
+            if value
+        ]
+        value = ",".join(parts) or "all"
+        await self._patch(run_id, {"metadata": {"annotations": {RETRY_ANNOTATION: value}}})
+        return {"retried": None, "requested": value}
 
     async def resume_target(
         self, ctx: DashboardContext, run_id: str, target: str | None

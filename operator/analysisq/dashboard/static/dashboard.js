@@ -145,6 +145,9 @@
     return b;
   }
 
+  // Locally the count comes back; in the cluster the operator retries (annotation) later.
+  const retriedText = (a) => (a.retried === null ? "retry requested (" + a.requested + ")"
+    : "retried " + a.retried + " items");
   const can = (action) => meta.actions.enabled && meta.actions.available.includes(action);
 
   async function act(path, body, done) {
@@ -177,9 +180,9 @@
     });
     const runActions = document.getElementById("run-actions");
     runActions.replaceChildren();
-    if (can("retry") && c.failed + c.retrying > 0) {
+    if (can("retry") && c.failed > 0) {
       runActions.appendChild(button("Retry failed", () => act("/retry", {},
-        (a) => "retried " + a.retried + " items")));
+        retriedText)));
     }
     if (can("suspend") && run.phase === "Running") {
       runActions.appendChild(button("Suspend", () => act("/suspend", {}, () => "suspending")));
@@ -207,7 +210,7 @@
     fillTable(document.getElementById("errors"), ["class", "message", "items", ""],
       errors.errors, (e) => [e.error_class, e.error_message, fmtInt(e.count),
         can("retry") ? button("Retry " + e.error_class, () => act("/retry",
-          { error_class: e.error_class }, (a) => "retried " + a.retried + " items")) : ""]);
+          { error_class: e.error_class }, retriedText)) : ""]);
     fillTable(document.getElementById("failed"),
       ["item", "prompt", "target", "attempts", "class", "error", "will retry", "at"],
       failed.items, (i) => [i.external_id, i.prompt_excerpt +
