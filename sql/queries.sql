@@ -552,7 +552,7 @@ WHERE t.run_id = $1 AND t.target = $2 AND q.id = ANY (t.fault_items)
 -- ---------------------------------------------------------------------------------------
 -- Dashboard and provider metrics (analysisq.queue.dashboard). One query per panel; each
 -- reads one run's rows through an index whose first column is run_id (docs/dashboard.md
--- states the cost). Cost columns read NULL until targets carry pricing.
+-- states the cost). Costs come from token_cost at the targets' pricing, NULL without one.
 -- ---------------------------------------------------------------------------------------
 
 -- name: dashboard_runs
@@ -568,7 +568,18 @@ SELECT r.id, r.name, r.created_at, r.filled_at, r.finished_at,
        c.total, c.pending, c.processing, c.completed, c.failed, c.retrying, c.stuck, c.recent,
        (SELECT count(*) FROM run_targets t
         WHERE t.run_id = r.id AND t.paused_at IS NOT NULL) AS paused_targets,
-       NULL::double precision AS cost
+       -- what the stored answers cost at the targets' pricing (NULL when none has any);
+       -- the results are read only for priced targets of runs not already held
+       (SELECT sum(token_cost(u.tokens_in, u.tokens_out,
+                              t.input_per_million, t.output_per_million))
+        FROM run_targets t
+        CROSS JOIN LATERAL (
+            SELECT coalesce(sum(x.tokens_in), 0)::bigint AS tokens_in,
+                   coalesce(sum(x.tokens_out), 0)::bigint AS tokens_out
+            FROM analysis_results x WHERE x.run_id = t.run_id AND x.target = t.target
+        ) u
+        WHERE t.run_id = r.id AND NOT k.known
+          AND (t.input_per_million IS NOT NULL OR t.output_per_million IS NOT NULL)) AS cost
 FROM analysis_runs r
 CROSS JOIN LATERAL (
     SELECT EXISTS (
@@ -632,7 +643,8 @@ FROM series, total ORDER BY series.g;
 
 -- name: dashboard_targets
 -- Per target of a run: counts, items completed in the last $2 seconds, latency percentiles
--- and tokens from the results, the pause. Two grouped passes (queue, results) by run_id.
+-- and tokens (and their cost) from the results, the pause. Two grouped passes (queue,
+-- results) by run_id.
 SELECT t.target, t.requests_per_second, t.tokens_per_minute, t.paused_at, t.pause_reason,
        coalesce(q.total, 0) AS total, coalesce(q.pending, 0) AS pending,
        coalesce(q.processing, 0) AS processing, coalesce(q.completed, 0) AS completed,
@@ -640,7 +652,8 @@ SELECT t.target, t.requests_per_second, t.tokens_per_minute, t.paused_at, t.paus
        coalesce(q.recent, 0) AS recent, coalesce(q.deferrals, 0) AS deferrals,
        r.latency_p50_ms, r.latency_p95_ms, r.latency_p99_ms,
        coalesce(r.tokens_in, 0) AS tokens_in, coalesce(r.tokens_out, 0) AS tokens_out,
-       NULL::double precision AS cost
+       token_cost(coalesce(r.tokens_in, 0), coalesce(r.tokens_out, 0),
+                  t.input_per_million, t.output_per_million) AS cost
 FROM run_targets t
 LEFT JOIN (
     SELECT target, count(*) AS total,
@@ -699,9 +712,7 @@ GROUP BY 1, 2;
 -- Successful provider calls of a run per target and latency bucket ($2: upper bounds in
 -- seconds, ascending; bucket i counts latencies in [bound i-1, bound i)), with their sum.
 SELECT target, width_bucket(latency_ms / 1000.0, $2::double precision[]) AS bucket,
-       count(*) AS calls, sum(latency_ms) / 1000.0 AS seconds,
-       coalesce(sum(tokens_in), 0)::bigint AS tokens_in,
-       coalesce(sum(tokens_out), 0)::bigint AS tokens_out
+       count(*) AS calls, sum(latency_ms) / 1000.0 AS seconds
 FROM analysis_results
 WHERE run_id = $1
 GROUP BY 1, 2;

@@ -21,7 +21,7 @@ from analysisq.dashboard.context import DashboardContext
 from analysisq.dashboard.guard import Guard
 from analysisq.fake_provider.config import FakeConfig
 from analysisq.fake_provider.server import FakeProvider
-from analysisq.queue import runs
+from analysisq.queue import runs, usage
 from analysisq.settings import Settings
 from analysisq.worker import Worker
 from support import add_prompts, spec
@@ -282,3 +282,24 @@ async def test_finished_runs_are_counted_once_until_a_retry_reopens_them(
     assert await db.fetchval("SELECT finished_at IS NULL FROM analysis_runs WHERE id = 'bad'")
     counts = await bad_counts()
     assert counts["failed"] == 0 and counts["pending"] == 10
+
+
+async def test_cost_per_run_and_target_at_the_targets_pricing(
+    pool: asyncpg.Pool, db_url: str
+) -> None:
+    pricing = {"inputPerMillionTokens": 1000.0, "outputPerMillionTokens": 2000.0}
+    priced = spec(targets=[{"name": "echo", "provider": "echo", "model": "echo-1",
+                            "pricing": pricing}])  # fmt: skip
+    async with pool.acquire() as db:
+        await add_prompts(db, 12)
+        await runs.create_run(db, "priced", priced)
+        await runs.fill(db, "priced", priced)
+    await drain(pool, "priced")
+    async with pool.acquire() as db:
+        expected = (await usage.run_usage(db, "priced")).cost
+    assert expected is not None and expected > 0
+    async for d in serve(db_url, allow_actions=False):
+        (run,) = (await d.client.get("/api/runs")).json()["runs"]
+        (target,) = (await d.client.get("/api/runs/priced/targets")).json()["targets"]
+        assert run["cost"] == pytest.approx(expected)
+        assert target["cost"] == pytest.approx(expected)

@@ -124,7 +124,9 @@ def exported() -> set[str]:
     ref = RunRef(namespace="ns", name="run", uid="u")
     counts = {"total": 4, "pending": 1, "processing": 1, "completed": 1, "failed": 1,
               "retrying": 0, "stuck": 0}  # fmt: skip
-    metrics.observe(ref, {"phase": "Running", "counts": counts, "throughput": "1.0/s"}, None)
+    usage = {"targets": [{"name": "t", "tokensIn": 1, "tokensOut": 2, "cost": 0.5}]}
+    status = {"phase": "Running", "counts": counts, "throughput": "1.0/s", "usage": usage}
+    metrics.observe(ref, status, None)
     metrics.reconcile_errors.labels("test").inc()
     calls = TargetCalls(outcomes={"ok": 1}, latency_count=1, latency_buckets=[1] * 11)
     metrics.providers.observe_calls(ref, {"t": calls})
@@ -158,7 +160,7 @@ def test_the_web_page_panels_are_all_there() -> None:
     assert {
         "Progress", "Items over time", "Throughput per target", "Latency percentiles per target",
         "Tokens per target", "Items by latest provider outcome", "Stuck and failed items",
-        "Paused targets", "429s and deferrals",
+        "Paused targets", "429s and deferrals", "Cost per target",
     } <= titles  # fmt: skip
 
 

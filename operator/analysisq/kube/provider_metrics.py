@@ -17,7 +17,6 @@ Series (labels ``namespace``, ``run``, ``target``):
   (``ok`` or an error class: transient, rate_limited, permanent, auth, ...);
 - ``analysisq_provider_rate_limited_total``: 429 answers and deferrals (no attempt burnt);
 - ``analysisq_provider_latency_seconds``: histogram of successful calls;
-- ``analysisq_provider_tokens_total{direction="in"|"out"}``;
 - ``analysisq_target_paused``: 1 while the target is paused (auth failure, budget, ...).
 
 ``Metrics`` (``kube.metrics``) registers this collector; ``RunService.reconcile`` feeds it.
@@ -47,7 +46,6 @@ NAMES = (
     "analysisq_provider_items",
     "analysisq_provider_rate_limited_total",
     "analysisq_provider_latency_seconds",
-    "analysisq_provider_tokens_total",
     "analysisq_target_paused",
 )
 
@@ -101,9 +99,6 @@ class ProviderCollector(Collector):
             "Latency of successful provider calls",
             labels=labels,
         )
-        tokens = CounterMetricFamily(
-            "analysisq_provider_tokens", "Tokens of successful calls", labels=[*labels, "direction"]
-        )
         paused = GaugeMetricFamily(
             "analysisq_target_paused", "1 while a target of the run is paused", labels=labels
         )
@@ -119,9 +114,7 @@ class ProviderCollector(Collector):
                 latency.add_metric(
                     key, _buckets(LATENCY_BOUNDS, calls), sum_value=calls.latency_seconds
                 )
-                tokens.add_metric([*key, "in"], calls.tokens_in)
-                tokens.add_metric([*key, "out"], calls.tokens_out)
-        yield from (items, limited, latency, tokens, paused)
+        yield from (items, limited, latency, paused)
 
 
 def _buckets(bounds: Sequence[float], calls: TargetCalls) -> list[tuple[str, float]]:

@@ -194,15 +194,14 @@ class TargetCalls:
     latency_buckets: list[int] = field(default_factory=list)
     latency_count: int = 0
     latency_seconds: float = 0.0
-    tokens_in: int = 0
-    tokens_out: int = 0
 
 
 async def provider_calls(
     conn: asyncpg.Connection, run_id: str, bounds: Sequence[float]
 ) -> dict[str, TargetCalls]:
     """Per target: items by latest outcome, 429 deferrals, the latency histogram over
-    *bounds* (seconds, ascending) and tokens, from the queue and the results."""
+    *bounds* (seconds, ascending), from the queue and the results (tokens and cost are
+    ``queue.usage``'s)."""
     with translated(f"reading provider calls of run {run_id}"):
         outcomes = await conn.fetch(query("provider_outcomes"), run_id)
         latency = await conn.fetch(query("provider_latency"), run_id, list(bounds))
@@ -220,8 +219,6 @@ async def provider_calls(
         counts[r["bucket"]] += r["calls"]
         calls.latency_count += r["calls"]
         calls.latency_seconds += float(r["seconds"])
-        calls.tokens_in += r["tokens_in"]
-        calls.tokens_out += r["tokens_out"]
     for target, counts in per_bucket.items():
         running, cumulative = 0, []
         for n in counts[: len(bounds)]:
