@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test constraints lint typecheck unit db db-pooler cluster chaos controlplane helm tools system-packages bench image \
+.PHONY: demo test constraints lint typecheck unit db db-pooler cluster browser chaos controlplane helm tools system-packages bench image \
 	image-buildah deploy-manifests clean
 
 $(STAMP): pyproject.toml constraints.txt
@@ -63,6 +63,10 @@ cluster: $(STAMP) tools
 
 chaos: $(STAMP)
 	$(BIN)/pytest -m chaos
+
+# The dashboard in Debian's headless Chromium (tests/tools/system-packages.sh installs it).
+browser: $(STAMP)
+	$(BIN)/pytest -m browser
 
 # Every tier, then the db tier through PgBouncer; a tier that cannot run fails
 # (tests/conftest.py refuses to skip).

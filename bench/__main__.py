@@ -28,6 +28,7 @@ BENCHMARKS = (
     "history",
     "connections",
     "batch",
+    "dashboard",
 )
 
 

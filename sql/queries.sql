@@ -835,3 +835,170 @@ SELECT
     (SELECT count(*) FROM analysis_results WHERE run_id = $1 AND via_batch)::integer
         AS answered_by_batch,
     (SELECT count(*) FROM analysis_results WHERE run_id = $1)::integer AS answered;
+-- ---------------------------------------------------------------------------------------
+-- Dashboard and provider metrics (analysisq.queue.dashboard). One query per panel; each
+-- reads one run's rows through an index whose first column is run_id (docs/dashboard.md
+-- states the cost). Costs come from token_cost at the targets' pricing, NULL without one.
+-- ---------------------------------------------------------------------------------------
+
+-- name: dashboard_runs
+-- Runs newest first with their counts, items completed in the last $2 seconds and paused
+-- targets: one index range of analysis_queue (run_id, ...) per listed run, skipped for the
+-- finished runs whose counts the caller already holds ($4 ids with their $5 finished_at:
+-- a finished run's counts no longer change; a retry clears finished_at). Those rows come
+-- back with counted = false and zero counts.
+SELECT r.id, r.name, r.created_at, r.filled_at, r.finished_at,
+       coalesce((r.spec ->> 'suspend')::boolean, false) AS suspended,
+       coalesce((r.spec ->> 'maxFailedRatio')::double precision, 0.01) AS max_failed_ratio,
+       NOT k.known AS counted,
+       c.total, c.pending, c.processing, c.completed, c.failed, c.retrying, c.stuck, c.recent,
+       (SELECT count(*) FROM run_targets t
+        WHERE t.run_id = r.id AND t.paused_at IS NOT NULL) AS paused_targets,
+       -- what the stored answers cost at the targets' pricing (NULL when none has any);
+       -- the results are read only for priced targets of runs not already held
+       (SELECT sum(token_cost(u.tokens_in, u.tokens_out,
+                              t.input_per_million, t.output_per_million))
+        FROM run_targets t
+        CROSS JOIN LATERAL (
+            SELECT coalesce(sum(x.tokens_in), 0)::bigint AS tokens_in,
+                   coalesce(sum(x.tokens_out), 0)::bigint AS tokens_out
+            FROM analysis_results x WHERE x.run_id = t.run_id AND x.target = t.target
+        ) u
+        WHERE t.run_id = r.id AND NOT k.known
+          AND (t.input_per_million IS NOT NULL OR t.output_per_million IS NOT NULL)) AS cost
+FROM analysis_runs r
+CROSS JOIN LATERAL (
+    SELECT EXISTS (
+        SELECT 1 FROM unnest($4::text[], $5::timestamptz[]) AS h(id, finished_at)
+        WHERE h.id = r.id AND h.finished_at = r.finished_at
+    ) AS known
+) k
+CROSS JOIN LATERAL (
+    SELECT count(*) AS total,
+           count(*) FILTER (WHERE status = 'pending') AS pending,
+           count(*) FILTER (WHERE status = 'processing') AS processing,
+           count(*) FILTER (WHERE status = 'completed') AS completed,
+           count(*) FILTER (WHERE status = 'failed' AND next_attempt_at IS NULL) AS failed,
+           count(*) FILTER (WHERE status = 'failed' AND next_attempt_at IS NOT NULL) AS retrying,
+           count(*) FILTER (WHERE status = 'processing' AND lease_expires_at < now()) AS stuck,
+           count(*) FILTER (WHERE status = 'completed'
+                              AND completed_at > now() - make_interval(secs => $2)) AS recent
+    -- NOT k.known depends on the outer row only: a one-time filter, so no item is read
+    FROM analysis_queue q WHERE q.run_id = r.id AND NOT k.known
+) c
+WHERE $3::text IS NULL OR r.id = $3
+ORDER BY r.created_at DESC, r.id
+LIMIT $1;
+
+-- name: dashboard_run_exists
+-- A panel of an unknown run answers 404 (a primary-key lookup).
+SELECT EXISTS (SELECT 1 FROM analysis_runs WHERE id = $1);
+
+-- name: dashboard_timeline
+-- Completed and failed-for-good items over the run's life in $2 equal buckets (cumulative),
+-- and those still open, from completed_at / updated_at: one pass over the run's items.
+WITH span AS (
+    SELECT extract(epoch FROM created_at) AS t0,
+           greatest(extract(epoch FROM coalesce(finished_at, now())),
+                    extract(epoch FROM created_at) + 1) AS t1
+    FROM analysis_runs WHERE id = $1
+), items AS (
+    SELECT status = 'completed' AS ok,
+           status = 'failed' AND next_attempt_at IS NULL AS gave_up,
+           extract(epoch FROM CASE WHEN status = 'completed' THEN completed_at
+                                   ELSE updated_at END) AS at
+    FROM analysis_queue WHERE run_id = $1
+), hist AS (
+    -- events in [edge b-1, edge b) land in bucket b; clamped so late writes stay visible
+    SELECT least(greatest(width_bucket(i.at, s.t0, s.t1, $2), 1), $2) AS b,
+           count(*) FILTER (WHERE i.ok) AS completed,
+           count(*) FILTER (WHERE i.gave_up) AS failed
+    FROM items i, span s WHERE i.ok OR i.gave_up GROUP BY 1
+), total AS (
+    SELECT count(*) AS n FROM items
+), series AS (
+    SELECT g, to_timestamp(s.t0 + (s.t1 - s.t0) * g / $2) AS at,
+           sum(coalesce(h.completed, 0)) OVER w AS completed,
+           sum(coalesce(h.failed, 0)) OVER w AS failed
+    FROM span s CROSS JOIN generate_series(0, $2) g LEFT JOIN hist h ON h.b = g
+    WINDOW w AS (ORDER BY g)
+)
+SELECT series.at, series.completed::bigint AS completed, series.failed::bigint AS failed,
+       (total.n - series.completed - series.failed)::bigint AS open
+FROM series, total ORDER BY series.g;
+
+-- name: dashboard_targets
+-- Per target of a run: counts, items completed in the last $2 seconds, latency percentiles
+-- and tokens (and their cost) from the results, the pause. Two grouped passes (queue,
+-- results) by run_id.
+SELECT t.target, t.requests_per_second, t.tokens_per_minute, t.paused_at, t.pause_reason,
+       coalesce(q.total, 0) AS total, coalesce(q.pending, 0) AS pending,
+       coalesce(q.processing, 0) AS processing, coalesce(q.completed, 0) AS completed,
+       coalesce(q.failed, 0) AS failed, coalesce(q.retrying, 0) AS retrying,
+       coalesce(q.recent, 0) AS recent, coalesce(q.deferrals, 0) AS deferrals,
+       r.latency_p50_ms, r.latency_p95_ms, r.latency_p99_ms,
+       coalesce(r.tokens_in, 0) AS tokens_in, coalesce(r.tokens_out, 0) AS tokens_out,
+       token_cost(coalesce(r.tokens_in, 0), coalesce(r.tokens_out, 0),
+                  t.input_per_million, t.output_per_million) AS cost
+FROM run_targets t
+LEFT JOIN (
+    SELECT target, count(*) AS total,
+           count(*) FILTER (WHERE status = 'pending') AS pending,
+           count(*) FILTER (WHERE status = 'processing') AS processing,
+           count(*) FILTER (WHERE status = 'completed') AS completed,
+           count(*) FILTER (WHERE status = 'failed' AND next_attempt_at IS NULL) AS failed,
+           count(*) FILTER (WHERE status = 'failed' AND next_attempt_at IS NOT NULL) AS retrying,
+           count(*) FILTER (WHERE status = 'completed'
+                              AND completed_at > now() - make_interval(secs => $2)) AS recent,
+           sum(deferrals)::bigint AS deferrals
+    FROM analysis_queue WHERE run_id = $1 GROUP BY target
+) q ON q.target = t.target
+LEFT JOIN (
+    SELECT target,
+           percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms) AS latency_p50_ms,
+           percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms) AS latency_p95_ms,
+           percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms) AS latency_p99_ms,
+           sum(tokens_in)::bigint AS tokens_in, sum(tokens_out)::bigint AS tokens_out
+    FROM analysis_results WHERE run_id = $1 GROUP BY target
+) r ON r.target = t.target
+WHERE t.run_id = $1
+ORDER BY t.target;
+
+-- name: dashboard_failed_items
+-- The newest failed items of a run with the first $3 characters of their prompt.
+SELECT q.id, p.external_id, q.target, q.attempts, q.error_class, q.error_message,
+       q.updated_at, q.next_attempt_at IS NOT NULL AS will_retry,
+       left(p.text, $3) AS prompt_excerpt, length(p.text) AS prompt_chars
+FROM analysis_queue q JOIN prompts p ON p.id = q.prompt_tracking_id
+WHERE q.run_id = $1 AND q.status = 'failed'
+ORDER BY q.updated_at DESC, q.id DESC
+LIMIT $2;
+
+-- name: dashboard_stuck_items
+-- Processing items of a run whose lease expired or that were not updated for $2 seconds.
+SELECT q.id, p.external_id, q.target, q.attempts, q.lease_owner, q.lease_expires_at,
+       q.updated_at
+FROM analysis_queue q JOIN prompts p ON p.id = q.prompt_tracking_id
+WHERE q.run_id = $1 AND q.status = 'processing'
+  AND (q.lease_expires_at < now() OR q.updated_at < now() - make_interval(secs => $2))
+ORDER BY q.updated_at, q.id
+LIMIT $3;
+
+-- name: provider_outcomes
+-- Items of a run per target by the outcome of their latest provider call: 'ok' for
+-- completed, else the class of the last error; 429 deferrals summed (they burn no attempt).
+SELECT target,
+       CASE WHEN status = 'completed' THEN 'ok' ELSE error_class END AS outcome,
+       count(*) AS items, coalesce(sum(deferrals), 0)::bigint AS deferrals
+FROM analysis_queue
+WHERE run_id = $1 AND (status = 'completed' OR error_class IS NOT NULL OR deferrals > 0)
+GROUP BY 1, 2;
+
+-- name: provider_latency
+-- Successful provider calls of a run per target and latency bucket ($2: upper bounds in
+-- seconds, ascending; bucket i counts latencies in [bound i-1, bound i)), with their sum.
+SELECT target, width_bucket(latency_ms / 1000.0, $2::double precision[]) AS bucket,
+       count(*) AS calls, sum(latency_ms) / 1000.0 AS seconds
+FROM analysis_results
+WHERE run_id = $1
+GROUP BY 1, 2;

@@ -71,6 +71,18 @@ class Settings(BaseSettings):
     #: 0 turns one off.
     health_port: int = Field(default=8080, ge=0, le=65535)
     metrics_port: int = Field(default=9090, ge=0, le=65535)
+    #: Seconds between two reads of a run's provider metrics from the database (one pass
+    #: over its items and one over its results: costly for runs of a million items).
+    provider_metrics_seconds: float = Field(default=60.0, ge=1, le=3600)
+    #: Port of the dashboard the operator serves (the page of ``analysisq dashboard``,
+    #: read-only unless ``dashboard_action_token`` is set); 0 turns it off.
+    dashboard_port: int = Field(default=0, ge=0, le=65535)
+    #: A secret (from the chart's Secret) that enables the dashboard's actions in the
+    #: cluster; a POST must carry it. Unset: the operator's dashboard is read-only.
+    dashboard_action_token: str | None = Field(default=None, min_length=16, repr=False)
+    #: Host names besides localhost that the operator's dashboard answers to (an Ingress's),
+    #: comma-separated: other names are refused (DNS rebinding).
+    dashboard_allowed_hosts: str = ""
     #: Kubernetes watch timeouts: the server ends a watch after ``watch_server_timeout``
     #: seconds, the client gives up after ``watch_client_timeout`` (a lost connection).
     watch_server_timeout: int = Field(default=300, ge=10, le=3600)

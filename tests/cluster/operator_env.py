@@ -219,6 +219,7 @@ class OperatorProcess:
         *,
         reconcile_seconds: float = 1.0,
         stuck_reset_seconds: float = 5.0,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         self.workdir = workdir
         self.health_port = free_port()
@@ -235,6 +236,7 @@ class OperatorProcess:
             "ANALYSISQ_METRICS_PORT": str(self.metrics_port),
             "ANALYSISQ_WORKER_IMAGE": "analysisq:test",
             "ANALYSISQ_WORKER_GRACE_SECONDS": "15",
+            **(extra_env or {}),
         }
         self.child: Child | None = None
         self.starts = 0

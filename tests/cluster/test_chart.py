@@ -81,6 +81,8 @@ def test_deploy_manifests_are_the_chart_render(helm: Path) -> None:
         (["trigger.template.targets=null"], "at least one target"),
         (["operator.serviceAccount.create=false"], "operator.serviceAccount.name is required"),
         (["trigger.serviceAccount.create=false"], "trigger.serviceAccount.name is required"),
+        (["dashboard.enabled=true", "dashboard.port=8080"], "dashboard.port must differ"),
+        (["dashboard.actionTokenSecret=s"], "needs dashboard.enabled"),
     ],
 )
 def test_contradictory_values_fail_with_a_reason(
@@ -151,6 +153,38 @@ def test_retention_is_a_daily_prune_when_enabled(helm: Path) -> None:
     env = {e["name"]: e for e in container["env"]}
     assert env["DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] == "analysisq-database"
     assert env["ANALYSISQ_DATABASE_POOLER"]["value"] == "none"
+
+
+def test_dashboard_and_grafana_render_when_enabled(helm: Path) -> None:
+    assert not [
+        d for d in documents(render(helm, namespace="ns")) if "dashboard" in d["metadata"]["name"]
+    ]
+    docs = documents(
+        render(
+            helm,
+            namespace="ns",
+            set_values=[
+                "dashboard.enabled=true",
+                "dashboard.actionTokenSecret=dash",
+                "grafana.enabled=true",
+            ],
+        )
+    )
+    (service,) = [d for d in docs if d["metadata"]["name"] == "analysisq-dashboard"]
+    assert service["kind"] == "Service" and service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["ports"][0]["targetPort"] == "dashboard"
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "dashboard", "containerPort": 8765, "protocol": "TCP"} in container["ports"]
+    (token,) = [e for e in container["env"] if e["name"] == "ANALYSISQ_DASHBOARD_ACTION_TOKEN"]
+    assert token["valueFrom"]["secretKeyRef"] == {"name": "dash", "key": "token"}
+    (config,) = [d for d in docs if d["metadata"]["name"] == "analysisq-operator"
+                 and d["kind"] == "ConfigMap"]  # fmt: skip
+    assert config["data"]["ANALYSISQ_DASHBOARD_PORT"] == "8765"
+    (board,) = [d for d in docs if d["metadata"]["name"] == "analysisq-grafana-dashboard"]
+    assert board["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = json.loads(board["data"]["analysisq.json"])
+    assert shipped == json.loads((CHART / "files" / "grafana-dashboard.json").read_text())
 
 
 def test_config_checksum_rolls_the_operator(helm: Path) -> None:

@@ -105,7 +105,7 @@ def test_builder_stage_installs_a_working_cli(tmp_path: Path, empty_database: st
     run(venv / "bin" / "python", "-m", "compileall", "-q", "-j", "0", venv / "lib")
     help_text = run(venv / "bin" / "analysisq", "--help")
 
-    for command in ("operator", "worker", "trigger", "migrate"):
+    for command in ("operator", "worker", "trigger", "migrate", "dashboard"):
         assert f"  {command} " in help_text, f"`analysisq {command}` missing:\n{help_text}"
     assert not (venv / "bin" / "pip").exists(), "the final stage must not carry pip"
 
@@ -115,6 +115,16 @@ def test_builder_stage_installs_a_working_cli(tmp_path: Path, empty_database: st
         f"analysisq/sql/{p.relative_to(ROOT / 'sql')}" for p in (ROOT / "sql").rglob("*.sql")
     }
     assert packaged == expected
+    # The dashboard's assets ship in the wheel (no CDN: the image runs air-gapped).
+    static = ROOT / "operator" / "analysisq" / "dashboard" / "static"
+    with zipfile.ZipFile(wheel) as archive:
+        assets = {n for n in archive.namelist() if n.startswith("analysisq/dashboard/static/")}
+    assert assets == {
+        f"analysisq/dashboard/static/{p.relative_to(static)}"
+        for p in static.rglob("*")
+        if p.is_file()
+    }
+    assert "analysisq/dashboard/static/vendor/uPlot.LICENSE" in assets
     (site,) = venv.glob("lib/python3*/site-packages")
     installed = site / "analysisq" / "sql"
     assert not installed.is_symlink()

@@ -20,6 +20,7 @@ from prometheus_client import generate_latest
 import analysisq
 from analysisq.kube.metrics import Metrics
 from analysisq.kube.ref import RunRef
+from analysisq.queue.dashboard import TargetCalls
 from analysisq.spec import PROVIDERS, load_spec_file, parse_spec
 
 pytestmark = pytest.mark.unit
@@ -192,6 +193,8 @@ def test_alerts_use_metrics_the_operator_exposes() -> None:
     }  # fmt: skip
     metrics.observe(ref, status, deadline=2_000_000_000.0)
     metrics.reconcile_errors.labels("test").inc()
+    metrics.providers.observe_calls(ref, {"t": TargetCalls(outcomes={"ok": 1})})
+    metrics.providers.observe_paused(ref, {"t": True})
     exposed = set(
         re.findall(
             r"^(analysisq_\w+?)(?:\{| )", generate_latest(metrics.registry).decode(), re.MULTILINE

@@ -142,6 +142,12 @@ Included by the operator Deployment, which every install renders.
 {{- if and .Values.metrics.enabled (eq (int .Values.metrics.port) (int .Values.operator.healthPort)) }}
 {{- fail "metrics.port and operator.healthPort must differ" }}
 {{- end }}
+{{- if and .Values.dashboard.enabled (or (eq (int .Values.dashboard.port) (int .Values.operator.healthPort)) (and .Values.metrics.enabled (eq (int .Values.dashboard.port) (int .Values.metrics.port)))) }}
+{{- fail "dashboard.port must differ from operator.healthPort and metrics.port" }}
+{{- end }}
+{{- if and .Values.dashboard.actionTokenSecret (not .Values.dashboard.enabled) }}
+{{- fail "dashboard.actionTokenSecret needs dashboard.enabled: there is no dashboard to act from" }}
+{{- end }}
 {{- if and (not .Values.operator.serviceAccount.create) (not .Values.operator.serviceAccount.name) }}
 {{- fail "operator.serviceAccount.name is required when operator.serviceAccount.create is false: the chart would grant the operator's rights to the namespace's default account" }}
 {{- end }}

@@ -44,6 +44,7 @@ LAZY_COMMANDS = {
     "fake-provider": "fake",
     "trigger": "trigger_cmd",
     "operator": "operator_cmd",
+    "dashboard": "dashboard",
 }
 
 

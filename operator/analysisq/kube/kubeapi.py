@@ -160,6 +160,28 @@ class KubeApi:
             _content_type=_MERGE,
         )
 
+    async def patch_run(self, ref: RunRef, patch: dict[str, Any]) -> bool:
+        """Merge-patch the AnalysisRun (spec or metadata), only while it is the same object
+        (``uid`` precondition): False if it is gone or was recreated under its name."""
+        body = {**patch, "metadata": {**patch.get("metadata", {}), "uid": ref.uid}}
+        try:
+            result = await self._call(
+                f"patching {ref.display_name}",
+                self._custom.patch_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                ref.namespace,
+                PLURAL,
+                ref.name,
+                body,
+                _content_type=_MERGE,
+            )
+        except KubeApiError as exc:
+            if "HTTP 409" in exc.message:
+                return False
+            raise
+        return result is not None
+
 
 def _reason(exc: ApiException) -> str:
     """The API's message for a failed call (a Status object), else its HTTP reason."""

@@ -2,11 +2,12 @@
 
 Per run (labels ``namespace``, ``run``): items by status, workers desired/ready, progress,
 throughput, phase, deadline; the stuck items reset; tokens of the stored answers
-(``direction`` in/out) and their cost, per target (absent without ``pricing``). For the
+(``direction`` in/out) and their cost, per target (absent without ``pricing``); per target
+the provider metrics of ``kube.provider_metrics`` (derived from the database). For the
 operator: reconcile errors by reason and reconcile durations. The alerts of the chart are
-written against these names: stuck items for 10 minutes
+written against these names: stuck items for 15 minutes
 (``analysisq_run_items{status="stuck"} > 0``), a failure ratio above 1 %, a run not complete
-by its deadline.
+by its deadline, a stalled run, a paused target.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from analysisq.kube.provider_metrics import ProviderCollector
 from analysisq.kube.ref import RunRef
 from analysisq.kube.status import FINISHED, PHASES
 from analysisq.queue.states import Counts
@@ -26,7 +28,7 @@ _RUN = ("namespace", "run")
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, provider_refresh_seconds: float = 60.0) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.items = Gauge(
@@ -85,6 +87,8 @@ class Metrics:
         )
         #: Targets with token series per run, so that ``forget`` removes them all.
         self._targets: dict[tuple[str, str], set[str]] = {}
+        self.providers = ProviderCollector(provider_refresh_seconds)
+        r.register(self.providers)
 
     def observe(self, ref: RunRef, status: dict[str, Any], deadline: float | None) -> None:
         """Set the run's gauges from its reconciled status."""
@@ -128,6 +132,7 @@ class Metrics:
             for direction in ("in", "out"):
                 self._remove(self.tokens, (*key, target, direction))
             self._remove(self.cost, (*key, target))
+        self.providers.forget(ref)
 
     @staticmethod
     def _remove(metric: Any, labels: tuple[str, ...]) -> None:

@@ -40,6 +40,7 @@ from analysisq.kube.deployment import (
 )
 from analysisq.kube.kubeapi import KubeApi, KubeApiError, SecretMissing
 from analysisq.kube.metrics import Metrics
+from analysisq.kube.provider_metrics import LATENCY_BOUNDS
 from analysisq.kube.ref import RunRef
 from analysisq.kube.retries import RETRY_ANNOTATION, last_retry, parse_retry_request, reopened
 from analysisq.kube.status import (
@@ -69,6 +70,7 @@ from analysisq.kube.status import (
     timestamp,
 )
 from analysisq.queue import batches, budget, rescue, retries, runs, usage
+from analysisq.queue.dashboard import provider_calls
 from analysisq.settings import Settings
 from analysisq.spec import AnalysisRunSpec
 
@@ -368,9 +370,13 @@ class RunService:
                 counts = await runs.counts(conn, ref.run_id)
                 spent = await usage.run_usage(conn, ref.run_id)
                 run_budget = await budget.state(conn, ref.run_id)
+                states = await runs.targets(conn, ref.run_id)
+                if self.metrics.providers.due(ref):
+                    calls = await provider_calls(conn, ref.run_id, LATENCY_BOUNDS)
+                    self.metrics.providers.observe_calls(ref, calls)
                 paused = [
                     PausedTarget(t.target, t.pause_reason or "", t.paused_at, t.fault is not None)
-                    for t in await runs.targets(conn, ref.run_id)
+                    for t in states
                     if t.paused_at is not None
                 ]
                 batch_view = None
@@ -379,6 +385,9 @@ class RunService:
                         await batches.summary(conn, ref.run_id),
                         await batches.open_batches(conn, ref.run_id),
                     )
+            self.metrics.providers.observe_paused(
+                ref, {t.target: t.paused_at is not None for t in states}
+            )
             deployment = await self.kube.read_deployment(ref.namespace, ref.deployment_name)
         except RETRYABLE as exc:
             problem = problem_of(exc)

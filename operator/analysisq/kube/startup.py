@@ -5,7 +5,7 @@
 1. refuse to start on a database whose schema is not this code's (``SchemaMismatch``); a
    database that is only unreachable is waited for by the runs, not by start-up, so a
    database outage never turns into an operator crash loop;
-2. serve Prometheus metrics on ``metrics_port``;
+2. serve Prometheus metrics on ``metrics_port`` and the dashboard on ``dashboard_port``;
 3. run kopf with ``kopf_settings``: the finalizer ``analysisq.io/finalizer``, its state
    annotations under ``operator.analysisq.io``, watch timeouts, Events from our own posts
    only, and standalone mode.
@@ -28,7 +28,7 @@ import threading
 import kopf
 
 from analysisq.errors import ConfigError, DatabaseUnavailable
-from analysisq.kube import handlers
+from analysisq.kube import dashboard, handlers
 from analysisq.kube.databases import DatabasePools
 from analysisq.kube.kubeapi import KubeApi, load_client
 from analysisq.kube.metrics import Metrics
@@ -110,9 +110,10 @@ async def run_operator(
     except DatabaseUnavailable as exc:
         log.warning("database unavailable at start; runs wait for it", extra={"error": exc.message})
     kube = KubeApi(load_client())
-    metrics = Metrics()
+    metrics = Metrics(settings.provider_metrics_seconds)
     server = metrics.serve(settings.metrics_port) if settings.metrics_port else None
     service = RunService(settings, kube, pools, metrics)
+    page = await dashboard.serve(settings, kube) if settings.dashboard_port else None
     registry = kopf.OperatorRegistry()
     handlers.register(registry, service, settings)
     watched = namespaces(settings)
@@ -123,6 +124,7 @@ async def run_operator(
             "namespaces": watched or "all",
             "liveness": liveness,
             "metrics_port": settings.metrics_port or None,
+            "dashboard_port": settings.dashboard_port or None,
             "reconcile_seconds": settings.reconcile_seconds,
             "stuck_reset_seconds": settings.stuck_reset_seconds,
         },
@@ -141,6 +143,8 @@ async def run_operator(
     finally:
         if server is not None:
             server.shutdown()
+        if page is not None:
+            await page.cleanup()
         kube.close()
         await pools.close()
         log.info("operator stopped")

@@ -39,6 +39,7 @@ from analysisq.providers.openai import DEFAULT_ENDPOINT as OPENAI_ENDPOINT
 from analysisq.providers.openai import OpenAIProvider
 from analysisq.providers.openai_batch import OpenAIBatchClient
 from analysisq.spec import Target
+from analysisq.telemetry import traced
 
 __all__ = [
     "USER_AGENT",
@@ -59,11 +60,16 @@ _PUBLIC_HOSTS = {
 
 
 def make_provider(target: Target, client: httpx.AsyncClient, api_key: str | None) -> Provider:
-    """The provider for *target*, sending over *client* with *api_key*.
+    """The provider for *target*, sending over *client* with *api_key*; with a span per call
+    when OpenTelemetry is configured (``analysisq.telemetry``).
 
     Raises ``ConfigError`` naming the target when the provider cannot work as configured,
     e.g. no key for the public OpenAI or Anthropic API.
     """
+    return traced(_untraced_provider(target, client, api_key))
+
+
+def _untraced_provider(target: Target, client: httpx.AsyncClient, api_key: str | None) -> Provider:
     public = _PUBLIC_HOSTS.get(target.provider)
     if public and not api_key:
         host = httpx.URL(target.endpoint).host if target.endpoint else public
