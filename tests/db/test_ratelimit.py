@@ -7,6 +7,7 @@ hands out: request k of a 20 req/s pool is k/20 s away, whoever asked.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 import time
 from typing import Any
@@ -37,16 +38,22 @@ async def test_slots_are_spaced_across_concurrent_workers(pool: asyncpg.Pool) ->
         await new_run(db, s=s)
     name = ratelimit.pool_name("run-1", s.targets[0])
 
+    async def send_time(db: asyncpg.Connection) -> float:
+        # the slot as the midpoint of the call + the wait it handed out: a loaded machine or a
+        # pooler's extra round trip moves each estimate by at most half a call
+        before = time.monotonic()
+        wait = (await ratelimit.acquire(db, name, 1)).wait
+        return (before + time.monotonic()) / 2 + wait
+
     async def take(n: int) -> list[float]:
         async with pool.acquire() as db:
-            return [(await ratelimit.acquire(db, name, 1)).wait for _ in range(n)]
+            return [await send_time(db) for _ in range(n)]
 
-    waits = sorted(w for ws in await asyncio.gather(*(take(10) for _ in range(6))) for w in ws)
-    # 60 requests at 20/s: the k-th slot is k/20 s away (first one now), whoever asked
-    assert waits[0] < 0.05
-    assert 2.85 < waits[-1] < 3.1
-    gaps = [b - a for a, b in itertools.pairwise(waits)]
-    assert min(gaps) > 0.03  # never two requests in the same slot
+    sends = sorted(t for ts in await asyncio.gather(*(take(10) for _ in range(6))) for t in ts)
+    # 60 requests at 20/s: the k-th slot is k/20 s after the first, whoever asked
+    assert 2.85 < sends[-1] - sends[0] < 3.2
+    # never more than the rate in any second (one more for a slot on the window's edge)
+    assert max(bisect.bisect_right(sends, t + 1.0) - i for i, t in enumerate(sends)) <= 21
 
 
 async def test_a_named_pool_is_shared_by_two_runs(db: asyncpg.Connection) -> None:
