@@ -21,7 +21,7 @@ from analysisq.dashboard.context import DashboardContext
 from analysisq.dashboard.guard import Guard
 from analysisq.fake_provider.config import FakeConfig
 from analysisq.fake_provider.server import FakeProvider
-from analysisq.queue import runs, usage
+from analysisq.queue import batches, runs, usage
 from analysisq.settings import Settings
 from analysisq.worker import Worker
 from support import add_prompts, spec
@@ -145,6 +145,7 @@ async def test_failed_run_errors_and_failed_items_show_excerpts_only(dash: Dashb
         ("/api/runs/nope", 404, "run_not_found"),
         ("/api/runs/nope/timeline", 404, "run_not_found"),
         ("/api/runs/nope/failed", 404, "run_not_found"),
+        ("/api/runs/nope/batches", 404, "run_not_found"),
         ("/api/runs?limit=abc", 400, "bad_request"),
         ("/api/runs/done/timeline?buckets=100000", 400, "bad_request"),
         ("/api/runs/done/failed?limit=-1", 400, "bad_request"),
@@ -303,3 +304,41 @@ async def test_cost_per_run_and_target_at_the_targets_pricing(
         (target,) = (await d.client.get("/api/runs/priced/targets")).json()["targets"]
         assert run["cost"] == pytest.approx(expected)
         assert target["cost"] == pytest.approx(expected)
+
+
+async def test_open_provider_batches_panel(pool: asyncpg.Pool, db_url: str) -> None:
+    """A run in batch mode: items waiting inside a submitted batch, and the batch itself."""
+    target = {
+        "name": "b",
+        "provider": "openai",
+        "model": "m",
+        "mode": "batch",
+        "endpoint": "http://127.0.0.1:9/v1",
+    }
+    async with pool.acquire() as db:
+        ids = await add_prompts(db, 7)
+        s = spec(prompts={"ids": ids}, targets=[target])
+        await runs.create_run(db, "batched", s)
+        await runs.fill(db, "batched", s)
+        sub, claimed = await batches.claim(
+            db,
+            "batched",
+            "b",
+            worker="w",
+            limit=5,
+            max_attempts=3,
+            lease_seconds=60,
+            item_lease_seconds=360,
+        )
+        assert sub is not None and len(claimed) == 5
+        assert await batches.submitted(
+            db, sub, worker="w", provider_batch_id="batch_abc", poll_in=60
+        )
+    async for d in serve(db_url, allow_actions=False):
+        r = await d.client.get("/api/runs/batched/batches")
+        assert r.status_code == 200
+        body = r.json()
+        assert body["summary"]["in_batches"] == 5 and body["summary"]["open_batches"] == 1
+        (batch,) = body["batches"]
+        assert batch["provider_batch_id"] == "batch_abc" and batch["item_count"] == 5
+        assert batch["target"] == "b"

@@ -125,7 +125,9 @@ def exported() -> set[str]:
     counts = {"total": 4, "pending": 1, "processing": 1, "completed": 1, "failed": 1,
               "retrying": 0, "stuck": 0}  # fmt: skip
     usage = {"targets": [{"name": "t", "tokensIn": 1, "tokensOut": 2, "cost": 0.5}]}
-    status = {"phase": "Running", "counts": counts, "throughput": "1.0/s", "usage": usage}
+    batches = {"items": 1, "openCount": 1, "answeredByBatch": "0.0%", "open": []}
+    status = {"phase": "Running", "counts": counts, "throughput": "1.0/s", "usage": usage,
+              "batches": batches}  # fmt: skip
     metrics.observe(ref, status, None)
     metrics.reconcile_errors.labels("test").inc()
     calls = TargetCalls(outcomes={"ok": 1}, latency_count=1, latency_buckets=[1] * 11)

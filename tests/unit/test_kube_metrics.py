@@ -25,9 +25,12 @@ def test_run_gauges_follow_the_status_and_vanish_with_the_run() -> None:
         "counts": {"total": 10, "pending": 4, "completed": 5, "failed": 1, "stuck": 2},
         "workers": {"desired": 3, "ready": 2},
         "throughput": "2.5/s",
+        "batches": {"items": 7, "openCount": 2, "answeredByBatch": "0.0%", "open": []},
     }
     metrics.observe(REF, status, deadline=1_700_000_000.0)
     out = text(metrics)
+    assert 'analysisq_run_provider_batches{kind="items",namespace="ns",run="daily"} 7.0' in out
+    assert 'analysisq_run_provider_batches{kind="open",namespace="ns",run="daily"} 2.0' in out
     assert 'analysisq_run_items{namespace="ns",run="daily",status="stuck"} 2.0' in out
     assert 'analysisq_run_workers{namespace="ns",run="daily",state="ready"} 2.0' in out
     assert 'analysisq_run_progress_ratio{namespace="ns",run="daily"} 0.6' in out

@@ -1,9 +1,10 @@
 """The JSON API the page polls: runs, one run, and one endpoint per panel.
 
 ``GET /api/runs``, ``/api/runs/{id}``, ``/api/runs/{id}/timeline``, ``/targets``,
-``/errors``, ``/failed``, ``/stuck``. Each handler validates its query parameters (400 with
-the parameter's name), runs one panel query of ``analysisq.queue.dashboard`` (plus a primary
-key lookup so an unknown run is 404), and answers JSON. Prompts appear only as excerpts and
+``/errors``, ``/failed``, ``/stuck``, ``/batches``. Each handler validates its query
+parameters (400 with the parameter's name), runs one panel query of
+``analysisq.queue.dashboard`` (plus a primary key lookup so an unknown run is 404), and
+answers JSON. Prompts appear only as excerpts and
 error messages pass through ``redact``: the API never returns a full prompt, an answer, a key
 or a database URL. ``analysisq.dashboard.actions`` holds the POSTs.
 """
@@ -24,6 +25,7 @@ from analysisq.dashboard.context import DashboardContext, context
 from analysisq.dashboard.errors import BadParameter
 from analysisq.errors import RunNotFound, redact
 from analysisq.local import monitor
+from analysisq.queue import batches as provider_batches
 from analysisq.queue import dashboard as panels
 from analysisq.queue.dashboard import RunSummary
 
@@ -153,6 +155,16 @@ async def stuck(request: web.Request) -> web.Response:
     return await _panel(request, "items", lambda c, r: panels.stuck_items(c, r, older_than, limit))
 
 
+async def batches(request: web.Request) -> web.Response:
+    """Items waiting inside provider batches and each open batch (targets in mode batch)."""
+    ctx, run_id = context(request), run_id_of(request)
+    await _known(ctx, run_id)
+    async with ctx.connection() as conn:
+        summary = await provider_batches.summary(conn, run_id)
+        open_ = await provider_batches.open_batches(conn, run_id)
+    return reply({"run": run_id, "summary": asdict(summary), "batches": [asdict(b) for b in open_]})
+
+
 def add_routes(app: web.Application) -> None:
     # Cluster run ids hold slashes (namespace/name/uid): panel routes first, then the run.
     run = "/api/runs/{run_id:.+}"
@@ -162,4 +174,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get(f"{run}/errors", errors)
     app.router.add_get(f"{run}/failed", failed)
     app.router.add_get(f"{run}/stuck", stuck)
+    app.router.add_get(f"{run}/batches", batches)
     app.router.add_get(run, get_run)

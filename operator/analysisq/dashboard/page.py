@@ -111,6 +111,8 @@ _RUN_PANELS = """
 <section><h2>Errors by class and message</h2><table id=errors class=grid></table></section>
 <section><h2>Newest failed items</h2><table id=failed class=grid></table></section>
 <section><h2>Stuck items</h2><table id=stuck class=grid></table></section>
+<section><h2>Provider batches</h2><p id=batch-summary class=sub></p>
+<table id=batches class=grid></table></section>
 """
 
 

@@ -67,6 +67,12 @@ class Metrics:
             [*_RUN, "target"],
             registry=r,
         )
+        self.batches = Gauge(
+            "analysisq_run_provider_batches",
+            "Targets in mode batch: items waiting inside provider batches, and open batches",
+            [*_RUN, "kind"],
+            registry=r,
+        )
         self.stuck_reset = Counter(
             "analysisq_stuck_items_reset_total",
             "Stuck items reset by the operator's timer",
@@ -112,6 +118,10 @@ class Metrics:
             if "cost" in t:
                 self.cost.labels(*key, t["name"]).set(t["cost"])
             self._targets.setdefault(key, set()).add(t["name"])
+        batches = status.get("batches")
+        if batches:
+            self.batches.labels(*key, "items").set(batches["items"])
+            self.batches.labels(*key, "open").set(batches["openCount"])
         if deadline is not None and status.get("phase") not in FINISHED:
             self.deadline.labels(*key).set(deadline)
         else:
@@ -126,6 +136,8 @@ class Metrics:
             self._remove(self.workers, (*key, state))
         for phase in PHASES:
             self._remove(self.phase, (*key, phase))
+        for kind in ("items", "open"):
+            self._remove(self.batches, (*key, kind))
         for metric in (self.progress, self.throughput, self.deadline, self.stuck_reset):
             self._remove(metric, key)
         for target in self._targets.pop(key, set()):

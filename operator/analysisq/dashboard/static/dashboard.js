@@ -157,9 +157,10 @@
 
   async function refreshRun() {
     const base = runPath(meta.run);
-    const [summary, timeline, targets, errors, failed, stuck] = await Promise.all([
+    const [summary, timeline, targets, errors, failed, stuck, batches] = await Promise.all([
       getJSON(base), getJSON(base + "/timeline"), getJSON(base + "/targets"),
-      getJSON(base + "/errors"), getJSON(base + "/failed"), getJSON(base + "/stuck")]);
+      getJSON(base + "/errors"), getJSON(base + "/failed"), getJSON(base + "/stuck"),
+      getJSON(base + "/batches")]);
     const run = summary.run;
     document.getElementById("phase").textContent = run.phase;
     const progress = document.querySelector(".summary .progress");
@@ -220,6 +221,15 @@
       ["item", "target", "attempts", "lease owner", "lease expired", "updated"],
       stuck.items, (i) => [i.external_id, i.target, i.attempts, i.lease_owner,
         fmtTime(i.lease_expires_at), fmtTime(i.updated_at)]);
+    const b = batches.summary;
+    document.getElementById("batch-summary").textContent = fmtInt(b.in_batches) +
+      " items waiting in " + fmtInt(b.open_batches) + " open batches; " +
+      fmtInt(b.answered_by_batch) + " of " + fmtInt(b.answered) + " answers came through a batch";
+    fillTable(document.getElementById("batches"),
+      ["target", "provider batch", "state", "provider status", "items", "counts", "created"],
+      batches.batches, (o) => [o.target, o.provider_batch_id || "—", o.state,
+        o.provider_status || "—", fmtInt(o.item_count), JSON.stringify(o.request_counts),
+        fmtTime(o.created_at)]);
   }
 
   // The next refresh waits at least five times as long as this one took: a big run whose
