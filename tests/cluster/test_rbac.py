@@ -72,6 +72,7 @@ ALLOWED = [
     ("operator", "patch", "deployments.apps[scale]", "watched"),
     ("operator", "get", "secrets", "watched"),
     ("operator", "create", "events", "watched"),
+    ("operator", "list", "pods", "watched"),
     ("operator", "list", "namespaces", ""),
     ("operator", "watch", "customresourcedefinitions.apiextensions.k8s.io", ""),
     ("trigger", "create", "analysisruns.analysisq.io", "home"),
@@ -87,11 +88,14 @@ DENIED = [
     ("operator", "list", "analysisruns.analysisq.io", "other"),
     ("operator", "create", "deployments.apps", "other"),
     # Within them, only what the operator does: no Secret listing, no deleting Deployments
-    # (the worker Deployment goes by garbage collection), no pods, no RBAC, no deleting runs.
+    # (the worker Deployment goes by garbage collection), pods only listed, no RBAC, no
+    # deleting runs.
     ("operator", "list", "secrets", "home"),
     ("operator", "delete", "deployments.apps", "home"),
     ("operator", "update", "deployments.apps", "home"),
     ("operator", "create", "pods", "home"),
+    ("operator", "delete", "pods", "home"),
+    ("operator", "get", "pods", "other"),
     ("operator", "create", "rolebindings.rbac.authorization.k8s.io", "home"),
     ("operator", "delete", "analysisruns.analysisq.io", "home"),
     ("operator", "create", "analysisruns.analysisq.io", "home"),

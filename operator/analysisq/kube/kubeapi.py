@@ -16,7 +16,7 @@ import asyncio
 import base64
 import binascii
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kubernetes import client, config
@@ -114,6 +114,16 @@ class KubeApi:
             {"spec": {"replicas": replicas}},
         )
         return result is not None
+
+    async def list_pods(self, namespace: str, selector: Mapping[str, str]) -> list[dict[str, Any]]:
+        """The pods matching a label selector (to see why workers are not ready)."""
+        result = await self._call(
+            f"listing pods in {namespace}",
+            self._core.list_namespaced_pod,
+            namespace,
+            label_selector=",".join(f"{k}={v}" for k, v in selector.items()),
+        )
+        return list((result or {}).get("items") or [])
 
     # --- secrets ---------------------------------------------------------------------------
 

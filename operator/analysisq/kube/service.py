@@ -40,6 +40,7 @@ from analysisq.kube.deployment import (
 )
 from analysisq.kube.kubeapi import KubeApi, KubeApiError, SecretMissing
 from analysisq.kube.metrics import Metrics
+from analysisq.kube.podhealth import workers_problem
 from analysisq.kube.provider_metrics import LATENCY_BOUNDS
 from analysisq.kube.ref import RunRef
 from analysisq.kube.retries import RETRY_ANNOTATION, last_retry, parse_retry_request, reopened
@@ -408,6 +409,8 @@ class RunService:
             current = ((deployment or {}).get("spec") or {}).get("replicas")
             if deployment is not None and current != desired:
                 await self.kube.scale_deployment(ref.namespace, ref.deployment_name, desired)
+        if desired > ready:
+            problems += await self._workers_problem(ref)
         seen = Observation(
             counts=counts,
             desired=desired,
@@ -433,6 +436,15 @@ class RunService:
         self.metrics.observe(ref, {**status, **new}, deadline)
         self.metrics.reconcile_seconds.observe(time.monotonic() - began)
         return Report(changed(status, new), notes)
+
+    async def _workers_problem(self, ref: RunRef) -> list[Problem]:
+        """Why workers are not ready, when their pods say (a bad image, a crash loop)."""
+        try:
+            pods = await self.kube.list_pods(ref.namespace, ref.selector())
+        except KubeApiError as exc:
+            return [problem_of(exc)]
+        problem = workers_problem(pods)
+        return [problem] if problem else []
 
     async def reset_stuck(self, ref: RunRef, spec: AnalysisRunSpec, status: Status) -> Report:
         """The seed's hourly cleanup, per run: requeue items whose lease expired."""
