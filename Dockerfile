@@ -13,6 +13,10 @@
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 FROM ${BASE_IMAGE} AS builder
+# The run-time user (uid 65532), made here so that the final stage only copies its entry.
+RUN groupadd --system --gid 65532 analysisq \
+ && useradd --system --uid 65532 --gid 65532 --home-dir /tmp --no-create-home \
+        --shell /usr/sbin/nologin analysisq
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
@@ -39,6 +43,9 @@ ENV PATH=/opt/analysisq/bin:$PATH \
     HOME=/tmp \
     TMPDIR=/tmp
 COPY --from=builder /opt/analysisq /opt/analysisq
+# The user needs a passwd entry: getpass.getuser() (kopf names the operator with it) fails
+# for a uid the image does not know, and the operator crash-looped on a real kubelet.
+COPY --from=builder /etc/passwd /etc/group /etc/
 USER 65532:65532
 WORKDIR /tmp
 ENTRYPOINT ["analysisq"]

@@ -165,6 +165,18 @@ def test_chart_pods_match_the_image_user() -> None:
     assert (str(pod["runAsUser"]), str(pod["runAsGroup"])) == user.groups()
 
 
+def test_the_image_user_has_a_passwd_entry() -> None:
+    """kopf asks getpass.getuser() for the operator's name: a uid without a passwd entry
+    crashes the operator at start (seen on a real kubelet)."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    final = _final_stage(dockerfile)
+    uid, gid = re.search(r"^USER (\d+):(\d+)", final, re.MULTILINE).groups()  # type: ignore[union-attr]
+    builder = dockerfile[: dockerfile.index(final)]
+    assert f"useradd --system --uid {uid} --gid {gid}" in builder
+    assert re.search(rf"groupadd --system --gid {gid}\b", builder)
+    assert "COPY --from=builder /etc/passwd /etc/group /etc/" in final
+
+
 def test_build_context_is_only_the_source() -> None:
     lines = [
         line
