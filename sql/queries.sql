@@ -745,7 +745,9 @@ WHERE b.id = $1 AND b.lease_owner = $2 AND b.state <> 'done'
 -- poll after $4 seconds.
 UPDATE batch_submissions SET
     state = 'submitted', provider_batch_id = $3, submitted_at = now(),
-    poll_at = now() + make_interval(secs => $4), updated_at = now()
+    poll_at = CASE WHEN cancel_reason IS NULL THEN now() + make_interval(secs => $4)
+                   ELSE now() END,
+    updated_at = now()
 WHERE id = $1 AND lease_owner = $2 AND state = 'intent'
 RETURNING id;
 
@@ -753,7 +755,10 @@ RETURNING id;
 -- What the last poll of submission $1 said; next poll after $5 seconds (fenced by owner $2).
 UPDATE batch_submissions SET
     provider_status = $3, request_counts = $4::jsonb,
-    poll_at = now() + make_interval(secs => $5), updated_at = now()
+    -- a cancel asked for while this poll was under way stays due at once
+    poll_at = CASE WHEN cancel_reason IS NULL THEN now() + make_interval(secs => $5)
+                   ELSE now() END,
+    updated_at = now()
 WHERE id = $1 AND lease_owner = $2 AND state <> 'done'
 RETURNING id;
 

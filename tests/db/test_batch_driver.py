@@ -331,3 +331,38 @@ async def test_a_stopping_driver_cancels_what_a_suspend_marked(
     assert outcome.startswith("cancelled:") and " unspent" in outcome
     counts = await check_invariants(db)
     assert counts.completed == 100 and stats.batches_created == 2
+
+
+async def test_a_cancel_asked_during_a_poll_is_not_postponed_by_it(db: asyncpg.Connection) -> None:
+    """The race behind a suspend that the stopping driver missed: the owner took the
+    submission, the operator asked for a cancel, then the owner recorded its poll. The cancel
+    must stay due at once (the stopping driver's last pass takes only what is due)."""
+    t = {
+        "name": "b",
+        "provider": "openai",
+        "model": "m",
+        "mode": "batch",
+        "endpoint": "http://127.0.0.1:9/v1",
+    }
+    await add_prompts(db, 3)
+    await new_run(db, "run-1", spec(targets=[t]))
+    sub, _ = await batches.claim(
+        db,
+        "run-1",
+        "b",
+        worker="w1",
+        limit=3,
+        max_attempts=3,
+        lease_seconds=60,
+        item_lease_seconds=360,
+    )
+    assert sub is not None
+    assert await batches.submitted(db, sub, worker="w1", provider_batch_id="b_1", poll_in=0)
+    assert [s.id for s in await batches.take(db, "run-1", worker="w1", lease_seconds=60)] == [sub]
+    assert await batches.cancel_open(db, "run-1", "suspend") == 1  # while the poll is out
+    polled = await batches.polled(
+        db, sub, worker="w1", status="in_progress", counts={}, poll_in=3600
+    )
+    assert polled
+    (taken,) = await batches.take(db, "run-1", worker="w1", lease_seconds=60)
+    assert taken.id == sub and taken.cancel_reason == "suspend"
