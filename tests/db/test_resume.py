@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import asyncpg
 import pytest
@@ -32,10 +33,13 @@ async def test_a_release_that_parks_after_a_resume_does_not_strand_it(
     assert {i.id for i in due} == {late.id, other.id}
 
 
-async def test_a_resume_waits_for_a_release_under_way(db_url: str) -> None:
+async def test_a_resume_waits_for_a_release_under_way(
+    db_url: str, client_options: dict[str, Any]
+) -> None:
     """The release's transaction sees the target paused and parks; the resume that runs
     meanwhile must wait for it and then unpark the item, not miss it."""
-    a, b = await asyncpg.connect(db_url), await asyncpg.connect(db_url)
+    a = await asyncpg.connect(db_url, **client_options)
+    b = await asyncpg.connect(db_url, **client_options)
     try:
         await add_prompts(a, 1)
         await new_run(a)
