@@ -118,7 +118,13 @@ def test_a_budget_pauses_the_run_until_a_patch_raises_it(
     assert "failed" not in counts
     reasons = [e["reason"] for e in events(kubectl, namespace, "priced")]
     assert "BudgetExhausted" in reasons
-    wait_for(lambda: wide_cost(kubectl, namespace, "priced") == "10", timeout=30)
+
+    def cost_shown() -> str:
+        cost = wide_cost(kubectl, namespace, "priced")
+        assert cost == "10", (cost, get_run(kubectl, namespace, "priced").get("status"))
+        return cost
+
+    wait_for(cost_shown, timeout=30)
 
     kubectl("patch", "analysisrun", "priced", "--type=merge", "-p",
             json.dumps({"spec": {"budget": {"maxCost": 40}}}), namespace=namespace)  # fmt: skip

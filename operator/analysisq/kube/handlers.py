@@ -165,8 +165,15 @@ def register(registry: kopf.OperatorRegistry, service: RunService, settings: Set
         await _handle(body, patch, retry, partial(service.retry_failed, value=str(new)))
         patch.metadata.annotations[RETRY_ANNOTATION] = None
 
+    # backoff: a tick that raised comes back at the next interval, not after kopf's default
+    # 60 s (which froze the status for a minute after one unexpected error).
     @kopf.timer(
-        **on, id="reconcile", interval=settings.reconcile_seconds, when=_active, registry=registry
+        **on,
+        id="reconcile",
+        interval=settings.reconcile_seconds,
+        backoff=settings.reconcile_seconds,
+        when=_active,
+        registry=registry,
     )
     async def reconcile(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
         try:
@@ -180,6 +187,7 @@ def register(registry: kopf.OperatorRegistry, service: RunService, settings: Set
         **on,
         id="reset-stuck",
         interval=settings.stuck_reset_seconds,
+        backoff=settings.stuck_reset_seconds,
         when=_active,
         registry=registry,
     )
