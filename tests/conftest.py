@@ -27,6 +27,7 @@ import pytest
 
 from analysisq.db.embedded import EmbeddedPostgres
 from analysisq.db.migrate import migrate
+from failures import FAILED_KEY
 from pooler import PgBouncer
 
 _counter = itertools.count()
@@ -40,6 +41,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
     if report.skipped and not hasattr(report, "wasxfail"):
         report.outcome = "failed"
         report.longrepr = f"tests may not skip; this one tried to: {report.longrepr}"
+    item.stash[FAILED_KEY] = item.stash.get(FAILED_KEY, False) or report.failed
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -34,6 +34,7 @@ from controlplane.fixtures import Kubectl, eventually
 from controlplane.harness import ControlPlane, free_port
 from controlplane.podrunner import PodRunner
 from controlplane.processes import Child, rss_bytes
+from failures import FAILED_KEY
 from tools.cluster import apply_analysisrun_crd
 
 T = TypeVar("T")
@@ -413,13 +414,26 @@ def operators_fixture(
     pod_runner: PodRunner,
     db_url: str,
     tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> Iterator[OperatorFactory]:
-    """Start ``analysisq operator`` processes on the test's database: ``operators([ns])``."""
+    """Start ``analysisq operator`` processes on the test's database: ``operators([ns])``.
+
+    When the test failed, the operators' warnings and errors are printed into its report.
+    """
     factory = OperatorFactory(control_plane, kubectl, tmp_path, db_url)
     try:
         yield factory
     finally:
+        if request.node.stash.get(FAILED_KEY, False):
+            for log_file in sorted(tmp_path.glob("operator-*/operator.log")):
+                print(f"--- warnings and errors of {log_file.parent.name}")
+                print("\n".join(_complaints(log_file)[-40:]))
         factory.close()
+
+
+def _complaints(log_file: Path) -> list[str]:
+    lines = log_file.read_text(errors="replace").splitlines()
+    return [line[:600] for line in lines if '"level": "info"' not in line]
 
 
 class FakeProviders:
