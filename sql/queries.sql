@@ -494,6 +494,14 @@ ORDER BY t.target;
 -- Whether target $2 of run $1 has any result: then its model may no longer change.
 SELECT EXISTS (SELECT 1 FROM analysis_results WHERE run_id = $1 AND target = $2);
 
+-- name: lock_retry_targets
+-- Bulk retry takes the circuit breaker's lock order: the run's target rows (only target $2's
+-- when given) before any queue row, so a retry racing a tripping breaker waits, not deadlocks.
+SELECT target FROM run_targets
+WHERE run_id = $1 AND ($2::text IS NULL OR target = $2::text)
+ORDER BY target
+FOR UPDATE;
+
 -- name: retry_failed
 -- Bulk retry: put the run's failed-for-good items back in the queue, optionally only those of
 -- error class $2, target $3, or whose message contains $4 (case-insensitive). Attempts,

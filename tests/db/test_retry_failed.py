@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import asyncpg
 import pytest
 
-from analysisq.errors import ConfigError, ErrorClass
+from analysisq.db.sql import query
+from analysisq.errors import ConfigError, ErrorClass, TargetFault
 from analysisq.queue import items, retries, runs
 from analysisq.queue.items import ClaimedItem
 from support import add_prompts, new_run, spec
 
 pytestmark = pytest.mark.db
+
+NOT_FOUND = TargetFault("HTTP 404: model_not_found", fault="HTTP 404 model_not_found",
+                        setting="model")  # fmt: skip
 
 TWO = spec(
     targets=[
@@ -95,3 +102,45 @@ async def test_an_unknown_error_class_is_refused_by_name(db: asyncpg.Connection)
     await new_run(db)
     with pytest.raises(ConfigError, match="unknown error class 'permament'; one of: transient"):
         await retries.retry_failed(db, "run-1", error_class="permament")
+
+
+async def test_a_bulk_retry_racing_a_tripping_breaker_waits_instead_of_deadlocking(
+    db: asyncpg.Connection, db_url: str, client_options: dict[str, Any]
+) -> None:
+    """The breaker locks the target row, then gives its failed items back; a bulk retry must
+    take the same order, or the two deadlock and PostgreSQL aborts one (seen as an error)."""
+    await add_prompts(db, 3)
+    await new_run(db, s=spec(targetFaultThreshold=2))
+    first, second, _ = await claim_all(db)
+    assert await items.fail(db, first, ErrorClass.PERMANENT, NOT_FOUND.message, None,
+                            fault=NOT_FOUND)  # fmt: skip
+    breaker = await asyncpg.connect(db_url, **client_options)
+    retrier = await asyncpg.connect(db_url, **client_options)
+    try:
+        async with breaker.transaction():
+            # the breaker's first step for the second fault: lock the target row
+            await breaker.fetchrow(query("lock_item_target"), second.id)
+            retry = asyncio.create_task(retries.retry_failed(retrier, "run-1"))
+            pid = retrier.get_server_pid()
+            for _ in range(200):
+                waiting = await db.fetchval(
+                    "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid
+                )
+                if waiting:
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                pytest.fail("the bulk retry never waited for the breaker's lock")
+            # the second fault trips the breaker: it gives back the first item too
+            assert await items.fail(breaker, second, ErrorClass.PERMANENT, NOT_FOUND.message,
+                                    None, fault=NOT_FOUND)  # fmt: skip
+        assert await retry == 0  # both went back parked with the pause: nothing failed is left
+    finally:
+        await breaker.close()
+        await retrier.close()
+    rows = await db.fetch(
+        "SELECT status, next_attempt_at = 'infinity' AS parked FROM analysis_queue"
+        " WHERE id = ANY ($1)",
+        [first.id, second.id],
+    )
+    assert [tuple(r) for r in rows] == [("pending", True), ("pending", True)]

@@ -32,7 +32,9 @@ async def retry_failed(
         known = ", ".join(c.value for c in ErrorClass)
         raise ConfigError(f"unknown error class {error_class!r}; one of: {known}")
     with translated(f"retrying failed items of run {run_id}"):
-        count: int = await conn.fetchval(
-            query("retry_failed"), run_id, error_class, target, error or None
-        )
+        async with conn.transaction():
+            await conn.execute(query("lock_retry_targets"), run_id, target)
+            count: int = await conn.fetchval(
+                query("retry_failed"), run_id, error_class, target, error or None
+            )
     return count
