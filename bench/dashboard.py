@@ -21,9 +21,8 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 
 from analysisq.kube.provider_metrics import LATENCY_BOUNDS
-from analysisq.local import monitor
 from analysisq.queue import dashboard as panels
-from analysisq.queue import runs
+from analysisq.queue import monitor, runs
 from analysisq.spec import parse_spec
 
 from .common import Reporter, bench_database, copy_prompts, stopwatch, table

@@ -21,9 +21,9 @@ from typing import Any
 
 import asyncpg
 
-from analysisq.providers.tokens import estimate
 from analysisq.queue import runs
 from analysisq.spec import parse_spec
+from analysisq.tokens import estimate
 
 from .common import Reporter, bench_database, copy_prompts, spawn_workers, stop_processes, table
 from .fake_server import FakeServer

@@ -324,11 +324,8 @@ ORDER BY r.id LIMIT $3;
 SELECT count(*) AS n FROM analysis_queue
 WHERE run_id = $1 AND status = 'completed' AND completed_at > now() - make_interval(secs => $2);
 
--- name: delete_run_items
-DELETE FROM analysis_queue WHERE run_id = $1;
-
 -- ---------------------------------------------------------------------------------------
--- Local runs and the runbook commands (analysisq.local.monitor)
+-- Local runs and the runbook commands (analysisq.queue.monitor)
 -- ---------------------------------------------------------------------------------------
 
 -- name: target_backlog

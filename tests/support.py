@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import asyncpg
 
-from analysisq.db.sql import query
-from analysisq.queue import runs
+from analysisq.queue import prompts, runs
 from analysisq.spec import AnalysisRunSpec, parse_spec
 
 
@@ -22,13 +20,12 @@ async def add_prompts(
     text: str = "What does model {i} think of prompt {i}?",
 ) -> list[str]:
     ids = [f"{prefix}{i:06d}" for i in range(n)]
-    await conn.fetch(
-        query("upsert_prompt"),
-        ids,
-        [text.format(i=i) for i in range(n)],
-        [json.dumps(tags or []) for _ in ids],
-        [active] * n,
-        ["{}"] * n,
+    await prompts.upsert(
+        conn,
+        [
+            prompts.Prompt(external_id, text.format(i=i), tuple(tags or ()), active)
+            for i, external_id in enumerate(ids)
+        ],
     )
     return ids
 

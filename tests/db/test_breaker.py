@@ -9,10 +9,10 @@ from typing import Any
 import asyncpg
 import pytest
 
+from analysisq.completion import Completion
 from analysisq.errors import ErrorClass, SpecError, TargetFault
 from analysisq.fake_provider.config import FakeConfig
 from analysisq.fake_provider.server import FakeProvider
-from analysisq.providers.base import Completion
 from analysisq.queue import items, runs
 from analysisq.queue.items import ClaimedItem, Outcome
 from analysisq.settings import Settings

@@ -8,9 +8,9 @@ import json
 import asyncpg
 import pytest
 
+from analysisq.completion import Completion
 from analysisq.db.sql import query
 from analysisq.errors import ErrorClass
-from analysisq.providers.base import Completion
 from analysisq.queue import items, rescue, runs
 from analysisq.queue.items import ClaimedItem, Outcome
 from support import add_prompts, new_run, spec

@@ -9,7 +9,7 @@ import uuid
 import asyncpg
 import pytest
 
-from analysisq.providers.base import Completion
+from analysisq.completion import Completion
 from analysisq.queue import items, rescue
 from analysisq.queue.items import ClaimedItem, Outcome
 from support import add_prompts, new_run

@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 from test_runbook_cli import invoke, invoke_json
 
-from analysisq.providers.base import Completion
+from analysisq.completion import Completion
 from analysisq.queue import items, runs
 from analysisq.queue.prune import prune
 from support import add_prompts, new_run, spec

@@ -12,11 +12,11 @@ import pytest
 
 from analysisq.fake_provider.config import FakeConfig
 from analysisq.fake_provider.server import FakeProvider
-from analysisq.providers.tokens import estimate
 from analysisq.queue import budget, runs
 from analysisq.queue.states import Counts
 from analysisq.settings import Settings
 from analysisq.spec import AnalysisRunSpec, parse_spec
+from analysisq.tokens import estimate
 from analysisq.worker import Worker, WorkerStats
 from support import add_prompts, new_run, spec
 

@@ -15,11 +15,11 @@ from typing import Any
 import asyncpg
 import pytest
 
+from analysisq.completion import Completion
 from analysisq.errors import SpecError
-from analysisq.providers.base import Completion
-from analysisq.providers.tokens import estimate
 from analysisq.queue import items, quota, ratelimit, runs
 from analysisq.spec import Target
+from analysisq.tokens import estimate
 from support import add_prompts, new_run, spec
 
 pytestmark = pytest.mark.db

@@ -19,8 +19,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from analysisq.cli.main import cli
+from analysisq.completion import Completion
 from analysisq.errors import ErrorClass
-from analysisq.providers.base import Completion
 from analysisq.queue import items, runs
 from support import add_prompts, new_run, spec
 

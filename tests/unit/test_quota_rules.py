@@ -16,11 +16,11 @@ from analysisq.kube.service import _transition_notes
 from analysisq.kube.status import Observation, get_condition, reconciled
 from analysisq.providers import make_http_client, make_provider
 from analysisq.providers.http_errors import exhausted_limit_delay
-from analysisq.providers.tokens import completion_ceiling, estimate
 from analysisq.queue.budget import BudgetState
 from analysisq.queue.states import Counts
 from analysisq.queue.usage import RunUsage, TargetUsage
 from analysisq.spec import Target, parse_spec
+from analysisq.tokens import completion_ceiling, estimate
 
 pytestmark = pytest.mark.unit
 

@@ -22,8 +22,8 @@ from analysisq.errors import PermanentError
 from analysisq.fake_provider import FakeConfig, FakeProvider
 from analysisq.providers import make_http_client, make_provider
 from analysisq.providers.openai import OpenAIProvider
+from analysisq.providers.telemetry import configured_tracer, traced, tracer_provider_from_env
 from analysisq.spec import Target
-from analysisq.telemetry import configured_tracer, traced, tracer_provider_from_env
 
 pytestmark = pytest.mark.unit
 

@@ -30,10 +30,9 @@ from analysisq.cli.output import (
 )
 from analysisq.db.connect import acquire
 from analysisq.errors import ErrorClass
-from analysisq.local import monitor
 from analysisq.local.export import export_results, result_format, write_results
 from analysisq.local.usage_text import usage_json, usage_lines
-from analysisq.queue import batches, budget, rescue, retries, runs, usage
+from analysisq.queue import batches, budget, monitor, rescue, retries, runs, usage
 from analysisq.queue.usage import format_cost
 
 T = TypeVar("T")

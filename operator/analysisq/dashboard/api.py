@@ -24,9 +24,9 @@ from aiohttp import web
 from analysisq.dashboard.context import DashboardContext, context
 from analysisq.dashboard.errors import BadParameter
 from analysisq.errors import RunNotFound, redact
-from analysisq.local import monitor
 from analysisq.queue import batches as provider_batches
 from analysisq.queue import dashboard as panels
+from analysisq.queue import monitor
 from analysisq.queue.dashboard import RunSummary
 
 #: Characters of a prompt the dashboard shows (never the whole prompt, never an answer).

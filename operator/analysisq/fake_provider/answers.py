@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import Any
 
-from analysisq.providers.tokens import approx_tokens
+from analysisq.tokens import approx_tokens
 
 _SENTIMENTS = ("positive", "neutral", "negative")
 

@@ -35,7 +35,7 @@ from analysisq.fake_provider.config import ERROR_KINDS, ErrorKind, FakeConfig
 from analysisq.fake_provider.openai_batches import OpenAIBatches
 from analysisq.fake_provider.routing import presented_key
 from analysisq.fake_provider.stats import Recorder, prompt_key
-from analysisq.providers.tokens import DEFAULT_COMPLETION_TOKENS, approx_tokens
+from analysisq.tokens import DEFAULT_COMPLETION_TOKENS, approx_tokens
 
 #: Largest request body accepted: Anthropic's 256 MB batch limit and a little more, so that
 #: the Batch APIs, not the server, refuse an oversized batch.

@@ -18,7 +18,7 @@ from typing import IO, Any, Literal
 import asyncpg
 
 from analysisq.errors import InputError
-from analysisq.local import monitor
+from analysisq.queue import monitor
 
 ResultFormat = Literal["jsonl", "csv"]
 PAGE_SIZE = 1000

@@ -18,11 +18,12 @@ import csv
 import json
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 from analysisq.errors import InputError
+from analysisq.queue.prompts import Prompt
 
 Format = Literal["csv", "jsonl"]
 #: The database's limit on ``prompts.external_id``.
@@ -35,16 +36,11 @@ _TRUE = {"true", "t", "yes", "y", "1"}
 _FALSE = {"false", "f", "no", "n", "0"}
 
 
-@dataclass(frozen=True)
-class PromptRow:
+@dataclass(frozen=True, kw_only=True)
+class PromptRow(Prompt):
     """One valid prompt, with the line it starts on."""
 
     line: int
-    external_id: str
-    text: str
-    tags: tuple[str, ...] = ()
-    active: bool = True
-    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -1,24 +1,22 @@
 """Store a prompt file: every valid row upserted by external id, in batches.
 
-``prompt_file`` decides which rows are valid; this module writes them with the named query
-``upsert_prompt`` (one statement per batch) and counts what the database did: inserted,
-updated (text, tags, active or metadata changed) or unchanged. Rejected rows are collected
-with their line numbers; storing the valid rows never depends on the invalid ones.
+``prompt_file`` decides which rows are valid; this module hands them in batches to
+``analysisq.queue.prompts.upsert`` (one statement per batch) and counts what the database
+did: inserted, updated (text, tags, active or metadata changed) or unchanged. Rejected rows
+are collected with their line numbers; storing the valid rows never depends on the invalid
+ones.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 
-from analysisq.db.connect import translated
-from analysisq.db.sql import query
 from analysisq.local.prompt_file import PromptFile, PromptRow, Rejection
+from analysisq.queue import prompts
 
 #: Rejected rows listed for a person; the rest are counted (``to_json`` lists them all).
 SHOWN_REJECTIONS = 50
@@ -79,23 +77,6 @@ class ImportReport:
         return f"{self.path}: {stored}, {len(self.rejected):,} rejected"
 
 
-async def upsert_prompts(conn: asyncpg.Connection, rows: Sequence[PromptRow]) -> tuple[int, int]:
-    """Insert or update *rows* (ids unique within the batch); return (inserted, updated)."""
-    if not rows:
-        return 0, 0
-    with translated(f"storing {len(rows)} prompts"):
-        written = await conn.fetch(
-            query("upsert_prompt"),
-            [r.external_id for r in rows],
-            [r.text for r in rows],
-            [json.dumps(list(r.tags)) for r in rows],
-            [r.active for r in rows],
-            [json.dumps(r.metadata) for r in rows],
-        )
-    inserted = sum(1 for w in written if w["inserted"])
-    return inserted, len(written) - inserted
-
-
 async def import_prompts(
     conn: asyncpg.Connection,
     path: Path,
@@ -113,7 +94,7 @@ async def import_prompts(
     async def flush() -> None:
         report.valid += len(batch)
         if not dry_run:
-            inserted, updated = await upsert_prompts(conn, batch)
+            inserted, updated = await prompts.upsert(conn, batch)
             report.inserted += inserted
             report.updated += updated
         batch.clear()

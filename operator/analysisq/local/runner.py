@@ -33,13 +33,12 @@ from rich.console import Console
 
 from analysisq.db.connect import acquire
 from analysisq.errors import DatabaseUnavailable, InputError
-from analysisq.local import monitor
 from analysisq.local.export import export_results
 from analysisq.local.progress import Display, RateMeter, Snapshot, duration
 from analysisq.local.usage_text import usage_json, usage_lines
 from analysisq.local.workers import WorkerPool
 from analysisq.providers import api_key_env_names
-from analysisq.queue import batches, budget, rescue, runs, usage
+from analysisq.queue import batches, budget, monitor, rescue, runs, usage
 from analysisq.queue.budget import BudgetState
 from analysisq.queue.runs import Run
 from analysisq.queue.states import Counts

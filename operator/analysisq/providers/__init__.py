@@ -26,11 +26,12 @@ from pathlib import Path
 
 import httpx
 
+from analysisq.completion import Completion
 from analysisq.errors import ConfigError
 from analysisq.providers.anthropic import DEFAULT_ENDPOINT as ANTHROPIC_ENDPOINT
 from analysisq.providers.anthropic import AnthropicProvider
 from analysisq.providers.anthropic_batch import AnthropicBatchClient
-from analysisq.providers.base import Completion, Provider
+from analysisq.providers.base import Provider
 from analysisq.providers.batch import BatchClient
 from analysisq.providers.client import USER_AGENT, make_http_client
 from analysisq.providers.echo import EchoProvider
@@ -38,8 +39,8 @@ from analysisq.providers.http import HttpProvider
 from analysisq.providers.openai import DEFAULT_ENDPOINT as OPENAI_ENDPOINT
 from analysisq.providers.openai import OpenAIProvider
 from analysisq.providers.openai_batch import OpenAIBatchClient
+from analysisq.providers.telemetry import traced
 from analysisq.spec import Target
-from analysisq.telemetry import traced
 
 __all__ = [
     "USER_AGENT",
@@ -61,7 +62,7 @@ _PUBLIC_HOSTS = {
 
 def make_provider(target: Target, client: httpx.AsyncClient, api_key: str | None) -> Provider:
     """The provider for *target*, sending over *client* with *api_key*; with a span per call
-    when OpenTelemetry is configured (``analysisq.telemetry``).
+    when OpenTelemetry is configured (``analysisq.providers.telemetry``).
 
     Raises ``ConfigError`` naming the target when the provider cannot work as configured,
     e.g. no key for the public OpenAI or Anthropic API.

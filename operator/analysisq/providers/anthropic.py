@@ -14,14 +14,15 @@ from typing import Any
 
 import httpx
 
+from analysisq.completion import Completion
 from analysisq.errors import ConfigError, InvalidInput, TransientError
-from analysisq.providers.base import Completion, check_prompt, parse_json_text
+from analysisq.providers.base import check_prompt, parse_json_text
 from analysisq.providers.client import Reply, decode_json, dig, optional_int, post_json, with_path
 from analysisq.spec import Target
+from analysisq.tokens import ANTHROPIC_MAX_TOKENS
 
 DEFAULT_ENDPOINT = "https://api.anthropic.com"
 API_VERSION = "2023-06-01"
-DEFAULT_MAX_TOKENS = 1024
 
 
 class AnthropicProvider:
@@ -35,7 +36,7 @@ class AnthropicProvider:
         self._client = client
         self._api_key = api_key
         self._version = str(params.pop("anthropic_version", API_VERSION))
-        params.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
+        params.setdefault("max_tokens", ANTHROPIC_MAX_TOKENS)
         self._params = params
         endpoint = target.endpoint or DEFAULT_ENDPOINT
         if httpx.URL(endpoint).path.rstrip("/").endswith("/v1"):

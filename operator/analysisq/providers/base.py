@@ -1,4 +1,7 @@
-"""What every provider returns and promises: ``Completion`` and the ``Provider`` protocol.
+"""What every provider promises: the ``Provider`` protocol, returning a ``Completion``.
+
+``Completion`` itself lives in ``analysisq.completion``, below this layer, because the queue
+stores it and must not import providers.
 
 A provider turns one prompt into one ``Completion`` or raises one of the ``ProviderError``
 classes of ``analysisq.errors``; the worker decides retry or give-up from the type alone.
@@ -9,33 +12,11 @@ The HTTP pipeline that providers share lives in ``client``; one module per API f
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any, Protocol
 
+from analysisq.completion import Completion
 from analysisq.errors import InvalidInput
 from analysisq.spec import Target
-
-
-@dataclass(frozen=True)
-class Completion:
-    """One answer from a provider, as the results table stores it."""
-
-    #: The response text.
-    text: str
-    #: The text decoded as JSON when it is a JSON object or array (a surrounding Markdown
-    #: code fence is tolerated), else ``None``.
-    parsed: Any | None
-    #: Prompt tokens as the provider counted them, if it said.
-    tokens_in: int | None
-    #: Completion tokens as the provider counted them, if it said.
-    tokens_out: int | None
-    #: The model the provider says answered (falls back to the target's model).
-    model: str
-    #: Wall time of the HTTP exchange (request sent to body read), in milliseconds.
-    latency_ms: float
-    #: The provider's headers said its rate limit is exhausted for this long: the target's
-    #: rate pool waits it out (``analysisq.queue.quota.settle``).
-    limit_reset_s: float | None = None
 
 
 class Provider(Protocol):

@@ -26,8 +26,8 @@ from typing import Any, Literal, Protocol
 
 import httpx
 
+from analysisq.completion import Completion
 from analysisq.errors import PermanentError, ProviderError
-from analysisq.providers.base import Completion
 from analysisq.providers.client import Reply, decode_json, dig, send
 from analysisq.spec import Target
 

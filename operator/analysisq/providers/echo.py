@@ -12,10 +12,11 @@ import hashlib
 import json
 import time
 
+from analysisq.completion import Completion
 from analysisq.errors import ConfigError
-from analysisq.providers.base import Completion, check_prompt
-from analysisq.providers.tokens import approx_tokens
+from analysisq.providers.base import check_prompt
 from analysisq.spec import Target
+from analysisq.tokens import approx_tokens
 
 
 class EchoProvider:

@@ -18,8 +18,9 @@ from typing import Any
 
 import httpx
 
+from analysisq.completion import Completion
 from analysisq.errors import ConfigError
-from analysisq.providers.base import Completion, check_prompt, parse_json_text
+from analysisq.providers.base import check_prompt, parse_json_text
 from analysisq.providers.client import decode_json, dig, post_json
 from analysisq.spec import Target
 

@@ -13,8 +13,9 @@ from typing import Any
 
 import httpx
 
+from analysisq.completion import Completion
 from analysisq.errors import ConfigError, InvalidInput, TransientError
-from analysisq.providers.base import Completion, check_prompt, parse_json_text
+from analysisq.providers.base import check_prompt, parse_json_text
 from analysisq.providers.client import Reply, decode_json, dig, optional_int, post_json, with_path
 from analysisq.spec import Target
 

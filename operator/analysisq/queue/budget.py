@@ -23,8 +23,8 @@ import asyncpg
 
 from analysisq.db.connect import translated
 from analysisq.db.sql import query
-from analysisq.providers.tokens import TokenEstimate
 from analysisq.spec import Budget
+from analysisq.tokens import TokenEstimate
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from analysisq.completion import Completion
 from analysisq.db.connect import translated
 from analysisq.db.sql import query
 from analysisq.errors import ErrorClass, TargetFault, redact
-from analysisq.providers.base import Completion
 from analysisq.queue import breaker
 
 MAX_ERROR_CHARS = 2000

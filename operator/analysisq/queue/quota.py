@@ -7,7 +7,7 @@ any Retry-After block). ``wait`` sleeps that long, and longer if answers that co
 they reserved pushed the pool's schedule back meanwhile. ``settle`` replaces the estimate
 with the answer's usage, or gives the reservation back when there was no answer. A target
 without limits in a run without a budget costs no database round trip here. Modules below:
-``ratelimit`` (pools), ``budget`` (a run's spending), ``analysisq.providers.tokens`` (the
+``ratelimit`` (pools), ``budget`` (a run's spending), ``analysisq.tokens`` (the
 estimate).
 """
 
@@ -18,12 +18,12 @@ from dataclasses import dataclass, replace
 
 import asyncpg
 
+from analysisq.completion import Completion
 from analysisq.db.connect import acquire
 from analysisq.errors import BudgetExhausted
-from analysisq.providers.base import Completion
-from analysisq.providers.tokens import TokenEstimate, estimate
 from analysisq.queue import budget, ratelimit
 from analysisq.spec import AnalysisRunSpec, Target
+from analysisq.tokens import TokenEstimate, estimate
 
 
 @dataclass(frozen=True)

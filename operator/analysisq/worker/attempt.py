@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import asyncpg
 
+from analysisq.completion import Completion
 from analysisq.errors import (
     BudgetExhausted,
     DatabaseError,
@@ -27,7 +28,7 @@ from analysisq.errors import (
     TransientError,
     redact,
 )
-from analysisq.providers.base import Completion, Provider
+from analysisq.providers.base import Provider
 from analysisq.queue import quota
 from analysisq.queue.decisions import Fail
 from analysisq.queue.items import ClaimedItem

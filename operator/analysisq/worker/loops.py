@@ -35,10 +35,11 @@ from typing import assert_never
 import asyncpg
 import httpx
 
+from analysisq.completion import Completion
 from analysisq.db.connect import acquire
 from analysisq.errors import BudgetExhausted, DatabaseError, DatabaseUnavailable, ErrorClass
 from analysisq.providers import BatchClient, make_batch_client, make_provider, resolve_api_key
-from analysisq.providers.base import Completion, Provider
+from analysisq.providers.base import Provider
 from analysisq.providers.client import make_http_client
 from analysisq.queue import budget, items, rescue, runs
 from analysisq.queue.decisions import (

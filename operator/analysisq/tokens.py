@@ -1,5 +1,8 @@
 """Token estimates: the one place that says how many tokens a request may cost.
 
+It sits below both ``analysisq.queue`` (which reserves the estimate) and
+``analysisq.providers`` (which sends the ceiling), so neither layer imports the other.
+
 The rate limiter reserves a request's tokens before it is sent (``tokensPerMinute``), and a
 budget reserves its tokens and cost; both use ``estimate``. The answer's usage then replaces
 the estimate (``analysisq.queue.quota.settle``). The estimate is prompt tokens (about four
@@ -13,8 +16,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from analysisq.providers.anthropic import DEFAULT_MAX_TOKENS as ANTHROPIC_MAX_TOKENS
 from analysisq.spec import Target
+
+#: The ``max_tokens`` the Anthropic provider sends when the target sets none (its API
+#: requires one); stated here so the estimate and the request cannot disagree.
+ANTHROPIC_MAX_TOKENS = 1024
 
 #: Completion tokens assumed when the provider has no ceiling of its own and the target sets
 #: none (OpenAI-compatible, plain HTTP, echo).

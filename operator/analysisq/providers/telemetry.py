@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Tracer
 
-    from analysisq.providers.base import Completion, Provider
+    from analysisq.completion import Completion
+    from analysisq.providers.base import Provider
 
 log = logging.getLogger(__name__)
 
