@@ -6,6 +6,9 @@ do from the type alone: a ``TransientError`` is retried with backoff, a ``Perman
 fails the item at once (a ``TargetFault`` too, but the same one several times in a row pauses
 the target: the queue's circuit breaker), an ``AuthError`` pauses the target for the run, a
 ``RateLimited`` reschedules without burning an attempt. Each class docstring is its default message.
+On the operator's side the meaning is in two class attributes: ``reason`` (what a run reports
+the error as) and ``retryable`` (the operator tries again: a database, a Secret or the
+Kubernetes API that may come back; ``NotYet``, a change under way).
 
 Messages never contain secrets: provider errors carry the status code and a bounded excerpt
 of the body with anything that looks like a credential removed (see ``redact``).
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
+from typing import ClassVar
 
 
 class ErrorClass(StrEnum):
@@ -32,6 +36,14 @@ class ErrorClass(StrEnum):
 class AnalysisqError(Exception):
     """analysisq failed."""
 
+    #: The reason a run reports this error under (its ``Degraded`` condition, Event and
+    #: metric label).
+    reason: ClassVar[str] = "Error"
+    #: The cause is outside analysisq and may go away (a database, a Secret, the Kubernetes
+    #: API): the operator reports it and tries again. Otherwise the error is bad input or a
+    #: bug, and retrying will not help.
+    retryable: ClassVar[bool] = False
+
     def __init__(self, message: str | None = None) -> None:
         super().__init__(message or (self.__doc__ or "").strip())
 
@@ -47,6 +59,8 @@ class ConfigError(AnalysisqError):
 class SpecError(ConfigError):
     """The AnalysisRun spec is invalid."""
 
+    reason = "InvalidSpec"
+
 
 class InputError(AnalysisqError):
     """The input file has invalid rows."""
@@ -55,13 +69,46 @@ class InputError(AnalysisqError):
 class DatabaseError(AnalysisqError):
     """The database failed."""
 
+    reason = "DatabaseError"
+    retryable = True
+
 
 class DatabaseUnavailable(DatabaseError):
     """The database cannot be reached."""
 
+    reason = "DatabaseUnavailable"
+
 
 class SchemaMismatch(DatabaseError):
     """The database schema is not the one this analysisq knows; run `analysisq migrate`."""
+
+    reason = "SchemaMismatch"
+
+
+class KubeApiError(AnalysisqError):
+    """The Kubernetes API failed; the operator retries."""
+
+    reason = "KubernetesApiError"
+    retryable = True
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        #: The HTTP status of the API's answer; None when the API was not reached.
+        self.status = status
+
+
+class SecretMissing(AnalysisqError):
+    """A Secret (or a key in it) that the run references does not exist."""
+
+    reason = "SecretMissing"
+    retryable = True
+
+
+class NotYet(AnalysisqError):
+    """A change is under way (e.g. a rollout); the operator tries again in a moment."""
+
+    reason = "NotYet"
+    retryable = True
 
 
 class RunNotFound(AnalysisqError):
@@ -71,10 +118,6 @@ class RunNotFound(AnalysisqError):
 class BudgetExhausted(AnalysisqError):
     """The run's budget cannot cover the next request: the run is paused (BudgetExhausted);
     raise the budget to continue."""
-
-
-class LeaseLost(AnalysisqError):
-    """The claim on this item is no longer ours: another worker or the rescuer took it."""
 
 
 class ProviderError(AnalysisqError):

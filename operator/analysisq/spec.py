@@ -275,17 +275,25 @@ def parse_spec(data: Any, *, source: str = "spec") -> AnalysisRunSpec:
         raise SpecError(f"invalid {source}: " + "; ".join(problems)) from None
 
 
+def spec_mapping(data: Any, *, source: str) -> dict[str, Any]:
+    """The spec in parsed YAML: a bare spec, or an AnalysisRun manifest's ``spec``."""
+    if isinstance(data, dict) and data.get("kind") == "AnalysisRun":
+        data = data.get("spec")
+    if not isinstance(data, dict):
+        raise SpecError(
+            f"{source}: expected a mapping of AnalysisRun spec fields "
+            "(a YAML mapping: a bare spec or a manifest's spec)"
+        )
+    return data
+
+
 def read_spec_data(path: Path) -> dict[str, Any]:
     """The spec mapping of a YAML file: a bare spec or an AnalysisRun manifest's ``spec``."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
         raise SpecError(f"cannot read {path}: {exc}") from None
-    if isinstance(data, dict) and data.get("kind") == "AnalysisRun":
-        data = data.get("spec")
-    if not isinstance(data, dict):
-        raise SpecError(f"{path}: expected a mapping of AnalysisRun spec fields")
-    return data
+    return spec_mapping(data, source=str(path))
 
 
 def load_spec_file(path: Path) -> AnalysisRunSpec:

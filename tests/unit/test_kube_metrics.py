@@ -7,7 +7,7 @@ from prometheus_client import generate_latest
 
 from analysisq.kube.metrics import Metrics
 from analysisq.kube.ref import RunRef
-from analysisq.kube.service import old_pods_gone, rolled_out
+from analysisq.kube.rollout import old_pods_gone, rolled_out
 
 pytestmark = pytest.mark.unit
 

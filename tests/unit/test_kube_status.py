@@ -7,10 +7,15 @@ from typing import Any
 
 import pytest
 
-from analysisq.errors import DatabaseUnavailable, SchemaMismatch, SpecError
+from analysisq.errors import (
+    DatabaseUnavailable,
+    KubeApiError,
+    SchemaMismatch,
+    SecretMissing,
+    SpecError,
+)
 from analysisq.kube.handlers import _changed_fields, backoff
-from analysisq.kube.kubeapi import KubeApiError, SecretMissing
-from analysisq.kube.service import _transition_notes, degraded_report, problem_of
+from analysisq.kube.report import degraded_report, problem_of, transition_notes
 from analysisq.kube.startup import kopf_settings, namespaces
 from analysisq.kube.status import (
     Observation,
@@ -160,9 +165,9 @@ def test_a_newly_paused_target_is_an_event() -> None:
     paused = [PausedTarget("a", "401", T0)]
     counts = Counts(total=10, pending=10)
     new = reconciled(filled(), spec(), seen(counts, paused=paused))
-    notes = _transition_notes(filled(), new, paused)
+    notes = transition_notes(filled(), new, paused)
     assert [n.reason for n in notes] == ["TargetPaused"]
-    assert _transition_notes({**filled(), **new}, new, paused) == []
+    assert transition_notes({**filled(), **new}, new, paused) == []
 
 
 def test_scale_only_changes_are_told_apart() -> None:

@@ -12,7 +12,7 @@ from analysisq.errors import SpecError
 from analysisq.fake_provider.config import FakeConfig
 from analysisq.fake_provider.server import FakeProvider
 from analysisq.fake_provider.stats import Recorder
-from analysisq.kube.service import _transition_notes
+from analysisq.kube.report import transition_notes
 from analysisq.kube.status import Observation, get_condition, reconciled
 from analysisq.providers import make_http_client, make_provider
 from analysisq.providers.http_errors import exhausted_limit_delay
@@ -114,9 +114,9 @@ def test_an_exhausted_budget_pauses_the_run_with_the_line_to_continue() -> None:
     assert "kubectl patch analysisrun" in cond["message"] and "maxCost" in cond["message"]
     assert "cost 1.99 of 2" in new["message"]
     assert new["usage"]["cost"] == 0.0015 and new["usage"]["targets"][0]["tokensOut"] == 500
-    notes = _transition_notes(old, new, [])
+    notes = transition_notes(old, new, [])
     assert [n.reason for n in notes] == ["BudgetExhausted"]
-    assert _transition_notes(new, new, []) == []  # one Event, not one per reconcile
+    assert transition_notes(new, new, []) == []  # one Event, not one per reconcile
     raised = reconciled(new, s, Observation(counts, 2, 2, usage=used, budget=exhausted(None)))
     assert raised["phase"] == "Running"
     assert get_condition(raised, "Paused")["status"] == "False"  # type: ignore[index]

@@ -10,20 +10,18 @@ from click.testing import CliRunner
 
 from analysisq.cli.main import cli
 from analysisq.errors import ConfigError, SpecError
-from analysisq.trigger import (
+from analysisq.kube.trigger import (
     DATE_ANNOTATION,
     TRIGGER_LABEL,
     RunInfo,
-    check_prefix,
     name_date,
-    parse_day,
-    parse_duration,
     run_manifest,
     run_name,
     runs_to_prune,
     template_spec,
     today_utc,
 )
+from analysisq.settings import check_prefix, parse_day, parse_duration
 
 pytestmark = pytest.mark.unit
 
@@ -265,3 +263,22 @@ def test_command_without_a_cluster_says_so(monkeypatch: pytest.MonkeyPatch, tmp_
     result = CliRunner().invoke(cli, ["trigger", "--namespace", "ns", "--template-configmap", "t"])
     assert result.exit_code == 2, result.output
     assert "no Kubernetes configuration" in result.output
+
+
+def test_options_from_the_environment_are_validated_and_named(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The chart sets ANALYSISQ_TRIGGER_*: a bad value names its variable, as settings do.
+    monkeypatch.setenv("ANALYSISQ_TRIGGER_TEMPLATE_CONFIGMAP", "t")
+    monkeypatch.setenv("ANALYSISQ_TRIGGER_DATE", "2025-02-30")
+    result = CliRunner().invoke(cli, ["trigger", "--namespace", "ns"])
+    assert result.exit_code == 2, result.output
+    assert "ANALYSISQ_TRIGGER_DATE" in result.output
+    assert "YYYY-MM-DD" in result.output
+
+
+def test_the_template_configmap_is_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ANALYSISQ_TRIGGER_TEMPLATE_CONFIGMAP", raising=False)
+    result = CliRunner().invoke(cli, ["trigger", "--namespace", "ns"])
+    assert result.exit_code == 2, result.output
+    assert "ANALYSISQ_TRIGGER_TEMPLATE_CONFIGMAP (--template-configmap)" in result.output

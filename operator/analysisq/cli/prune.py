@@ -20,7 +20,7 @@ from analysisq.errors import ConfigError
 from analysisq.local.export import export_results
 from analysisq.queue.prune import DEFAULT_BATCH, PruneReport
 from analysisq.queue.prune import prune as prune_runs
-from analysisq.trigger import parse_duration
+from analysisq.settings import parse_duration
 
 
 @click.command()

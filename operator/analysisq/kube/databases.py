@@ -13,8 +13,9 @@ import asyncio
 
 import asyncpg
 
-from analysisq.db.connect import Pooler, acquire, create_pool
+from analysisq.db.connect import Pooler, acquire, create_pool, translated
 from analysisq.db.migrate import check_schema
+from analysisq.errors import DatabaseError
 
 
 class DatabasePools:
@@ -43,6 +44,23 @@ class DatabasePools:
                     raise
                 self._pools[url] = pool
         return pool
+
+    async def health(self, url: str | None) -> str:
+        """The operator's own database for the liveness endpoint: reported, never raised (a
+        database outage must not get the operator restarted; runs wait for it instead)."""
+        if not url:
+            return "not configured"
+        try:
+            async with asyncio.timeout(5):
+                pool = await self.get(url)
+                async with acquire(pool) as conn:
+                    with translated("health check"):
+                        await conn.fetchval("SELECT 1")
+        except TimeoutError:
+            return "unavailable: no answer within 5 s"
+        except DatabaseError as exc:
+            return f"unavailable: {exc.message}"
+        return "ok"
 
     async def close(self) -> None:
         pools, self._pools = list(self._pools.values()), {}

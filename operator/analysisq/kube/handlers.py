@@ -25,18 +25,12 @@ from typing import Any
 
 import kopf
 
-from analysisq.errors import SpecError
+from analysisq.errors import AnalysisqError, NotYet, SecretMissing, SpecError
 from analysisq.kube.deployment import RESUME_ANNOTATION
 from analysisq.kube.ref import GROUP, PLURAL, VERSION, RunRef
+from analysisq.kube.report import Report, degraded_report, problem_of
 from analysisq.kube.retries import RETRY_ANNOTATION
-from analysisq.kube.service import (
-    RETRYABLE,
-    NotYet,
-    Report,
-    RunService,
-    degraded_report,
-    problem_of,
-)
+from analysisq.kube.service import RunService
 from analysisq.kube.status import FINISHED
 from analysisq.settings import Settings
 from analysisq.spec import AnalysisRunSpec, parse_spec
@@ -110,7 +104,9 @@ async def _handle(body: kopf.Body, patch: kopf.Patch, retry: int, method: Method
         raise kopf.PermanentError(exc.message) from None
     except NotYet as exc:
         raise kopf.TemporaryError(exc.message, delay=2) from None
-    except RETRYABLE as exc:
+    except AnalysisqError as exc:
+        if not exc.retryable:
+            raise
         write(body, patch, degraded_report(status, problem_of(exc)))
         raise kopf.TemporaryError(exc.message, delay=backoff(retry)) from None
     write(body, patch, report)
@@ -197,7 +193,9 @@ def register(registry: kopf.OperatorRegistry, service: RunService, settings: Set
             report = await service.reset_stuck(ref, _spec(body), _status(body))
         except SpecError:
             return
-        except RETRYABLE as exc:
+        except AnalysisqError as exc:
+            if not exc.retryable:
+                raise
             # The reconcile timer reports the condition; this one tries again next interval.
             problem = problem_of(exc)
             service.metrics.reconcile_errors.labels(problem.reason).inc()
@@ -215,10 +213,13 @@ def register(registry: kopf.OperatorRegistry, service: RunService, settings: Set
             await service.delete_rows(ref, _spec(body))
         except SpecError as exc:
             raise kopf.PermanentError(exc.message) from None
-        except RETRYABLE as exc:
+        except AnalysisqError as exc:
+            if not exc.retryable:
+                raise
             problem = problem_of(exc)
             message = f"cannot delete the queue rows of {ref.run_id} yet: {problem.message}"
-            if problem.reason == "SecretMissing" or retry >= 10:
+            # A Secret gone with the run will not come back: keep the rows, say so, stop.
+            if isinstance(exc, SecretMissing) or retry >= 10:
                 kopf.event(body, type="Warning", reason="RowsKept", message=message)
                 raise kopf.PermanentError(message) from None
             kopf.event(body, type="Warning", reason=problem.reason, message=message)

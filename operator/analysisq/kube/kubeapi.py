@@ -6,8 +6,11 @@ resolves and, for the database URL, to connect; their values never leave this mo
 as the return value of ``secret_value``, and errors never include them.
 
 The official client is synchronous: each call runs in a thread. Its errors are translated
-here: ``SecretMissing`` (a reference does not resolve; retry later) and ``KubeApiError``
-(the API failed; retry later), both in the ``analysisq.errors`` tree.
+here, once, for the operator and the daily trigger (``kube.trigger``): ``SecretMissing`` (a
+reference does not resolve; retry later) and ``KubeApiError`` (the API failed; retry later;
+its ``status`` is the HTTP status, None when the API was not reached), both in the
+``analysisq.errors`` tree. A call may name statuses that are an answer rather than an
+error (``ok``: 404 for a read, 409 for a create that already happened); they return None.
 """
 
 from __future__ import annotations
@@ -16,28 +19,20 @@ import asyncio
 import base64
 import binascii
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
-from analysisq.errors import AnalysisqError
+from analysisq.errors import KubeApiError, SecretMissing
 from analysisq.kube.deployment import FIELD_MANAGER
 from analysisq.kube.ref import GROUP, PLURAL, VERSION, RunRef
 from analysisq.spec import SecretKeyRef
 
 _APPLY = "application/apply-patch+yaml"
 _MERGE = "application/merge-patch+json"
-
-
-class KubeApiError(AnalysisqError):
-    """The Kubernetes API failed; the operator retries."""
-
-
-class SecretMissing(AnalysisqError):
-    """A Secret (or a key in it) that the run references does not exist."""
 
 
 def load_client() -> client.ApiClient:
@@ -60,8 +55,16 @@ class KubeApi:
     def close(self) -> None:
         self._api.close()  # type: ignore[no-untyped-call]
 
-    async def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-        """Run a client call in a thread; the decoded JSON body, or None on 404."""
+    async def _call(
+        self,
+        what: str,
+        fn: Callable[..., Any],
+        *args: Any,
+        ok: Collection[int] = (404,),
+        **kw: Any,
+    ) -> Any:
+        """Run a client call in a thread; the decoded JSON body, or None when the API
+        answers with a status in *ok*."""
 
         def call() -> Any:
             response = fn(*args, _preload_content=False, **kw)
@@ -73,9 +76,11 @@ class KubeApi:
         try:
             return await asyncio.to_thread(call)
         except ApiException as exc:
-            if exc.status == 404:
+            if exc.status in ok:
                 return None
-            raise KubeApiError(f"{what}: HTTP {exc.status} {_reason(exc)}") from None
+            raise KubeApiError(
+                f"{what}: HTTP {exc.status} {_reason(exc)}", status=exc.status
+            ) from None
         except (HTTPError, OSError) as exc:
             raise KubeApiError(f"{what}: {type(exc).__name__}: {exc}") from None
 
@@ -187,10 +192,72 @@ class KubeApi:
                 _content_type=_MERGE,
             )
         except KubeApiError as exc:
-            if "HTTP 409" in exc.message:
+            if exc.status == 409:
                 return False
             raise
         return result is not None
+
+    # --- AnalysisRuns and their template (the daily trigger) ------------------------------
+
+    async def read_config_map(self, namespace: str, name: str) -> dict[str, str] | None:
+        """The ConfigMap's data; None if it does not exist."""
+        result = await self._call(
+            f"reading ConfigMap {namespace}/{name}",
+            self._core.read_namespaced_config_map,
+            name,
+            namespace,
+        )
+        return None if result is None else dict(result.get("data") or {})
+
+    async def create_run(self, body: dict[str, Any]) -> bool:
+        """Create an AnalysisRun; False when one of that name already exists."""
+        meta = body["metadata"]
+        created = await self._call(
+            f"creating AnalysisRun {meta['namespace']}/{meta['name']}",
+            self._custom.create_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            meta["namespace"],
+            PLURAL,
+            body,
+            ok=(409,),
+        )
+        return created is not None
+
+    async def list_runs(self, namespace: str, selector: Mapping[str, str]) -> list[dict[str, Any]]:
+        """The AnalysisRuns of *namespace* matching a label selector."""
+        result = await self._call(
+            f"listing the AnalysisRuns of {namespace}",
+            self._custom.list_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            label_selector=",".join(f"{k}={v}" for k, v in selector.items()),
+            ok=(),
+        )
+        return list(result.get("items") or [])
+
+    async def delete_run(self, namespace: str, name: str, uid: str, resource_version: str) -> bool:
+        """Delete an AnalysisRun only while it is the object seen (uid and resourceVersion
+        preconditions); False if it changed (409) or is gone (404)."""
+        options = client.V1DeleteOptions(
+            preconditions=client.V1Preconditions(
+                uid=uid or None, resource_version=resource_version or None
+            )
+        )
+        deleted = await self._call(
+            f"deleting AnalysisRun {namespace}/{name}",
+            self._custom.delete_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            name,
+            body=options,
+            ok=(404, 409),
+        )
+        return deleted is not None
 
 
 def _reason(exc: ApiException) -> str:

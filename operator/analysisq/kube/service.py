@@ -2,10 +2,11 @@
 
 Each method takes the run (``RunRef``), its validated spec and its current status, does its
 work through the queue layer (``analysisq.queue``) and the Kubernetes API (``kubeapi``), and
-returns a ``Report``: the status fields to patch and the Events to post. The handlers in
-``handlers`` call these and write the reports. Errors stay typed (``analysisq.errors`` plus
-``kubeapi.SecretMissing`` / ``KubeApiError``); ``problem_of`` turns one into the reason and
-message of the ``Degraded`` condition.
+returns a ``Report`` (``kube.report``: the status fields to patch and the Events to post,
+and their wording). The handlers in ``handlers`` call these and write the reports. Errors
+stay typed (``analysisq.errors``); whether the operator retries one, and under which
+``Degraded`` reason, is in the error's class (``retryable``, ``reason``). What the worker
+Deployment's status means is ``kube.rollout``.
 
 Nothing here loses an item: filling is idempotent (``runs.fill``), stopping workers releases
 their claims, and a run whose database is unreachable simply waits.
@@ -13,151 +14,65 @@ their claims, and a run whose database is unreachable simply waits.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import replace
 from typing import Any, Literal
 
 import asyncpg
 
-from analysisq.db.connect import acquire, translated
-from analysisq.errors import (
-    AnalysisqError,
-    ConfigError,
-    DatabaseError,
-    DatabaseUnavailable,
-    SchemaMismatch,
-    SpecError,
-)
+from analysisq.db.connect import acquire
+from analysisq.errors import AnalysisqError, ConfigError, KubeApiError, NotYet
 from analysisq.kube.databases import DatabasePools
-from analysisq.kube.deployment import (
-    RESUME_ANNOTATION,
-    database_ref,
-    desired_replicas,
-    worker_deployment,
-)
-from analysisq.kube.kubeapi import KubeApi, KubeApiError, SecretMissing
+from analysisq.kube.deployment import database_ref, desired_replicas, worker_deployment
+from analysisq.kube.kubeapi import KubeApi
 from analysisq.kube.metrics import Metrics
+from analysisq.kube.observe import observe_run
 from analysisq.kube.podhealth import workers_problem
-from analysisq.kube.provider_metrics import LATENCY_BOUNDS
 from analysisq.kube.ref import RunRef
+from analysisq.kube.report import (
+    Note,
+    Report,
+    Status,
+    degraded_report,
+    filled_notes,
+    missing_prompts_note,
+    problem_of,
+    scale_note,
+    stuck_reset_report,
+    transition_notes,
+)
 from analysisq.kube.retries import RETRY_ANNOTATION, last_retry, parse_retry_request, reopened
+from analysisq.kube.rollout import old_pods_gone, ready_replicas, rolled_out, spec_replicas
 from analysisq.kube.status import (
-    BUDGET_EXHAUSTED,
-    DEGRADED,
     FILLED,
     FILLING,
     FINISHED,
-    PAUSED,
-    PAUSED_CONDITION,
-    PENDING,
     RUNNING,
     SUCCEEDED,
     SUSPENDED,
-    BatchView,
-    Observation,
-    PausedTarget,
     Problem,
     RateMeter,
     changed,
     degraded,
-    get_condition,
     is_true,
     reconciled,
     set_condition,
     summary,
     timestamp,
 )
-from analysisq.queue import batches, budget, rescue, retries, runs, usage
-from analysisq.queue.dashboard import provider_calls
+from analysisq.queue import batches, rescue, retries, runs
 from analysisq.settings import Settings
 from analysisq.spec import AnalysisRunSpec
 
 log = logging.getLogger("analysisq.operator")
 
-Status = Mapping[str, Any]
 
-#: Errors after which the operator retries; anything else is a bug and propagates.
-RETRYABLE: tuple[type[AnalysisqError], ...] = (DatabaseError, SecretMissing, KubeApiError)
-
-
-class NotYet(AnalysisqError):
-    """A change is under way (e.g. a rollout); the handler tries again in a moment."""
-
-
-def rolled_out(deployment: Mapping[str, Any] | None) -> bool:
-    """Every worker pod runs the Deployment's current template (old ones are gone)."""
-    if deployment is None:
-        return False
-    spec, status = deployment.get("spec") or {}, deployment.get("status") or {}
-    want = spec.get("replicas", 1)
-    return bool(
-        status.get("observedGeneration", 0) >= deployment["metadata"].get("generation", 0)
-        and status.get("updatedReplicas", 0) == want
-        and status.get("replicas", 0) == want
-    )
-
-
-def old_pods_gone(deployment: Mapping[str, Any], rolled_out_at: float, now: float) -> bool:
-    """After ``rolled_out``: no pod of an older template can still run.
-
-    ``rolled_out`` counts active pods only; a deleted pod drains for up to its grace period
-    with the old API key, and one late 401 from it would pause the target again. Where the
-    API reports ``terminatingReplicas`` (Kubernetes 1.33+ with the
-    DeploymentReplicaSetTerminatingReplicas gate) that count decides. Elsewhere (no pod
-    listing: the operator may not read pods) the old pods were deleted before the rollout
-    was first seen complete at *rolled_out_at*, so they are gone one grace period later."""
-    status = deployment.get("status") or {}
-    if status.get("terminatingReplicas") is not None:
-        return int(status["terminatingReplicas"]) == 0
-    pod = ((deployment.get("spec") or {}).get("template") or {}).get("spec") or {}
-    grace = float(pod.get("terminationGracePeriodSeconds", 30))
-    return now - rolled_out_at > grace
-
-
-@dataclass(frozen=True)
-class Note:
-    """An Event to post on the AnalysisRun."""
-
-    type: Literal["Normal", "Warning"]
-    reason: str
-    message: str
-
-
-@dataclass
-class Report:
-    status: dict[str, Any] = field(default_factory=dict)
-    notes: list[Note] = field(default_factory=list)
-
-
-def problem_of(exc: AnalysisqError) -> Problem:
-    """The ``Degraded`` reason and message for an error."""
-    reasons: list[tuple[type[AnalysisqError], str]] = [
-        (SchemaMismatch, "SchemaMismatch"),
-        (DatabaseUnavailable, "DatabaseUnavailable"),
-        (DatabaseError, "DatabaseError"),
-        (SecretMissing, "SecretMissing"),
-        (KubeApiError, "KubernetesApiError"),
-        (SpecError, "InvalidSpec"),
-    ]
-    for kind, reason in reasons:
-        if isinstance(exc, kind):
-            return Problem(reason, exc.message)
-    return Problem("Error", exc.message)
-
-
-def degraded_report(status: Status, problem: Problem) -> Report:
-    """Status and Event for a problem; the Event only when the reason is new."""
-    old = get_condition(status, DEGRADED)
-    conditions = degraded(status.get("conditions") or [], [problem])
-    patch: dict[str, Any] = {"conditions": conditions, "message": problem.message}
-    if not status.get("phase"):
-        patch["phase"] = PENDING
-    fresh = old is None or old.get("status") != "True" or old.get("reason") != problem.reason
-    notes = [Note("Warning", problem.reason, problem.message)] if fresh else []
-    return Report(changed(status, patch), notes)
+def _idle(status: Status) -> bool:
+    """A finished run, or one not filled yet: a spec change has nothing to act on (``ensure``
+    applies the right workers once the run is filled)."""
+    return status.get("phase") in FINISHED or not is_true(status, FILLED)
 
 
 class RunService:
@@ -192,6 +107,14 @@ class RunService:
         )
         await self.kube.apply_deployment(manifest)
 
+    async def _run_workers(
+        self, ref: RunRef, spec: AnalysisRunSpec, resume_token: str | None
+    ) -> int:
+        """Apply the worker Deployment at the scale of an unfinished run; its replicas."""
+        replicas = desired_replicas(spec, finished=False)
+        await self._apply(ref, spec, replicas, resume_token)
+        return replicas
+
     # --- create / resume -------------------------------------------------------------------
 
     async def ensure(
@@ -222,26 +145,13 @@ class RunService:
                     },
                 )
                 if result.missing_ids:
-                    shown = ", ".join(result.missing_ids[:10])
-                    more = len(result.missing_ids) - 10
-                    report.notes.append(
-                        Note(
-                            "Warning",
-                            "PromptsMissing",
-                            f"{len(result.missing_ids)} selected prompt ids do not exist: "
-                            f"{shown}" + (f" and {more} more" if more > 0 else ""),
-                        )
-                    )
+                    report.notes.append(missing_prompts_note(result.missing_ids))
             if not is_true(status, FILLED):
                 counts = await runs.counts(conn, ref.run_id)
                 message = f"{counts.total} items queued"
                 conditions = set_condition(conditions, FILLED, True, "Filled", message)
-                report.notes.append(Note("Normal", "Filled", message))
-                if counts.total == 0:
-                    report.notes.append(
-                        Note("Warning", "NothingSelected", "the prompt selection matched nothing")
-                    )
-        await self._apply(ref, spec, desired_replicas(spec, finished=False), resume_token)
+                report.notes += filled_notes(message, counts.total)
+        await self._run_workers(ref, spec, resume_token)
         report.status = {
             "runId": ref.run_id,
             "phase": SUSPENDED if spec.suspend else RUNNING,
@@ -258,8 +168,8 @@ class RunService:
     ) -> Report:
         """``workers`` or ``suspend`` changed: scale the Deployment (the database only to
         mark a suspended run's open provider batches for cancelling)."""
-        if status.get("phase") in FINISHED or not is_true(status, FILLED):
-            return Report()  # ensure() applies the right replicas once the run is filled
+        if _idle(status):
+            return Report()
         replicas = desired_replicas(spec, finished=False)
         was_suspended = status.get("phase") == SUSPENDED
         if spec.suspend and not was_suspended and any(t.mode == "batch" for t in spec.targets):
@@ -269,12 +179,7 @@ class RunService:
             async with acquire(pool) as conn:
                 await batches.cancel_open(conn, ref.run_id, "suspend")
         await self._apply(ref, spec, replicas, resume_token)
-        if spec.suspend and not was_suspended:
-            note = Note("Normal", "Suspended", "workers scaled to 0; the queue is kept")
-        elif was_suspended and not spec.suspend:
-            note = Note("Normal", "Resumed", f"workers scaled to {replicas}")
-        else:
-            note = Note("Normal", "Scaled", f"workers scaled to {replicas}")
+        note = scale_note(spec.suspend, was_suspended, replicas)
         workers = dict(status.get("workers") or {}, desired=replicas)
         return Report(
             {
@@ -289,12 +194,12 @@ class RunService:
         self, ref: RunRef, spec: AnalysisRunSpec, status: Status, resume_token: str | None
     ) -> Report:
         """Other spec fields changed: record them; workers restart if they read them."""
-        if status.get("phase") in FINISHED or not is_true(status, FILLED):
+        if _idle(status):
             return Report()
         pool = await self._pool(ref, spec)
         async with acquire(pool) as conn:
             await runs.create_run(conn, ref.run_id, spec, name=ref.display_name)
-        await self._apply(ref, spec, desired_replicas(spec, finished=False), resume_token)
+        await self._run_workers(ref, spec, resume_token)
         return Report({"observedGeneration": ref.generation})
 
     async def resume_targets(
@@ -303,9 +208,9 @@ class RunService:
         """The resume annotation changed: restart the workers (they read API keys at start),
         then resume the paused targets. In that order, and only once the old pods finished
         terminating, so that no worker still holding the old key can pause a target again."""
-        if status.get("phase") in FINISHED or not is_true(status, FILLED):
+        if _idle(status):
             return Report()
-        await self._apply(ref, spec, desired_replicas(spec, finished=False), resume_token)
+        await self._run_workers(ref, spec, resume_token)
         deployment = await self.kube.read_deployment(ref.namespace, ref.deployment_name)
         key = (ref.uid, resume_token)
         if deployment is None or not rolled_out(deployment):
@@ -345,8 +250,7 @@ class RunService:
         patch: dict[str, Any] = {"lastRetry": last_retry(request, count)}
         message = f"put {count} failed items back in the queue ({request.describe()})"
         if count and status.get("phase") in FINISHED:
-            replicas = desired_replicas(spec, finished=False)
-            await self._apply(ref, spec, replicas, resume_token)
+            replicas = await self._run_workers(ref, spec, resume_token)
             patch |= reopened(status, spec, count, replicas)
             message += f"; the run runs again with {replicas} workers"
         return Report(patch, [Note("Normal", "ItemsRetried", message)])
@@ -363,67 +267,36 @@ class RunService:
         problems: list[Problem] = []
         try:
             await self._check_key_secrets(ref, spec)
-        except RETRYABLE as exc:
+        except AnalysisqError as exc:
+            if not exc.retryable:
+                raise
             problems.append(problem_of(exc))
         try:
             pool = await self._pool(ref, spec)
-            async with acquire(pool) as conn:
-                counts = await runs.counts(conn, ref.run_id)
-                spent = await usage.run_usage(conn, ref.run_id)
-                run_budget = await budget.state(conn, ref.run_id)
-                states = await runs.targets(conn, ref.run_id)
-                if self.metrics.providers.due(ref):
-                    calls = await provider_calls(conn, ref.run_id, LATENCY_BOUNDS)
-                    self.metrics.providers.observe_calls(ref, calls)
-                paused = [
-                    PausedTarget(t.target, t.pause_reason or "", t.paused_at, t.fault is not None)
-                    for t in states
-                    if t.paused_at is not None
-                ]
-                batch_view = None
-                if any(t.mode == "batch" for t in spec.targets):
-                    batch_view = BatchView(
-                        await batches.summary(conn, ref.run_id),
-                        await batches.open_batches(conn, ref.run_id),
-                    )
-            self.metrics.providers.observe_paused(
-                ref, {t.target: t.paused_at is not None for t in states}
-            )
+            seen = await observe_run(pool, ref, spec, self.metrics.providers)
             deployment = await self.kube.read_deployment(ref.namespace, ref.deployment_name)
-        except RETRYABLE as exc:
+        except AnalysisqError as exc:
+            if not exc.retryable:
+                raise
             problem = problem_of(exc)
             self.metrics.reconcile_errors.labels(problem.reason).inc()
             return degraded_report(status, problem)
 
-        meter = self._meters.setdefault(ref.uid, RateMeter())
-        rate = meter.add(counts.terminal)
+        counts = seen.counts
         finishing = counts.done and status.get("phase") not in FINISHED
         desired = desired_replicas(spec, finished=counts.done)
-        notes: list[Note] = []
-        if deployment is None and desired > 0:
-            await self._apply(ref, spec, desired, resume_token)
-            notes.append(Note("Warning", "WorkersRecreated", "the worker Deployment was missing"))
-            ready = 0
-        else:
-            ready = int(((deployment or {}).get("status") or {}).get("readyReplicas") or 0)
-            current = ((deployment or {}).get("spec") or {}).get("replicas")
-            if deployment is not None and current != desired:
-                await self.kube.scale_deployment(ref.namespace, ref.deployment_name, desired)
+        ready, notes = await self._steer_workers(ref, spec, deployment, desired, resume_token)
         if desired > ready:
             problems += await self._workers_problem(ref)
-        seen = Observation(
-            counts=counts,
+        seen = replace(
+            seen,
             desired=desired,
             ready=min(ready, desired),
-            paused=paused,
-            throughput=rate,
+            throughput=self._meters.setdefault(ref.uid, RateMeter()).add(counts.terminal),
             problems=problems,
-            usage=spent,
-            budget=run_budget,
-            batches=batch_view,
         )
         new = reconciled(status, spec, seen)
-        notes += _transition_notes(status, new, paused)
+        notes += transition_notes(status, new, seen.paused)
         if finishing:
             async with acquire(pool) as conn:
                 await runs.mark_finished(conn, ref.run_id)
@@ -436,6 +309,25 @@ class RunService:
         self.metrics.observe(ref, {**status, **new}, deadline)
         self.metrics.reconcile_seconds.observe(time.monotonic() - began)
         return Report(changed(status, new), notes)
+
+    async def _steer_workers(
+        self,
+        ref: RunRef,
+        spec: AnalysisRunSpec,
+        deployment: Mapping[str, Any] | None,
+        desired: int,
+        resume_token: str | None,
+    ) -> tuple[int, list[Note]]:
+        """Bring the worker Deployment to *desired* replicas (recreating a missing one);
+        the replicas ready now and the Events of what was done."""
+        if deployment is None:
+            if desired == 0:
+                return 0, []
+            await self._apply(ref, spec, desired, resume_token)
+            return 0, [Note("Warning", "WorkersRecreated", "the worker Deployment was missing")]
+        if spec_replicas(deployment) != desired:
+            await self.kube.scale_deployment(ref.namespace, ref.deployment_name, desired)
+        return ready_replicas(deployment), []
 
     async def _workers_problem(self, ref: RunRef) -> list[Problem]:
         """Why workers are not ready, when their pods say (a bad image, a crash loop)."""
@@ -455,25 +347,7 @@ class RunService:
             result = await rescue.cleanup_stuck(conn, ref.run_id, spec.stuck_after_seconds)
         if result.reset:
             self.metrics.stuck_reset.labels(ref.namespace, ref.name).inc(result.reset)
-        report = Report(
-            {
-                "lastStuckReset": {
-                    "time": timestamp(),
-                    "count": result.reset,
-                    "poisoned": result.poisoned,
-                }
-            }
-        )
-        if result.reset or result.poisoned:
-            report.notes.append(
-                Note(
-                    "Warning",
-                    "StuckItemsReset",
-                    f"reset {result.reset} stuck items; {result.poisoned} failed for good "
-                    "after losing their lease too often",
-                )
-            )
-        return report
+        return stuck_reset_report(result.reset, result.poisoned)
 
     # --- deletion --------------------------------------------------------------------------
 
@@ -486,53 +360,11 @@ class RunService:
         log.info("run rows deleted", extra={"run": ref.run_id})
 
     async def database_health(self) -> str:
-        """For the liveness endpoint: reported, never raised (a database outage must not
-        get the operator restarted; runs wait for the database instead)."""
-        url = self.settings.database_url
-        if not url:
-            return "not configured"
-        try:
-            async with asyncio.timeout(5):
-                pool = await self.pools.get(url)
-                async with acquire(pool) as conn:
-                    with translated("health check"):
-                        await conn.fetchval("SELECT 1")
-        except TimeoutError:
-            return "unavailable: no answer within 5 s"
-        except DatabaseError as exc:
-            return f"unavailable: {exc.message}"
-        return "ok"
+        """For the liveness endpoint (``DatabasePools.health``)."""
+        return await self.pools.health(self.settings.database_url)
 
     def forget(self, ref: RunRef) -> None:
         self._meters.pop(ref.uid, None)
         for key in [k for k in self._rolled_out_at if k[0] == ref.uid]:
             del self._rolled_out_at[key]
         self.metrics.forget(ref)
-
-
-def _transition_notes(
-    old: Status, new: Mapping[str, Any], paused: list[PausedTarget]
-) -> list[Note]:
-    """Events for what just became true: a paused target, a new degraded reason."""
-    notes: list[Note] = []
-    before = {t.get("name") for t in old.get("pausedTargets") or []}
-    for target in paused:
-        if target.name not in before:
-            fix = "the setting named" if target.by_fault else "its API key"
-            notes.append(
-                Note(
-                    "Warning",
-                    "TargetPaused",
-                    f"target {target.name} paused for the run: {target.reason}; fix {fix} and "
-                    f"set the annotation {RESUME_ANNOTATION} to resume it",
-                )
-            )
-    if new.get("phase") == PAUSED and old.get("phase") != PAUSED:
-        cond = get_condition(new, PAUSED_CONDITION) or {}
-        notes.append(Note("Warning", BUDGET_EXHAUSTED, str(cond.get("message", ""))))
-    was = get_condition(old, DEGRADED)
-    now = get_condition(new, DEGRADED)
-    fresh = not was or was.get("status") != "True" or was.get("reason") != (now or {}).get("reason")
-    if now and now["status"] == "True" and now["reason"] != "TargetPaused" and fresh:
-        notes.append(Note("Warning", now["reason"], now["message"]))
-    return notes

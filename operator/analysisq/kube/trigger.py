@@ -1,8 +1,8 @@
 """The daily trigger: create the day's AnalysisRun from a template, prune old finished runs.
 
 ``analysisq trigger`` (the command of the chart's CronJob, ``analysisq.cli.trigger_cmd``)
-calls :func:`trigger`. The rules are pure functions so unit tests check them without a
-cluster:
+calls :func:`trigger` with its validated options (``analysisq.settings.TriggerSettings``).
+The rules are pure functions so unit tests check them without a cluster:
 
 - the run of a day is named ``<prefix>-YYYYMMDD`` (the UTC date), so a CronJob that fires
   twice, or is retried, asks for the same name and the second create is an AlreadyExists,
@@ -17,32 +17,31 @@ cluster:
   count finished Jobs only.
 
 It needs ``create``, ``get``, ``list`` and ``delete`` on ``analysisruns`` and ``get`` on the
-template ConfigMap. Kubernetes API errors are translated here (``KubeApiError``, the
-operator's, and ``SpecError`` for a run the API server refuses); their messages carry the API
-server's reason, never credentials.
+template ConfigMap. It talks to the cluster through the operator's ``KubeApi`` (which
+translates the client's errors once, into ``KubeApiError``); a run the API server refuses
+(422) is a ``SpecError``. Messages carry the API server's reason, never credentials.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
-from kubernetes import client, config
-from kubernetes.client.exceptions import ApiException
+from kubernetes import config
 from kubernetes.config.config_exception import ConfigException
-from urllib3.exceptions import HTTPError
 
-from analysisq.errors import AnalysisqError, ConfigError, SpecError
-from analysisq.kube.kubeapi import KubeApiError, load_client
-from analysisq.kube.ref import API_VERSION, GROUP, KIND, PLURAL, VERSION
-from analysisq.spec import parse_spec
+from analysisq.errors import ConfigError, KubeApiError, SpecError
+from analysisq.kube.kubeapi import KubeApi, load_client
+from analysisq.kube.ref import API_VERSION, GROUP, KIND
+from analysisq.kube.status import FINISHED, timestamp
+from analysisq.settings import TriggerSettings, check_prefix
+from analysisq.spec import parse_spec, spec_mapping
 
 log = logging.getLogger("analysisq.trigger")
 
@@ -50,31 +49,12 @@ log = logging.getLogger("analysisq.trigger")
 TRIGGER_LABEL = f"{GROUP}/trigger"
 #: The UTC day a triggered run is for (``YYYY-MM-DD``), as an annotation.
 DATE_ANNOTATION = f"{GROUP}/run-date"
-FINISHED_PHASES = frozenset({"Succeeded", "Failed"})
 
-_PREFIX = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DATE_SUFFIX = re.compile(r"-(\d{8})$")
-_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 _SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-#: The AnalysisRun name is a label value on worker pods: the CRD caps it at 63 characters.
-_MAX_NAME = 63
 
 
 # --- names and dates ------------------------------------------------------------------------
-
-
-def check_prefix(prefix: str) -> str:
-    """``prefix`` if ``<prefix>-YYYYMMDD`` is a valid AnalysisRun name, else ConfigError."""
-    if not _PREFIX.match(prefix):
-        raise ConfigError(
-            f"invalid run name prefix {prefix!r}: use lowercase letters, digits and '-', "
-            "starting and ending with a letter or digit"
-        )
-    if len(prefix) + len("-YYYYMMDD") > _MAX_NAME:
-        raise ConfigError(
-            f"run name prefix {prefix!r} is too long: at most {_MAX_NAME - 9} characters"
-        )
-    return prefix
 
 
 def run_name(prefix: str, day: date) -> str:
@@ -100,28 +80,6 @@ def today_utc(now: datetime | None = None) -> date:
     return (now or datetime.now(UTC)).astimezone(UTC).date()
 
 
-def parse_day(text: str) -> date:
-    """A ``YYYY-MM-DD`` date (for ``--date``), or ConfigError."""
-    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
-        try:
-            return date.fromisoformat(text)
-        except ValueError:
-            pass
-    raise ConfigError(f"invalid date {text!r}: expected YYYY-MM-DD (a UTC day)")
-
-
-def parse_duration(text: str) -> timedelta:
-    """``6h``, ``90m``, ``1d12h``, ``45s`` (for ``--deadline-in``), or ConfigError."""
-    match = _DURATION.match(text)
-    if not text or match is None:
-        raise ConfigError(f"invalid duration {text!r}: expected e.g. 6h, 90m, 1d12h")
-    days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
-    delta = timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
-    if delta <= timedelta(0):
-        raise ConfigError(f"invalid duration {text!r}: it must be longer than zero")
-    return delta
-
-
 # --- the template -----------------------------------------------------------------------------
 
 
@@ -135,12 +93,9 @@ def template_spec(text: str, *, source: str) -> dict[str, Any]:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise SpecError(f"{source} is not valid YAML: {exc}") from None
-    if isinstance(data, dict) and data.get("kind") == "AnalysisRun":
-        data = data.get("spec")
-    if not isinstance(data, dict):
-        raise SpecError(f"{source} must hold an AnalysisRun spec (a YAML mapping)")
-    parse_spec(data, source=source)
-    return data
+    spec = spec_mapping(data, source=source)
+    parse_spec(spec, source=source)
+    return spec
 
 
 def run_manifest(
@@ -156,7 +111,7 @@ def run_manifest(
     wrong for every day but one)."""
     body_spec = dict(spec)
     if deadline is not None:
-        body_spec["deadline"] = deadline.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body_spec["deadline"] = timestamp(deadline)
     return {
         "apiVersion": API_VERSION,
         "kind": KIND,
@@ -201,7 +156,7 @@ class RunInfo:
 
     @property
     def finished(self) -> bool:
-        return self.phase in FINISHED_PHASES
+        return self.phase in FINISHED
 
 
 def runs_to_prune(prefix: str, runs: Iterable[RunInfo], keep: int) -> list[RunInfo]:
@@ -237,37 +192,6 @@ def default_namespace() -> str:
     return str(namespace) if namespace else "default"
 
 
-def _api_error(exc: ApiException | HTTPError, doing: str) -> AnalysisqError:
-    """Translate a client error; the message is the API server's, which holds no secrets."""
-    if isinstance(exc, HTTPError):
-        return KubeApiError(f"cannot reach the Kubernetes API while {doing}: {exc}")
-    try:
-        body = json.loads(exc.body or "{}")
-    except (TypeError, ValueError):
-        body = {}
-    message = (body.get("message") if isinstance(body, dict) else None) or exc.reason
-    if exc.status == 422:
-        return SpecError(f"the API server refused the run while {doing}: {message}")
-    if exc.status == 403:
-        return KubeApiError(f"forbidden while {doing}: {message}")
-    return KubeApiError(f"Kubernetes API error {exc.status} while {doing}: {message}")
-
-
-def _call(
-    doing: str, fn: Callable[..., Any], *args: Any, ok: Collection[int] = (), **kw: Any
-) -> Any:
-    """``fn(*args, **kw)``; None when the API answers with a status in ``ok``, else the
-    translated error."""
-    try:
-        return fn(*args, **kw)
-    except ApiException as exc:
-        if exc.status in ok:
-            return None
-        raise _api_error(exc, doing) from None
-    except HTTPError as exc:
-        raise _api_error(exc, doing) from None
-
-
 @dataclass
 class TriggerResult:
     """What one trigger did."""
@@ -278,135 +202,80 @@ class TriggerResult:
     pruned: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class TriggerOptions:
-    """The inputs of one trigger (the CLI flags of ``analysisq trigger``)."""
-
-    namespace: str
-    template_configmap: str
-    template_key: str = "spec.yaml"
-    prefix: str = "daily"
-    day: date | None = None
-    keep: int | None = 30
-    deadline_in: timedelta | None = None
-
-
 class Trigger:
-    """Creates the day's run and prunes old ones, through one API client."""
+    """Creates the day's run and prunes old ones, through the operator's ``KubeApi``."""
 
-    def __init__(self, api: client.ApiClient) -> None:
-        self._core = client.CoreV1Api(api)
-        self._custom = client.CustomObjectsApi(api)
+    def __init__(self, kube: KubeApi) -> None:
+        self._kube = kube
 
-    def read_template(self, namespace: str, configmap: str, key: str) -> dict[str, Any]:
+    async def read_template(self, namespace: str, configmap: str, key: str) -> dict[str, Any]:
         where = f"ConfigMap {namespace}/{configmap}"
-        cm = _call(
-            f"reading the run template {where}",
-            self._core.read_namespaced_config_map,
-            configmap,
-            namespace,
-            ok=(404,),
-        )
-        if cm is None:
+        data = await self._kube.read_config_map(namespace, configmap)
+        if data is None:
             raise ConfigError(f"the run template {where} does not exist")
-        data: dict[str, str] = dict(cm.data or {})
         if key not in data:
             raise ConfigError(f"{where} has no key {key!r} (it has: {', '.join(sorted(data))})")
         return template_spec(data[key], source=f"run template {where} key {key!r}")
 
-    def create(self, body: dict[str, Any]) -> bool:
+    async def create(self, body: dict[str, Any]) -> bool:
         """Create the run; False when it already exists (a second trigger of the same day)."""
-        meta = body["metadata"]
-        created = _call(
-            f"creating AnalysisRun {meta['namespace']}/{meta['name']}",
-            self._custom.create_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            meta["namespace"],
-            PLURAL,
-            body,
-            ok=(409,),
-        )
-        return created is not None
+        try:
+            return await self._kube.create_run(body)
+        except KubeApiError as exc:
+            if exc.status == 422:
+                raise SpecError(f"the API server refused the run: {exc.message}") from None
+            raise
 
-    def list_runs(self, namespace: str, prefix: str) -> list[RunInfo]:
-        listing = _call(
-            f"listing the AnalysisRuns of {namespace}",
-            self._custom.list_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            namespace,
-            PLURAL,
-            label_selector=f"{TRIGGER_LABEL}={prefix}",
-        )
-        return [RunInfo.from_body(item) for item in listing.get("items") or []]
+    async def list_runs(self, namespace: str, prefix: str) -> list[RunInfo]:
+        items = await self._kube.list_runs(namespace, {TRIGGER_LABEL: prefix})
+        return [RunInfo.from_body(item) for item in items]
 
-    def delete(self, namespace: str, run: RunInfo) -> bool:
+    async def delete(self, namespace: str, run: RunInfo) -> bool:
         """Delete one run if it is still the object we saw finished; False if it changed."""
         # The preconditions make the delete conditional on the object we looked at: a run
         # re-created or changed since the list is left alone (409), a gone one is fine (404).
-        options = client.V1DeleteOptions(
-            preconditions=client.V1Preconditions(
-                uid=run.uid or None, resource_version=run.resource_version or None
-            )
-        )
-        deleted = _call(
-            f"deleting AnalysisRun {namespace}/{run.name}",
-            self._custom.delete_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            namespace,
-            PLURAL,
-            run.name,
-            body=options,
-            ok=(404, 409),
-        )
-        return deleted is not None
+        return await self._kube.delete_run(namespace, run.name, run.uid, run.resource_version)
 
-    def run(self, options: TriggerOptions, *, now: datetime | None = None) -> TriggerResult:
-        """Create the run of ``options.day`` (today, UTC) and prune; see the module doc."""
+    async def run(
+        self, options: TriggerSettings, namespace: str, *, now: datetime | None = None
+    ) -> TriggerResult:
+        """Create the run of ``options.date`` (today, UTC) in *namespace* and prune; see the
+        module doc."""
         now = now or datetime.now(UTC)
         prefix = check_prefix(options.prefix)
-        day = options.day or today_utc(now)
+        day = options.date or today_utc(now)
         name = run_name(prefix, day)
-        spec = self.read_template(
-            options.namespace, options.template_configmap, options.template_key
-        )
+        spec = await self.read_template(namespace, options.template_configmap, options.template_key)
         deadline = now + options.deadline_in if options.deadline_in else None
         body = run_manifest(
-            name=name,
-            namespace=options.namespace,
-            prefix=prefix,
-            day=day,
-            spec=spec,
-            deadline=deadline,
+            name=name, namespace=namespace, prefix=prefix, day=day, spec=spec, deadline=deadline
         )
-        created = self.create(body)
-        result = TriggerResult(name=name, namespace=options.namespace, created=created)
+        created = await self.create(body)
+        result = TriggerResult(name=name, namespace=namespace, created=created)
         log.info(
             "created the run" if created else "the run already exists; nothing to create",
-            extra={"run": f"{options.namespace}/{name}", "date": day.isoformat()},
+            extra={"run": f"{namespace}/{name}", "date": day.isoformat()},
         )
-        if options.keep is None:
+        if options.no_prune:
             return result
-        runs = self.list_runs(options.namespace, prefix)
+        runs = await self.list_runs(namespace, prefix)
         for run in runs_to_prune(prefix, runs, options.keep):
-            if self.delete(options.namespace, run):
+            if await self.delete(namespace, run):
                 result.pruned.append(run.name)
-                log.info("pruned a finished run", extra={"run": f"{options.namespace}/{run.name}"})
+                log.info("pruned a finished run", extra={"run": f"{namespace}/{run.name}"})
         return result
 
 
-def trigger(options: TriggerOptions, *, now: datetime | None = None) -> TriggerResult:
+async def trigger(options: TriggerSettings, *, now: datetime | None = None) -> TriggerResult:
     """Run the trigger with the ambient configuration (the pod's service account in a
-    cluster, else ``KUBECONFIG``)."""
+    cluster, else ``KUBECONFIG``); the namespace defaults as ``default_namespace`` says."""
     try:
-        api = load_client()
+        kube = KubeApi(load_client())
     except (ConfigException, OSError) as exc:
         raise ConfigError(
             f"no Kubernetes configuration (in-cluster or kubeconfig): {exc}"
         ) from None
     try:
-        return Trigger(api).run(options, now=now)
+        return await Trigger(kube).run(options, options.namespace or default_namespace(), now=now)
     finally:
-        api.close()  # type: ignore[no-untyped-call]
+        kube.close()
