@@ -203,7 +203,7 @@ def test_alerts_use_metrics_the_operator_exposes() -> None:
         "workers": {"desired": 2, "ready": 2},
         "throughput": "1.5/s",
     }  # fmt: skip
-    metrics.observe(ref, status, deadline=2_000_000_000.0)
+    metrics.observe(ref, status, deadline=2_000_000_000.0, throughput=1.5)
     metrics.reconcile_errors.labels("test").inc()
     metrics.providers.observe_calls(ref, {"t": TargetCalls(outcomes={"ok": 1})})
     metrics.providers.observe_paused(ref, {"t": True})

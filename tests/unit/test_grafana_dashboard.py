@@ -128,7 +128,7 @@ def exported() -> set[str]:
     batches = {"items": 1, "openCount": 1, "answeredByBatch": "0.0%", "open": []}
     status = {"phase": "Running", "counts": counts, "throughput": "1.0/s", "usage": usage,
               "batches": batches}  # fmt: skip
-    metrics.observe(ref, status, None)
+    metrics.observe(ref, status, None, throughput=1.0)
     metrics.reconcile_errors.labels("test").inc()
     calls = TargetCalls(outcomes={"ok": 1}, latency_count=1, latency_buckets=[1] * 11)
     metrics.providers.observe_calls(ref, {"t": calls})

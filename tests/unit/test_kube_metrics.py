@@ -27,7 +27,7 @@ def test_run_gauges_follow_the_status_and_vanish_with_the_run() -> None:
         "throughput": "2.5/s",
         "batches": {"items": 7, "openCount": 2, "answeredByBatch": "0.0%", "open": []},
     }
-    metrics.observe(REF, status, deadline=1_700_000_000.0)
+    metrics.observe(REF, status, deadline=1_700_000_000.0, throughput=2.5)
     out = text(metrics)
     assert 'analysisq_run_provider_batches{kind="items",namespace="ns",run="daily"} 7.0' in out
     assert 'analysisq_run_provider_batches{kind="open",namespace="ns",run="daily"} 2.0' in out
@@ -37,7 +37,9 @@ def test_run_gauges_follow_the_status_and_vanish_with_the_run() -> None:
     assert 'analysisq_run_throughput_items_per_second{namespace="ns",run="daily"} 2.5' in out
     assert 'analysisq_run_phase{namespace="ns",phase="Running",run="daily"} 1.0' in out
     assert 'analysisq_run_deadline_timestamp_seconds{namespace="ns",run="daily"} 1.7e+09' in out
-    metrics.observe(REF, {**status, "phase": "Succeeded"}, deadline=1_700_000_000.0)
+    metrics.observe(
+        REF, {**status, "phase": "Succeeded"}, deadline=1_700_000_000.0, throughput=None
+    )
     assert "analysisq_run_deadline_timestamp_seconds{" not in text(metrics)
     metrics.reconcile_errors.labels("DatabaseUnavailable").inc()
     metrics.forget(REF)

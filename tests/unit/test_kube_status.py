@@ -21,7 +21,6 @@ from analysisq.kube.status import (
     Observation,
     PausedTarget,
     Problem,
-    RateMeter,
     changed,
     eta_text,
     get_condition,
@@ -134,16 +133,6 @@ def test_eta_is_coarse_so_status_does_not_churn() -> None:
     assert eta_text(62) == "60s"
     assert eta_text(601) == "10m"
     assert eta_text(3 * 3600 + 5 * 60) == "3h05m"
-
-
-def test_throughput_is_measured_over_a_window() -> None:
-    meter = RateMeter(window=60)
-    assert meter.add(0, at=0.0) is None
-    assert meter.add(50, at=10.0) == 5.0
-    assert meter.add(100, at=20.0) == 5.0
-    for t in range(30, 200, 10):
-        rate = meter.add(100 + (t - 20) * 2, at=float(t))
-    assert rate == pytest.approx(2.0)
 
 
 def test_problems_name_their_reason_and_warn_once() -> None:

@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 
 from analysisq.errors import SpecError
-from analysisq.local.progress import RateMeter, Snapshot, line, render
+from analysisq.local.progress import Snapshot, line, render
 from analysisq.local.runspec import build_spec, parse_target
 from analysisq.queue.states import Counts
 
@@ -75,12 +75,7 @@ def test_spec_errors_name_the_field(tmp_path: Path) -> None:
         build_spec(path, [])
 
 
-def test_rate_meter_and_eta() -> None:
-    meter = RateMeter(window_seconds=10)
-    assert meter.rate is None
-    for t in range(0, 30):
-        meter.add(finished=5 * t, now=float(t))
-    assert meter.rate == pytest.approx(5.0)
+def test_eta() -> None:
     snap = Snapshot("r", Counts(total=200, completed=140, failed=10), elapsed=30, rate=5.0)
     assert snap.eta == pytest.approx(10.0)
     assert Snapshot("r", Counts(total=3, completed=3), elapsed=1).eta == 0.0

@@ -78,7 +78,7 @@ def status(obj: Context, run: str | None, as_json: bool) -> None:
         }
         if run_id is not None:
             out["counts"] = (await runs.counts(conn, run_id)).as_dict()
-            out["items_per_second"] = round(await monitor.throughput(conn, run_id, 60), 2)
+            out["items_per_second"] = round(await monitor.throughput(conn, run_id), 2)
             out["paused_targets"] = {
                 t.target: t.pause_reason for t in await runs.targets(conn, run_id) if t.paused_at
             }

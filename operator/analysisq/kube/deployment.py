@@ -16,7 +16,7 @@ import json
 from typing import Any
 
 from analysisq.kube.ref import RunRef
-from analysisq.providers import api_key_env_names
+from analysisq.providers import api_key_variable
 from analysisq.settings import Settings
 from analysisq.spec import AnalysisRunSpec, SecretKeyRef
 
@@ -31,11 +31,12 @@ DEFAULT_RESOURCES: dict[str, dict[str, str]] = {
     "limits": {"memory": "256Mi"},
 }
 
-# Spec fields that do not change what a worker process does: no restart when they change.
-# (targetFaultThreshold is read by the database, from run_targets, at each target fault.)
-_NOT_FOR_WORKERS = {
-    "workers", "suspend", "deadline", "onDelete", "maxFailedRatio", "resources",
-    "targetFaultThreshold",
+#: Spec fields whose change only scales the workers (the ``rescale`` handler), nothing else.
+SCALE_FIELDS = frozenset({"workers", "suspend"})
+#: Spec fields that do not change what a worker process does: no restart when they change.
+#: (targetFaultThreshold is read by the database, from run_targets, at each target fault.)
+NOT_FOR_WORKERS = SCALE_FIELDS | {
+    "deadline", "onDelete", "maxFailedRatio", "resources", "targetFaultThreshold",
 }  # fmt: skip
 
 
@@ -61,7 +62,7 @@ def secret_refs(spec: AnalysisRunSpec, settings: Settings) -> list[SecretKeyRef]
 
 
 def config_hash(spec: AnalysisRunSpec) -> str:
-    data = {k: v for k, v in spec.to_json().items() if k not in _NOT_FOR_WORKERS}
+    data = {k: v for k, v in spec.to_json().items() if k not in NOT_FOR_WORKERS}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -84,8 +85,7 @@ def _env(spec: AnalysisRunSpec, settings: Settings) -> list[dict[str, Any]]:
         ref = target.api_key_secret_ref
         if ref is None:
             continue
-        # The worker reads apiKeyEnv first when the spec names one (see analysisq.providers).
-        name = target.api_key_env or api_key_env_names(target)[0]
+        name = api_key_variable(target)
         env.append(
             {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
         )

@@ -26,7 +26,7 @@ from typing import Any
 import kopf
 
 from analysisq.errors import AnalysisqError, NotYet, SecretMissing, SpecError
-from analysisq.kube.deployment import RESUME_ANNOTATION
+from analysisq.kube.deployment import RESUME_ANNOTATION, SCALE_FIELDS
 from analysisq.kube.ref import GROUP, PLURAL, VERSION, RunRef
 from analysisq.kube.report import Report, degraded_report, problem_of
 from analysisq.kube.retries import RETRY_ANNOTATION
@@ -38,9 +38,6 @@ from analysisq.spec import AnalysisRunSpec, parse_spec
 log = logging.getLogger("analysisq.operator")
 
 Method = Callable[[RunRef, AnalysisRunSpec, Mapping[str, Any], str | None], Awaitable[Report]]
-
-#: Spec fields whose change only scales the workers (``rescale``), nothing else.
-_SCALE_ONLY = {"workers", "suspend"}
 
 
 def backoff(retry: int) -> float:
@@ -136,7 +133,7 @@ def register(registry: kopf.OperatorRegistry, service: RunService, settings: Set
     async def reconfigure(
         body: kopf.Body, patch: kopf.Patch, retry: int, diff: kopf.Diff, **_: Any
     ) -> None:
-        if _changed_fields(diff) <= _SCALE_ONLY:
+        if _changed_fields(diff) <= SCALE_FIELDS:
             return
         await _handle(body, patch, retry, service.reconfigure)
 

@@ -96,8 +96,11 @@ class Metrics:
         self.providers = ProviderCollector(provider_refresh_seconds)
         r.register(self.providers)
 
-    def observe(self, ref: RunRef, status: dict[str, Any], deadline: float | None) -> None:
-        """Set the run's gauges from its reconciled status."""
+    def observe(
+        self, ref: RunRef, status: dict[str, Any], deadline: float | None, throughput: float | None
+    ) -> None:
+        """Set the run's gauges from its reconciled status and its measured *throughput*
+        (items per second; None while it is not measured or once the run is finished)."""
         key = (ref.namespace, ref.name)
         for name, value in (status.get("counts") or {}).items():
             self.items.labels(*key, name).set(value)
@@ -108,8 +111,7 @@ class Metrics:
         total = counts.get("total") or 0
         terminal = counts.get("completed", 0) + counts.get("failed", 0)
         self.progress.labels(*key).set(terminal / total if total else 1.0)
-        rate = status.get("throughput")
-        self.throughput.labels(*key).set(float(rate.removesuffix("/s")) if rate else 0.0)
+        self.throughput.labels(*key).set(throughput or 0.0)
         for phase in PHASES:
             self.phase.labels(*key, phase).set(1 if status.get("phase") == phase else 0)
         for t in (status.get("usage") or {}).get("targets") or []:

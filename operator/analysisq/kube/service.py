@@ -53,7 +53,6 @@ from analysisq.kube.status import (
     SUCCEEDED,
     SUSPENDED,
     Problem,
-    RateMeter,
     changed,
     degraded,
     is_true,
@@ -63,6 +62,7 @@ from analysisq.kube.status import (
     timestamp,
 )
 from analysisq.queue import batches, rescue, retries, runs
+from analysisq.queue.throughput import OPERATOR_WINDOW_SECONDS, RateMeter
 from analysisq.settings import Settings
 from analysisq.spec import AnalysisRunSpec
 
@@ -114,6 +114,9 @@ class RunService:
         replicas = desired_replicas(spec, finished=False)
         await self._apply(ref, spec, replicas, resume_token)
         return replicas
+
+    def _meter(self, ref: RunRef) -> RateMeter:
+        return self._meters.setdefault(ref.uid, RateMeter(OPERATOR_WINDOW_SECONDS))
 
     # --- create / resume -------------------------------------------------------------------
 
@@ -292,7 +295,7 @@ class RunService:
             seen,
             desired=desired,
             ready=min(ready, desired),
-            throughput=self._meters.setdefault(ref.uid, RateMeter()).add(counts.terminal),
+            throughput=self._meter(ref).add(counts.terminal),
             problems=problems,
         )
         new = reconciled(status, spec, seen)
@@ -306,7 +309,10 @@ class RunService:
             notes.append(Note(kind, new["phase"], summary(counts)))
             self._meters.pop(ref.uid, None)
         deadline = spec.deadline.timestamp() if spec.deadline else None
-        self.metrics.observe(ref, {**status, **new}, deadline)
+        shown = {**status, **new}
+        # The number the status shows as text, while it shows one (not once finished).
+        rate = seen.throughput if shown.get("throughput") else None
+        self.metrics.observe(ref, shown, deadline, rate)
         self.metrics.reconcile_seconds.observe(time.monotonic() - began)
         return Report(changed(status, new), notes)
 

@@ -23,8 +23,6 @@ Conditions (``kubectl wait --for=condition=Complete`` works):
 
 from __future__ import annotations
 
-import time
-from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -174,7 +172,7 @@ def verdict(counts: Counts, spec: AnalysisRunSpec) -> str | None:
     """``Succeeded`` / ``Failed`` once every item is terminal, else None."""
     if not counts.done:
         return None
-    if counts.total and counts.failed / counts.total > spec.max_failed_ratio:
+    if counts.failed_too_often(spec.max_failed_ratio):
         return FAILED
     return SUCCEEDED
 
@@ -398,25 +396,3 @@ def _message(phase: str, counts: Counts, problems: list[Problem], seen: Observat
 def changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
     """The fields of *new* that differ from *old* (None removes a field in a merge patch)."""
     return {k: v for k, v in new.items() if old.get(k) != v}
-
-
-# --- throughput ----------------------------------------------------------------------------
-
-
-class RateMeter:
-    """Items finished per second over a sliding window of reconcile samples."""
-
-    def __init__(self, window: float = 120.0) -> None:
-        self.window = window
-        self._samples: deque[tuple[float, int]] = deque()
-
-    def add(self, terminal: int, at: float | None = None) -> float | None:
-        """Record the terminal count now; return the rate, or None until it is measurable."""
-        now = time.monotonic() if at is None else at
-        self._samples.append((now, terminal))
-        while len(self._samples) > 2 and now - self._samples[1][0] >= self.window:
-            self._samples.popleft()
-        first_t, first_n = self._samples[0]
-        if now - first_t < 1.0:
-            return None
-        return max(0.0, (terminal - first_n) / (now - first_t))

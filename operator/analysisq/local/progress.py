@@ -1,14 +1,13 @@
 """What a local run shows while it works: a live rich panel, or plain lines when not a tty.
 
 ``runner`` builds a ``Snapshot`` every tick from the database (counts, errors by class, paused
-targets) and the worker pool; ``Display`` renders it. ``RateMeter`` turns successive counts
-of finished items into items per second and an ETA.
+targets), the worker pool and the throughput (``queue.throughput.RateMeter``); ``Display``
+renders it, with an ETA.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import TracebackType
@@ -31,27 +30,6 @@ _STATUS_STYLES = (
     ("failed", "red"),
     ("stuck", "bright_red"),
 )
-
-
-class RateMeter:
-    """Items per second over a sliding window of (time, finished items) samples."""
-
-    def __init__(self, window_seconds: float = 15.0) -> None:
-        self.window = window_seconds
-        self._samples: deque[tuple[float, int]] = deque()
-
-    def add(self, finished: int, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
-        self._samples.append((now, finished))
-        while len(self._samples) > 2 and now - self._samples[0][0] > self.window:
-            self._samples.popleft()
-
-    @property
-    def rate(self) -> float | None:
-        if len(self._samples) < 2:
-            return None
-        (t0, n0), (t1, n1) = self._samples[0], self._samples[-1]
-        return (n1 - n0) / (t1 - t0) if t1 > t0 else None
 
 
 @dataclass(frozen=True)

@@ -34,17 +34,17 @@ from rich.console import Console
 from analysisq.db.connect import acquire
 from analysisq.errors import DatabaseUnavailable, InputError
 from analysisq.local.export import export_results
-from analysisq.local.progress import Display, RateMeter, Snapshot, duration
+from analysisq.local.progress import Display, Snapshot, duration
 from analysisq.local.usage_text import usage_json, usage_lines
 from analysisq.local.workers import WorkerPool
-from analysisq.providers import api_key_env_names
+from analysisq.providers import api_key_variable
 from analysisq.queue import batches, budget, monitor, rescue, runs, usage
 from analysisq.queue.budget import BudgetState
 from analysisq.queue.runs import Run
 from analysisq.queue.states import Counts
+from analysisq.queue.throughput import LOCAL_WINDOW_SECONDS, RateMeter
 from analysisq.queue.usage import RunUsage
 from analysisq.settings import Settings
-from analysisq.spec import Target
 
 TICK_SECONDS = 0.5
 #: How long finished workers get to notice the run is done and exit by themselves.
@@ -79,12 +79,8 @@ class Outcome:
     budget: BudgetState | None = None
 
     @property
-    def failed_ratio(self) -> float:
-        return self.counts.failed / self.counts.total if self.counts.total else 0.0
-
-    @property
     def within_allowance(self) -> bool:
-        return self.failed_ratio <= self.run.spec.max_failed_ratio
+        return not self.counts.failed_too_often(self.run.spec.max_failed_ratio)
 
     @property
     def exit_code(self) -> int:
@@ -147,7 +143,7 @@ class Supervisor:
             notify=self.display.note,
         )
         self._interrupted = asyncio.Event()
-        self._meter = RateMeter()
+        self._meter = RateMeter(LOCAL_WINDOW_SECONDS)
         self._started = time.monotonic()
         self._terminal_at_start: int | None = None
 
@@ -310,7 +306,7 @@ def summary(outcome: Outcome, *, resume: str = "analysisq run --resume") -> list
         lines.append(
             f"Run {run.id} finished in {duration(outcome.elapsed)}: {c.total:,} items, "
             f"{c.completed:,} completed, {c.failed:,} failed for good "
-            f"({100 * outcome.failed_ratio:.2f}%; allowed {100 * run.spec.max_failed_ratio:g}%)"
+            f"({100 * c.failed_ratio:.2f}%; allowed {100 * run.spec.max_failed_ratio:g}%)"
             f", {rate:,.1f} items/s."
         )
     else:
@@ -333,7 +329,7 @@ def summary(outcome: Outcome, *, resume: str = "analysisq run --resume") -> list
         lines.append(f"Target {target!r} is PAUSED: {reason}")
     if outcome.ending is Ending.PAUSED:
         keyed = [t for t in outcome.paused if t not in outcome.faulted]
-        fixes = [f"the API key ({', '.join(_key_variable(run.spec.target(t)) for t in keyed)})"]
+        fixes = [f"the API key ({', '.join(api_key_variable(run.spec.target(t)) for t in keyed)})"]
         fixes = fixes if keyed else []
         if outcome.faulted:
             fixes.append("the setting each reason names")
@@ -365,10 +361,6 @@ def _raised(run: Run) -> str:
     if b.max_tokens is not None:
         parts.append(f"maxTokens={2 * b.max_tokens}")
     return ",".join(parts)
-
-
-def _key_variable(target: Target) -> str:
-    return target.api_key_env or api_key_env_names(target)[0]
 
 
 def _retry_lines(retry: monitor.RetryReport, counts: Counts) -> list[str]:

@@ -48,6 +48,7 @@ __all__ = [
     "Completion",
     "Provider",
     "api_key_env_names",
+    "api_key_variable",
     "make_batch_client",
     "make_http_client",
     "make_provider",
@@ -132,6 +133,13 @@ def resolve_api_key(target: Target, environ: Mapping[str, str] = os.environ) -> 
     if not value:
         raise ConfigError(f"target {target.name!r}: the API key file {path} ({file_var}) is empty")
     return value
+
+
+def api_key_variable(target: Target) -> str:
+    """The variable a worker reads *target*'s key from first: ``apiKeyEnv`` when the spec
+    names one, else ``ANALYSISQ_API_KEY_<NAME>`` (where the operator and ``analysisq run``
+    put a key they pass on)."""
+    return target.api_key_env or api_key_env_names(target)[0]
 
 
 def api_key_env_names(target: Target) -> tuple[str, str]:

@@ -19,9 +19,7 @@ import asyncpg
 from analysisq.db.connect import translated
 from analysisq.db.sql import query
 from analysisq.queue.states import Counts
-
-#: Throughput is items completed over this window, as the runbook's ``status`` reads it.
-THROUGHPUT_WINDOW_SECONDS = 60.0
+from analysisq.queue.throughput import THROUGHPUT_WINDOW_SECONDS
 
 
 @dataclass(frozen=True)
@@ -46,8 +44,7 @@ class RunSummary:
         if self.filled_at is None:
             return "Pending"
         if self.counts.done or self.finished_at is not None:
-            failed = self.counts.total and self.counts.failed / self.counts.total
-            return "Failed" if failed and failed > self.max_failed_ratio else "Succeeded"
+            return "Failed" if self.counts.failed_too_often(self.max_failed_ratio) else "Succeeded"
         return "Suspended" if self.suspended else "Running"
 
     @property

@@ -16,6 +16,7 @@ import asyncpg
 
 from analysisq.db.connect import translated
 from analysisq.db.sql import query
+from analysisq.queue.throughput import THROUGHPUT_WINDOW_SECONDS
 
 
 def _dicts(rows: list[asyncpg.Record]) -> list[dict[str, Any]]:
@@ -62,8 +63,10 @@ async def error_classes(conn: asyncpg.Connection, run_id: str) -> dict[str, int]
     return {r["error_class"]: r["count"] for r in rows}
 
 
-async def throughput(conn: asyncpg.Connection, run_id: str, window_seconds: float) -> float:
-    """Items per second completed over the last *window_seconds*."""
+async def throughput(
+    conn: asyncpg.Connection, run_id: str, window_seconds: float = THROUGHPUT_WINDOW_SECONDS
+) -> float:
+    """Items per second completed over the last *window_seconds* (``queue.throughput``)."""
     with translated("reading throughput"):
         n = await conn.fetchval(query("throughput"), run_id, float(window_seconds))
     return float(n) / window_seconds

@@ -40,6 +40,17 @@ class Counts:
         return self.terminal == self.total
 
     @property
+    def failed_ratio(self) -> float:
+        """The share of items that failed for good (0 for an empty run)."""
+        return self.failed / self.total if self.total else 0.0
+
+    def failed_too_often(self, max_failed_ratio: float) -> bool:
+        """More items failed for good than the run allows (``maxFailedRatio``): the verdict
+        of a finished run is Failed. The one rule, for the operator, ``analysisq run``'s exit
+        code and the dashboard."""
+        return self.failed_ratio > max_failed_ratio
+
+    @property
     def progress(self) -> float:
         return 1.0 if self.total == 0 else self.terminal / self.total
 
