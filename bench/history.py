@@ -121,7 +121,7 @@ async def today(
     out["reconcile_targets_ms"] = await timed_ms(conn, query("run_targets"), run_id,
                                                  repeat=repeat)  # fmt: skip
     out["reconcile_stuck_reset_ms"] = await timed_ms(
-        conn, query("cleanup_stuck"), run_id, 900.0, repeat=repeat
+        conn, query("rescue_stuck"), run_id, 900.0, repeat=repeat
     )
     out["status_run_ms"] = await timed_ms(conn, query("status_breakdown"), run_id, repeat=repeat)
     out["status_all_ms"] = await timed_ms(conn, query("status_breakdown"), None, repeat=repeat)

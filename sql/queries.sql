@@ -217,7 +217,7 @@ UPDATE analysis_queue SET
 WHERE id = $1 AND claim_token = $2 AND status = 'processing'
 RETURNING id;
 
--- name: cleanup_stuck
+-- name: rescue_stuck
 SELECT reset_count, poisoned_count
 FROM cleanup_stuck_queue_items($1, make_interval(secs => $2));
 

@@ -88,7 +88,8 @@ class OperatorSettings(_Base):
     database_secret_key: str = "url"
     #: Seconds between two status reconciliations of an active run.
     reconcile_seconds: float = Field(default=15.0, ge=0.2, le=600)
-    #: Seconds between two stuck-item resets per run (the design: hourly at the latest).
+    #: Seconds between two rescues of a run's stuck items (``queue.rescue``; the design:
+    #: hourly at the latest). The name is the chart's and kept.
     stuck_reset_seconds: float = Field(default=300.0, ge=1, le=3600)
     #: Liveness endpoint port (``/healthz``) and Prometheus metrics port (``/metrics``);
     #: 0 turns one off.
@@ -119,7 +120,8 @@ class LocalSettings(_Base):
     max_prompt_chars: int = Field(default=100_000, ge=1, le=10_000_000)
     #: Prompts written per statement by the import.
     import_batch_size: int = Field(default=1000, ge=1, le=100_000)
-    #: How often ``analysisq run`` resets stuck items itself (workers also do, every lease).
+    #: How often ``analysisq run`` rescues stuck items itself (``queue.rescue``; workers also
+    #: do, every quarter lease).
     rescue_interval_seconds: float = Field(default=30.0, gt=0, le=3600)
     #: Worker processes ``analysisq run`` may restart after unexpected exits before giving up.
     max_worker_restarts: int = Field(default=100, ge=0, le=100_000)

@@ -197,7 +197,7 @@ async def test_waiting_items_are_neither_stuck_nor_rescued(
         # Hours inside the batch: the last touch looks 20 minutes old.
         await db.execute("UPDATE analysis_queue SET updated_at = now() - interval '20 minutes'")
         assert (await db.fetchrow(seed_stuck))["stuck_items"] == 50
-        reset = await rescue.cleanup_stuck(db, "run-1", 0.001)
+        reset = await rescue.rescue_stuck(db, "run-1", 0.001)
         assert reset.reset == reset.poisoned == 0
         await db.execute("UPDATE batch_submissions SET poll_at = now()")
         await d.round()

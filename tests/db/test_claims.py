@@ -130,7 +130,7 @@ async def test_a_zombie_cannot_write_after_its_lease_was_reset(db: asyncpg.Conne
     await new_run(db)
     zombie_a, zombie_b = await claim(db, 2, worker="zombie", lease=1)
     await db.execute("UPDATE analysis_queue SET lease_expires_at = now() - interval '1 second'")
-    assert (await rescue.cleanup_stuck(db, "run-1")).reset == 2
+    assert (await rescue.rescue_stuck(db, "run-1")).reset == 2
     fresh = await claim(db, 2, worker="alive")
     assert {i.id for i in fresh} == {zombie_a.id, zombie_b.id}
     # the zombie wakes up: every kind of write is refused
@@ -179,7 +179,7 @@ async def test_poison_item_fails_for_good_after_lease_losses(db: asyncpg.Connect
         (a,) = await claim(db, 1)
         assert a.attempt == 1  # lost attempts are not counted
         await db.execute("UPDATE analysis_queue SET lease_expires_at = now() - interval '1 s'")
-        res = await rescue.cleanup_stuck(db, "run-1")
+        res = await rescue.rescue_stuck(db, "run-1")
         assert (res.reset, res.poisoned) == ((1, 0) if n < 2 else (0, 1))
     row = await db.fetchrow("SELECT status, error_class, next_attempt_at FROM analysis_queue")
     assert tuple(row) == ("failed", "poison", None)
@@ -206,5 +206,5 @@ async def test_rescued_items_are_claimed_before_the_backlog(db: asyncpg.Connecti
     lost = await claim(db, 2, worker="dead")
     await db.execute("UPDATE analysis_queue SET lease_expires_at = now() - interval '1 second'"
                      " WHERE status = 'processing'")  # fmt: skip
-    assert (await rescue.cleanup_stuck(db, "run-1")).reset == 2
+    assert (await rescue.rescue_stuck(db, "run-1")).reset == 2
     assert {i.id for i in await claim(db, 2, worker="alive")} == {i.id for i in lost}

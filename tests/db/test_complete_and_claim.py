@@ -78,7 +78,7 @@ async def test_a_rescued_item_is_not_written_but_can_be_claimed_again(
     await new_run(db)
     (lost, other) = await claim(db, 2)
     await db.execute("UPDATE analysis_queue SET lease_expires_at = now() - interval '1 s'")
-    assert (await rescue.cleanup_stuck(db, "run-1", 900)).reset == 2
+    assert (await rescue.rescue_stuck(db, "run-1", 900)).reset == 2
     written, claimed = await complete_and_claim(db, [lost], 2, worker="w2")
     assert written == set()  # the zombie's answer is refused
     assert {i.id for i in claimed} == {lost.id, other.id}  # both are served again, to w2

@@ -129,7 +129,7 @@ async def test_cleanup_function_resets_only_the_stuck_items(db: asyncpg.Connecti
     )
     assert counts == {"pending": 22, "processing": 2, "completed": 10, "failed": 6}
     # running it again finds nothing: the live leases are not touched
-    assert (await rescue.cleanup_stuck(db)).reset == 0
+    assert (await rescue.rescue_stuck(db)).reset == 0
 
 
 async def test_cron_check_query_runs(db: asyncpg.Connection) -> None:

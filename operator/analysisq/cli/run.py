@@ -21,7 +21,7 @@ from analysisq.cli.common import database_url, run_async
 from analysisq.cli.main import Context
 from analysisq.cli.output import console, quiet_logs, results_options, session
 from analysisq.local.launch import Launch, launch
-from analysisq.local.runner import Outcome, summary
+from analysisq.local.runner import RunOutcome, summary
 from analysisq.local.runspec import build_spec, parse_budget
 from analysisq.settings import Settings
 
@@ -58,7 +58,7 @@ def interruptible(work: Coroutine[Any, Any, T], *, resume: str) -> T:
         raise SystemExit(130) from None
 
 
-async def _launch(settings: Settings, url: str, out: Console, what: Launch) -> Outcome:
+async def _launch(settings: Settings, url: str, out: Console, what: Launch) -> RunOutcome:
     async with session(settings, url, migrate_schema=True) as pool:
         return await launch(settings, url, pool, out, what)
 

@@ -264,7 +264,7 @@ def cleanup(obj: Context, run: str | None, stuck_after: float, as_json: bool) ->
 
     async def work(conn: asyncpg.Connection) -> dict[str, Any]:
         run_id = await _run_id(conn, run)
-        res = await rescue.cleanup_stuck(conn, run_id, stuck_after)
+        res = await rescue.rescue_stuck(conn, run_id, stuck_after)
         return {"run": run_id, "reset_count": res.reset, "poisoned_count": res.poisoned}
 
     data = _with_db(obj, work)

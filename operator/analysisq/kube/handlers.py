@@ -184,10 +184,10 @@ def register(registry: kopf.OperatorRegistry, service: RunService, settings: Set
         when=_active,
         registry=registry,
     )
-    async def reset_stuck(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    async def rescue_stuck(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
         ref = RunRef.from_body(body)
         try:
-            report = await service.reset_stuck(ref, _spec(body), _status(body))
+            report = await service.rescue_stuck(ref, _spec(body), _status(body))
         except SpecError:
             return
         except AnalysisqError as exc:

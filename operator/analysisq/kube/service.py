@@ -344,13 +344,13 @@ class RunService:
         problem = workers_problem(pods)
         return [problem] if problem else []
 
-    async def reset_stuck(self, ref: RunRef, spec: AnalysisRunSpec, status: Status) -> Report:
+    async def rescue_stuck(self, ref: RunRef, spec: AnalysisRunSpec, status: Status) -> Report:
         """The seed's hourly cleanup, per run: requeue items whose lease expired."""
         if not is_true(status, FILLED):
             return Report()
         pool = await self._pool(ref, spec)
         async with acquire(pool) as conn:
-            result = await rescue.cleanup_stuck(conn, ref.run_id, spec.stuck_after_seconds)
+            result = await rescue.rescue_stuck(conn, ref.run_id, spec.stuck_after_seconds)
         if result.reset:
             self.metrics.stuck_reset.labels(ref.namespace, ref.name).inc(result.reset)
         return stuck_reset_report(result.reset, result.poisoned)

@@ -24,7 +24,7 @@ from analysisq.fake_provider.config import FakeConfig
 from analysisq.fake_provider.server import FakeProvider
 from analysisq.fake_provider.stats import FakeStats
 from analysisq.local.launch import Launch, launch
-from analysisq.local.runner import Outcome
+from analysisq.local.runner import RunOutcome
 from analysisq.local.sample_prompts import generate
 from analysisq.queue import runs
 from analysisq.settings import Settings
@@ -83,7 +83,7 @@ def write_prompt_file(path: Path, n: int) -> Path:
 
 @dataclass
 class DemoResult:
-    outcome: Outcome
+    outcome: RunOutcome
     fake: FakeStats
 
 

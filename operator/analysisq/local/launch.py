@@ -20,7 +20,7 @@ from rich.console import Console
 from analysisq.db.connect import acquire
 from analysisq.errors import InputError
 from analysisq.local.prompt_import import import_prompts
-from analysisq.local.runner import Outcome, Supervisor
+from analysisq.local.runner import RunOutcome, Supervisor
 from analysisq.local.runspec import new_run_id, with_fixed_targets
 from analysisq.providers import make_provider, resolve_api_key
 from analysisq.queue import runs
@@ -90,7 +90,7 @@ class Launch:
 
 async def launch(
     settings: Settings, url: str, pool: asyncpg.Pool, out: Console, what: Launch
-) -> Outcome:
+) -> RunOutcome:
     """Import, create (or reopen) the run, and supervise it to its end."""
     if what.spec is not None:
         await check_targets(what.spec)

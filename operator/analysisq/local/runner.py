@@ -59,7 +59,7 @@ class Ending(StrEnum):
 
 
 @dataclass
-class Outcome:
+class RunOutcome:
     """How a local run ended."""
 
     run: Run
@@ -147,7 +147,7 @@ class Supervisor:
         self._started = time.monotonic()
         self._terminal_at_start: int | None = None
 
-    async def run_to_end(self) -> Outcome:
+    async def run_to_end(self) -> RunOutcome:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal)
@@ -164,7 +164,7 @@ class Supervisor:
                 loop.remove_signal_handler(sig)
         if self.workers.fatal is not None:
             raise self.workers.fatal
-        outcome = Outcome(
+        outcome = RunOutcome(
             run=self.run,
             ending=ending,
             counts=snap.counts,
@@ -269,7 +269,7 @@ class Supervisor:
     async def _rescue(self) -> None:
         try:
             async with acquire(self.pool) as conn:
-                res = await rescue.cleanup_stuck(
+                res = await rescue.rescue_stuck(
                     conn, self.run.id, self.run.spec.stuck_after_seconds
                 )
         except DatabaseUnavailable:
@@ -287,7 +287,7 @@ class Supervisor:
     async def _stop_workers(self) -> None:
         await self.workers.stop(grace=self.settings.shutdown_grace_seconds + 5)
 
-    async def _finish(self, outcome: Outcome) -> None:
+    async def _finish(self, outcome: RunOutcome) -> None:
         async with acquire(self.pool) as conn:
             await runs.mark_finished(conn, self.run.id)
             outcome.retry = await monitor.retry_report(conn, self.run.id)
@@ -297,7 +297,7 @@ class Supervisor:
         outcome.results_path = self.output
 
 
-def summary(outcome: Outcome, *, resume: str = "analysisq run --resume") -> list[str]:
+def summary(outcome: RunOutcome, *, resume: str = "analysisq run --resume") -> list[str]:
     """What a person reads when the run is over; *resume* is the command that continues it."""
     c, run = outcome.counts, outcome.run
     rate = outcome.done_here / outcome.elapsed if outcome.elapsed > 0 else 0.0

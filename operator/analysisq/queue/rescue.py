@@ -1,7 +1,12 @@
-"""Stuck recovery: the seed's ``cleanup_stuck_queue_items()``, called from Python.
+"""Rescue: stuck items back in the queue, the seed's ``cleanup_stuck_queue_items()`` called
+from Python (``rescue_stuck``).
 
-Three callers, as in the seed: the worker at start (and every lease period while it runs),
-the operator's timer, and people or pg_cron through the SQL function itself.
+"Rescue" is the one name in the code. The callers: every worker at start and every quarter
+lease, the operator's per-run timer (``RunService.rescue_stuck``, every
+``stuck_reset_seconds``), ``analysisq run``'s supervisor (every
+``rescue_interval_seconds``), ``analysisq cleanup``, and people or pg_cron through the SQL
+function itself. The user-facing names (those settings, ``lastStuckReset``, the
+``StuckItemsReset`` Event, the SQL function) are the seed's and the chart's, and kept.
 """
 
 from __future__ import annotations
@@ -20,11 +25,11 @@ class RescueResult:
     poisoned: int
 
 
-async def cleanup_stuck(
+async def rescue_stuck(
     conn: asyncpg.Connection, run_id: str | None = None, stuck_after_seconds: float = 900
 ) -> RescueResult:
     """Requeue items whose lease expired (or stale for ``stuck_after_seconds``)."""
     with translated("resetting stuck items"):
-        row = await conn.fetchrow(query("cleanup_stuck"), run_id, float(stuck_after_seconds))
+        row = await conn.fetchrow(query("rescue_stuck"), run_id, float(stuck_after_seconds))
     assert row is not None
     return RescueResult(reset=row["reset_count"], poisoned=row["poisoned_count"])

@@ -149,7 +149,7 @@ class Worker:
         )
         try:
             async with acquire(self.pool) as conn:
-                res = await rescue.cleanup_stuck(conn, self.run.id, self.spec.stuck_after_seconds)
+                res = await rescue.rescue_stuck(conn, self.run.id, self.spec.stuck_after_seconds)
             if res.reset or res.poisoned:
                 self._log(logging.WARNING, "reset stuck items at start", **vars(res))
             self._log(logging.INFO, "worker started", batch_size=self.spec.batch_size)
@@ -451,7 +451,7 @@ class Worker:
             await asyncio.sleep(period * self._rng.uniform(0.8, 1.2))
             try:
                 async with acquire(self.pool) as conn:
-                    res = await rescue.cleanup_stuck(
+                    res = await rescue.rescue_stuck(
                         conn, self.run.id, self.spec.stuck_after_seconds
                     )
             except DatabaseError:
