@@ -142,7 +142,7 @@ async def measure(
         "back_s": None if back_s is None else round(back_s, 1),
         "done_s": None if done_s is None else round(done_s, 1),
         "completed": c.completed,
-        "failed": c.failed,
+        "failed": c.failed_for_good,
         "results": check["results"],
         "distinct_items": check["distinct_items"],
         "max_attempts": extra["max_attempts"],

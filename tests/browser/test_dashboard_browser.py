@@ -133,7 +133,7 @@ async def test_progress_moves_without_reload_and_retry_failed_works(
         await expect(page.locator("#toast")).to_have_text("retried 8 items")
         async with pool.acquire() as db:
             counts = await runs.counts(db, "nightly-bad")
-        assert counts.failed == 0 and counts.pending == 8
+        assert counts.failed_for_good == 0 and counts.pending == 8
         await expect(page.locator(".count[data-name=pending] dd")).to_have_text("8")
         await page.screenshot(path=tmp_path / "run-retried.png", full_page=True)
         for shot in ("runs-live.png", "run-live.png", "run-failed.png", "run-retried.png"):

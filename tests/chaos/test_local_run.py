@@ -212,7 +212,7 @@ async def test_auth_failure_pauses_then_resume_with_the_key(
         first.output()
     )
     counts = await runs.counts(db, run_id)
-    assert counts.completed == counts.failed == counts.processing == 0, counts
+    assert counts.completed == counts.failed_for_good == counts.processing == 0, counts
     assert await db.fetchval("SELECT max(attempts) FROM analysis_queue") == 0
 
     second = await start_run("--resume", run_id, ANALYSISQ_API_KEY_FAKE="s3cret")  # type: ignore[operator]
@@ -241,7 +241,7 @@ async def test_budget_pauses_the_run_and_resume_with_a_larger_budget(
     assert await first.wait() == 3, first.output()
     run_id = await db.fetchval("SELECT id FROM analysis_runs")
     counts = await runs.counts(db, run_id)
-    assert (counts.completed, counts.pending, counts.failed) == (20, 20, 0), counts
+    assert (counts.completed, counts.pending, counts.failed_for_good) == (20, 20, 0), counts
     assert (
         await db.fetchval("SELECT max(attempts) FROM analysis_queue WHERE status = 'pending'") == 0
     )
@@ -278,7 +278,7 @@ async def test_a_model_typo_pauses_then_resume_with_the_fixed_model(
     assert "fix targets[fake].model (the provider does not know it)" in out
     assert f"Fix the setting each reason names, then: analysisq run --resume {run_id}" in out
     counts = await runs.counts(db, run_id)
-    assert counts.completed == counts.failed == counts.processing == 0, counts
+    assert counts.completed == counts.failed_for_good == counts.processing == 0, counts
     assert await db.fetchval("SELECT max(attempts) FROM analysis_queue") == 0
 
     second = await start_run("--resume", run_id, "--target", "fake=openai:gpt-4o-mini")  # type: ignore[operator]
@@ -298,7 +298,7 @@ async def test_retry_after_a_fix_runs_a_finished_run_again(
     first = await start_run(*run_args(fake))  # type: ignore[operator]
     assert await first.wait() == 1, first.output()  # too many failed for good
     run_id = await db.fetchval("SELECT id FROM analysis_runs")
-    failed = (await runs.counts(db, run_id)).failed
+    failed = (await runs.counts(db, run_id)).failed_for_good
     assert failed >= 5
 
     fake.configure(FAKE.model_copy(update={"errors": {}}))  # the cause is fixed

@@ -129,9 +129,9 @@ async def test_a_run_over_both_providers_survives_every_batch_fault(
         await until_done(pool, [driver(pool, run, http, "w1"), driver(pool, run, http, "w2")])
         stats = fake.stats()
     counts = await check_invariants(db)
-    assert counts.total == 3000 and counts.completed + counts.failed == 3000
+    assert counts.total == 3000 and counts.completed + counts.failed_for_good == 3000
     # 1% permanent errors fail at once with the provider's message; transient ones retry.
-    assert 10 < counts.failed < 70
+    assert 10 < counts.failed_for_good < 70
     messages = await db.fetch(
         "SELECT DISTINCT error_class, left(error_message, 40) AS m FROM analysis_queue"
         " WHERE status = 'failed'"

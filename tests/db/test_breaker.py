@@ -134,7 +134,7 @@ async def test_a_content_error_on_every_prompt_fails_only_those_prompts(
             await new_run(db, s=s)
 
         async def all_failed(db: asyncpg.Connection) -> bool:
-            return (await runs.counts(db, "run-1")).failed == 12
+            return (await runs.counts(db, "run-1")).failed_for_good == 12
 
         await run_until(pool, s, all_failed)
     async with pool.acquire() as db:

@@ -183,7 +183,7 @@ async def test_poison_item_fails_for_good_after_lease_losses(db: asyncpg.Connect
         assert (res.reset, res.poisoned) == ((1, 0) if n < 2 else (0, 1))
     row = await db.fetchrow("SELECT status, error_class, next_attempt_at FROM analysis_queue")
     assert tuple(row) == ("failed", "poison", None)
-    assert (await runs.counts(db, "run-1")).failed == 1
+    assert (await runs.counts(db, "run-1")).failed_for_good == 1
     assert await claim(db, 1) == []
 
 

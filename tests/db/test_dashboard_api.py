@@ -253,7 +253,7 @@ async def test_retry_failed_by_class_applied_when_enabled(
 async def test_retry_refused_when_disabled(readonly: Dashboard, db: asyncpg.Connection) -> None:
     r = await readonly.post("/api/runs/bad/retry", {"error_class": "permanent"})
     assert r.status_code == 403
-    assert (await runs.counts(db, "bad")).failed == 10
+    assert (await runs.counts(db, "bad")).failed_for_good == 10
 
 
 async def test_retry_with_a_bad_body_names_the_field(dash: Dashboard) -> None:

@@ -168,7 +168,7 @@ async def test_budget_stops_the_run_with_the_items_that_fit_then_resumes(
         tasks = [asyncio.create_task(w.run_until_stopped()) for w in ws]
         state, counts = await paused_for_budget(pool)
         async with pool.acquire() as db:
-            assert counts.completed == 10 and counts.pending == 10 and counts.failed == 0
+            assert counts.completed == 10 and counts.pending == 10 and counts.failed_for_good == 0
             attempts = await db.fetchval(
                 "SELECT max(attempts) FROM analysis_queue WHERE status = 'pending'"
             )
@@ -206,4 +206,4 @@ async def test_budget_overshoot_stays_within_the_in_flight_bound(pool: asyncpg.P
     in_flight = 2 * 3
     assert state.spent_tokens > 3000  # the provider did charge more than reserved
     assert state.spent_tokens <= 3000 + in_flight * 0.5 * est + in_flight
-    assert counts.failed == 0 and counts.completed + counts.pending == 40
+    assert counts.failed_for_good == 0 and counts.completed + counts.pending == 40

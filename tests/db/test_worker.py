@@ -166,7 +166,7 @@ async def test_auth_failure_pauses_the_target_without_burning_items(pool: asyncp
                 assert paused and "401" in (paused[0].pause_reason or "")
                 assert secret not in (paused[0].pause_reason or "")
                 counts = await runs.counts(db, "run-1")
-                assert (counts.pending, counts.failed) == (40, 0)
+                assert (counts.pending, counts.failed_for_good) == (40, 0)
                 assert await db.fetchval("SELECT max(attempts) FROM analysis_queue") == 0
                 # fix the key, resume the target: everything completes
                 os.environ["AQ_TEST_KEY"] = secret
@@ -311,4 +311,4 @@ async def test_lowering_max_attempts_ends_exhausted_retries(db: asyncpg.Connecti
     assert (await runs.counts(db, "run-1")).retrying == 2
     await runs.create_run(db, "run-1", spec(maxAttempts=1))  # the operator's reconfigure
     counts = await runs.counts(db, "run-1")
-    assert (counts.retrying, counts.failed, counts.done) == (0, 2, True)
+    assert (counts.retrying, counts.failed_for_good, counts.done) == (0, 2, True)

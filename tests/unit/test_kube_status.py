@@ -65,7 +65,9 @@ def test_a_condition_keeps_its_transition_time_until_it_flips() -> None:
 
 
 def test_a_running_run_reports_counts_progress_and_workers() -> None:
-    counts = Counts(total=100, pending=40, processing=10, completed=45, failed=1, retrying=4)
+    counts = Counts(
+        total=100, pending=40, processing=10, completed=45, failed_for_good=1, retrying=4
+    )
     new = reconciled(filled(), spec(), seen(counts, ready=2, throughput=5.0))
     assert new["phase"] == "Running"
     assert new["counts"]["completed"] == 45
@@ -81,7 +83,7 @@ def test_a_running_run_reports_counts_progress_and_workers() -> None:
 
 
 def test_every_item_terminal_is_success_within_the_failure_ratio() -> None:
-    counts = Counts(total=1000, completed=995, failed=5)
+    counts = Counts(total=1000, completed=995, failed_for_good=5)
     new = reconciled(filled(), spec(maxFailedRatio=0.01), seen(counts))
     assert new["phase"] == "Succeeded"
     assert is_true(new, "Complete") and not is_true(new, "Failed")
@@ -90,7 +92,7 @@ def test_every_item_terminal_is_success_within_the_failure_ratio() -> None:
 
 
 def test_too_many_failures_is_a_failed_run_that_is_still_complete() -> None:
-    counts = Counts(total=100, completed=90, failed=10)
+    counts = Counts(total=100, completed=90, failed_for_good=10)
     new = reconciled(filled(), spec(maxFailedRatio=0.05), seen(counts))
     assert new["phase"] == "Failed"
     complete = get_condition(new, "Complete")

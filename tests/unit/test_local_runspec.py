@@ -76,7 +76,7 @@ def test_spec_errors_name_the_field(tmp_path: Path) -> None:
 
 
 def test_eta() -> None:
-    snap = Snapshot("r", Counts(total=200, completed=140, failed=10), elapsed=30, rate=5.0)
+    snap = Snapshot("r", Counts(total=200, completed=140, failed_for_good=10), elapsed=30, rate=5.0)
     assert snap.eta == pytest.approx(10.0)
     assert Snapshot("r", Counts(total=3, completed=3), elapsed=1).eta == 0.0
     assert Snapshot("r", Counts(total=3), elapsed=1).eta is None
@@ -85,7 +85,7 @@ def test_eta() -> None:
 def test_progress_renders_counts_errors_and_pauses() -> None:
     snap = Snapshot(
         "local-1",
-        Counts(total=100, pending=50, processing=5, completed=40, failed=2, retrying=3),
+        Counts(total=100, pending=50, processing=5, completed=40, failed_for_good=2, retrying=3),
         elapsed=65,
         rate=2.5,
         errors={"transient": 3, "auth": 1},

@@ -65,7 +65,7 @@ def _run_row(run: RunSummary) -> str:
         f"<tr data-run='{_e(run.id)}'><td><a href='{_e(run_href(run.id))}'>{_e(run.name)}</a></td>"
         f"<td class=phase>{_e(run.phase)}</td><td class=progress>{_progress(run)}</td>"
         f"<td>{c.total}</td><td>{c.pending}</td><td>{c.processing}</td><td>{c.completed}</td>"
-        f"<td>{c.retrying}</td><td>{c.failed}</td><td>{run.throughput:.1f}/s</td>"
+        f"<td>{c.retrying}</td><td>{c.failed_for_good}</td><td>{run.throughput:.1f}/s</td>"
         "<td>—</td><td>—</td></tr>"
     )
 

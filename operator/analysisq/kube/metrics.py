@@ -13,7 +13,6 @@ by its deadline, a stalled run, a paused target.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import fields
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -23,7 +22,8 @@ from analysisq.kube.ref import RunRef
 from analysisq.kube.status import FINISHED, PHASES
 from analysisq.queue.states import Counts
 
-_STATUSES = tuple(f.name for f in fields(Counts))
+#: The status label values: the counts under their names in status (``Counts.as_dict``).
+_STATUSES = tuple(Counts().as_dict())
 _RUN = ("namespace", "run")
 
 

@@ -198,7 +198,8 @@ def eta_text(seconds: float) -> str:
 
 def summary(counts: Counts) -> str:
     return (
-        f"{counts.total} items: {counts.completed} completed, {counts.failed} failed for good"
+        f"{counts.total} items: {counts.completed} completed, "
+        f"{counts.failed_for_good} failed for good"
         + (f", {counts.retrying} retrying" if counts.retrying else "")
     )
 
@@ -262,13 +263,13 @@ def reconciled(old: Mapping[str, Any], spec: AnalysisRunSpec, seen: Observation)
             conditions, COMPLETE, False, "ItemsRemaining", "items remain to be processed", now=now
         )
     if outcome == FAILED:
-        share = counts.failed / counts.total
         conditions = set_condition(
             conditions,
             FAILED_CONDITION,
             True,
             "TooManyFailures",
-            f"{counts.failed} of {counts.total} items failed for good ({share:.1%}), "
+            f"{counts.failed_for_good} of {counts.total} items failed for good "
+            f"({counts.failed_ratio:.1%}), "
             f"more than maxFailedRatio {spec.max_failed_ratio:.1%}",
             now=now,
         )

@@ -76,7 +76,8 @@ def render(snap: Snapshot) -> RenderableType:
     for _ in _STATUS_STYLES:
         statuses.add_column(justify="right")
     statuses.add_row(*(Text(name, style="dim") for name, _ in _STATUS_STYLES))
-    statuses.add_row(*(Text(f"{getattr(c, n):,}", style=style) for n, style in _STATUS_STYLES))
+    shown = c.as_dict()
+    statuses.add_row(*(Text(f"{shown[n]:,}", style=style) for n, style in _STATUS_STYLES))
     pace = Text(
         f"{_rate(snap)} items/s   ETA {duration(snap.eta)}   elapsed {duration(snap.elapsed)}"
         f"   workers {snap.workers_alive}/{snap.workers}"
@@ -100,7 +101,7 @@ def line(snap: Snapshot) -> str:
     text = (
         f"[{duration(snap.elapsed)}] {snap.run_id}: {c.terminal}/{c.total} done "
         f"({100 * c.progress:.1f}%) pending={c.pending} processing={c.processing} "
-        f"completed={c.completed} retrying={c.retrying} failed={c.failed} stuck={c.stuck} "
+        f"completed={c.completed} retrying={c.retrying} failed={c.failed_for_good} stuck={c.stuck} "
         f"rate={_rate(snap)}/s eta={duration(snap.eta)} "
         f"workers={snap.workers_alive}/{snap.workers} restarts={snap.restarts}"
     )

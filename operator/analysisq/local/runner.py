@@ -305,7 +305,7 @@ def summary(outcome: RunOutcome, *, resume: str = "analysisq run --resume") -> l
     if outcome.ending is Ending.FINISHED:
         lines.append(
             f"Run {run.id} finished in {duration(outcome.elapsed)}: {c.total:,} items, "
-            f"{c.completed:,} completed, {c.failed:,} failed for good "
+            f"{c.completed:,} completed, {c.failed_for_good:,} failed for good "
             f"({100 * c.failed_ratio:.2f}%; allowed {100 * run.spec.max_failed_ratio:g}%)"
             f", {rate:,.1f} items/s."
         )
@@ -313,7 +313,7 @@ def summary(outcome: RunOutcome, *, resume: str = "analysisq run --resume") -> l
         lines.append(
             f"Run {run.id} stopped ({outcome.ending}) after {duration(outcome.elapsed)}: "
             f"{c.terminal:,} of {c.total:,} items done ({c.completed:,} completed, "
-            f"{c.failed:,} failed), {c.pending + c.retrying + c.processing:,} left."
+            f"{c.failed_for_good:,} failed), {c.pending + c.retrying + c.processing:,} left."
         )
     if outcome.retry is not None:
         lines.extend(_retry_lines(outcome.retry, c))
@@ -369,8 +369,8 @@ def _retry_lines(retry: monitor.RetryReport, counts: Counts) -> list[str]:
     if retry.recovered:
         tail = (
             "every item recovered"
-            if counts.failed == 0
-            else f"{counts.failed:,} items failed for good"
+            if counts.failed_for_good == 0
+            else f"{counts.failed_for_good:,} items failed for good"
         )
         lines.append(f"Retries recovered {retry.recovered:,} items that failed at first; {tail}.")
     if retry.deferrals:

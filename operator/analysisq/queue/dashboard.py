@@ -57,7 +57,7 @@ class RunSummary:
 
 
 def _summary(row: asyncpg.Record) -> RunSummary:
-    counts = Counts(**{f: row[f] for f in Counts.__dataclass_fields__})
+    counts = Counts.from_row(row)
     return RunSummary(
         id=row["id"],
         name=row["name"],

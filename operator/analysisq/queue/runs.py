@@ -143,7 +143,7 @@ async def counts(conn: asyncpg.Connection, run_id: str) -> Counts:
     with translated(f"counting run {run_id}"):
         row = await conn.fetchrow(query("run_counts"), run_id)
     assert row is not None
-    return Counts(**dict(row))
+    return Counts.from_row(row)
 
 
 async def mark_finished(conn: asyncpg.Connection, run_id: str) -> None:
