@@ -66,7 +66,7 @@ def run_json(run: RunSummary) -> dict[str, Any]:
         "created_at": run.created_at,
         "filled_at": run.filled_at,
         "finished_at": run.finished_at,
-        "counts": asdict(run.counts),
+        "counts": run.counts.as_dict(),
         "progress": run.counts.progress,
         "throughput": run.throughput,
         "eta_seconds": run.eta_seconds,
