@@ -127,7 +127,7 @@ class _CombinedBuffer(ResultBuffer):
         free = w.spec.batch_size - len(w.inflight) + len(batch)
         done, claimed = await items.complete_and_claim(
             conn, batch, w.run.id, worker=w.name, limit=free,
-            lease_seconds=w.lease, max_attempts=w.spec.max_attempts,
+            lease_seconds=w.lease,
         )  # fmt: skip
         # started before the flush forgets the written claims, so the claim loop, woken by
         # the freed slots, finds them filled

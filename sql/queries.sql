@@ -100,43 +100,75 @@ SELECT i FROM unnest($1::text[]) AS i
 WHERE NOT EXISTS (SELECT 1 FROM prompts p WHERE p.external_id = i);
 
 -- name: claim
--- Claim up to $3 items of run $1 for worker $4 with a lease of $5 seconds, skipping the
--- targets $6 (those in mode batch).
-WITH candidates AS (
-    -- pending items first, then failed items whose backoff elapsed and attempts remain;
-    -- next_attempt_at also defers pending items released after a 429, and parks the items
-    -- of a paused target at 'infinity', so this scan needs no other condition and walks
-    -- analysis_queue_claim_idx in order, stopping at the LIMIT.
+-- Claim up to $2 items of run $1 for worker $3 with a lease of $4 seconds, of which at most
+-- $5 (NULL = any number) lost a lease before, skipping the targets $6 (those in mode batch).
+-- The run's maxAttempts is read here, from the database, so a lowered maximum applies at
+-- once to every worker, old or new.
+WITH suspects AS (
+    -- Items that lost a lease: a worker holding one died or hung. A worker takes at most one
+    -- at a time (it passes $5 = 0 while it holds one), so a prompt that kills its worker
+    -- takes only fresh batch-mates down with it, once, and is poisoned alone.
     SELECT q.id
     FROM analysis_queue q
     WHERE q.run_id = $1
       AND q.status IN ('pending', 'failed')
       AND q.next_attempt_at IS NOT NULL
       AND q.next_attempt_at <= now()
-      AND q.attempts < $2
+      AND q.lease_losses > 0
       -- targets in mode batch are claimed by batch_claim only
       AND q.target <> ALL ($6::text[])
     ORDER BY (q.status = 'failed'), q.next_attempt_at
-    LIMIT $3
+    LIMIT least($2::bigint, $5::bigint)
+    FOR UPDATE OF q SKIP LOCKED
+), fresh AS (
+    -- pending items first, then failed items whose backoff elapsed; next_attempt_at also
+    -- defers pending items released after a 429, and parks the items of a paused target at
+    -- 'infinity', so this scan needs no other condition and walks analysis_queue_claim_idx
+    -- in order, stopping at the LIMIT.
+    SELECT q.id
+    FROM analysis_queue q
+    WHERE q.run_id = $1
+      AND q.status IN ('pending', 'failed')
+      AND q.next_attempt_at IS NOT NULL
+      AND q.next_attempt_at <= now()
+      AND q.lease_losses = 0
+      AND q.target <> ALL ($6::text[])
+    ORDER BY (q.status = 'failed'), q.next_attempt_at
+    LIMIT $2::bigint - (SELECT count(*) FROM suspects)
     -- rows another worker is claiming are skipped, not waited for
     FOR UPDATE OF q SKIP LOCKED
+), candidates AS (
+    SELECT c.id, q.attempts >= r.max_attempts AS exhausted, r.max_attempts
+    FROM (SELECT id FROM suspects UNION ALL SELECT id FROM fresh) c
+    JOIN analysis_queue q ON q.id = c.id
+    JOIN analysis_runs r ON r.id = q.run_id
+), exhausted AS (
+    -- Waiting items with no attempt left (maxAttempts was lowered after they were last
+    -- tried) end here, failed for good, instead of waiting for ever.
+    UPDATE analysis_queue q SET
+        status = 'failed', next_attempt_at = NULL, updated_at = now(),
+        error_class = coalesce(q.error_class, 'transient'),
+        error_message = format('gave up after %s attempts: %s', q.attempts,
+                               coalesce(q.error_message, 'maxAttempts was lowered'))
+    FROM candidates c
+    WHERE q.id = c.id AND c.exhausted
 )
 UPDATE analysis_queue q SET
     status = 'processing',
     attempts = q.attempts + 1,
-    lease_owner = $4,
-    lease_expires_at = now() + make_interval(secs => $5),
+    lease_owner = $3,
+    lease_expires_at = now() + make_interval(secs => $4),
     -- the fence: every later write for this claim must present this token
     claim_token = gen_random_uuid(),
     next_attempt_at = NULL,
     updated_at = now()
 FROM candidates c, prompts p, run_targets t, rate_pools rp
-WHERE q.id = c.id AND p.id = q.prompt_tracking_id
+WHERE q.id = c.id AND NOT c.exhausted AND p.id = q.prompt_tracking_id
   AND t.run_id = q.run_id AND t.target = q.target AND rp.name = t.pool
 -- blocked_seconds: a Retry-After on the item's rate pool that every target respects, even
 -- one without a limit (whose sends need no other round trip to the database).
 RETURNING q.id, q.claim_token, q.run_id, q.prompt_tracking_id, q.target, q.attempts,
-          q.deferrals, q.lease_losses, p.external_id, p.text,
+          q.deferrals, q.lease_losses, c.max_attempts, p.external_id, p.text,
           greatest(0.0, extract(epoch FROM rp.blocked_until - clock_timestamp()))::float8
               AS blocked_seconds;
 
@@ -218,8 +250,9 @@ WHERE id = $1 AND claim_token = $2 AND status = 'processing'
 RETURNING id;
 
 -- name: rescue_stuck
+-- $3: the claim tokens the caller still works on (never reset).
 SELECT reset_count, poisoned_count
-FROM cleanup_stuck_queue_items($1, make_interval(secs => $2));
+FROM cleanup_stuck_queue_items($1, make_interval(secs => $2), $3::uuid[]);
 
 -- name: pause_target
 -- Pause a target for the run (its provider refused our credentials) and park its waiting
@@ -517,7 +550,7 @@ WITH chosen AS (
     FOR UPDATE OF q
 ), retried AS (
     UPDATE analysis_queue q SET
-        status = 'pending', attempts = 0, deferrals = 0, lease_losses = 0,
+        status = 'pending', attempts = 0, deferrals = 0, lease_losses = 0, lone_losses = 0,
         last_error = q.error_class || ': ' || q.error_message,
         retries = q.retries + 1,
         error_class = NULL, error_message = NULL,
@@ -568,8 +601,9 @@ WHERE t.run_id = $1 AND t.target = $2 AND q.id = ANY (t.fault_items)
 
 -- name: complete_and_claim
 -- `complete` and `claim` in one statement: write a finished batch ($1-$8 as in `complete`)
--- and claim up to $11 items of run $9 ($10 = max attempts) for worker $12 with a lease of
--- $13 seconds, in one round trip and one transaction instead of two. Rows with written = true
+-- and claim up to $10 items of run $9, at most $13 (NULL = any number) of them suspects, for
+-- worker $11 with a lease of $12 seconds, in one round trip and one transaction instead of
+-- two; like `claim`, it reads maxAttempts from the database. Rows with written = true
 -- are the completed ids; the others are the new claims. The two UPDATEs touch disjoint rows:
 -- `done` only items processing under the writer's token, `candidates` only waiting ones.
 WITH input AS (
@@ -592,43 +626,59 @@ WITH input AS (
            i.parsed::jsonb, i.tokens_in, i.tokens_out, i.latency_ms, d.attempts
     FROM done d JOIN input i ON i.id = d.id
     RETURNING queue_id
-), candidates AS (
-    -- the claim's scan, as in `claim`
+), suspects AS (
+    -- the claim's scans, as in `claim` (items with no attempt left are left to it)
     SELECT q.id
-    FROM analysis_queue q
+    FROM analysis_queue q JOIN analysis_runs r ON r.id = q.run_id
     WHERE q.run_id = $9
       AND q.status IN ('pending', 'failed')
       AND q.next_attempt_at IS NOT NULL
       AND q.next_attempt_at <= now()
-      AND q.attempts < $10
+      AND q.lease_losses > 0
+      AND q.attempts < r.max_attempts
     ORDER BY (q.status = 'failed'), q.next_attempt_at
-    LIMIT $11
+    LIMIT least($10::bigint, $13::bigint)
     FOR UPDATE OF q SKIP LOCKED
+), fresh AS (
+    SELECT q.id
+    FROM analysis_queue q JOIN analysis_runs r ON r.id = q.run_id
+    WHERE q.run_id = $9
+      AND q.status IN ('pending', 'failed')
+      AND q.next_attempt_at IS NOT NULL
+      AND q.next_attempt_at <= now()
+      AND q.lease_losses = 0
+      AND q.attempts < r.max_attempts
+    ORDER BY (q.status = 'failed'), q.next_attempt_at
+    LIMIT $10::bigint - (SELECT count(*) FROM suspects)
+    FOR UPDATE OF q SKIP LOCKED
+), candidates AS (
+    SELECT id FROM suspects UNION ALL SELECT id FROM fresh
 ), claimed AS (
     UPDATE analysis_queue q SET
         status = 'processing',
         attempts = q.attempts + 1,
-        lease_owner = $12,
-        lease_expires_at = now() + make_interval(secs => $13),
+        lease_owner = $11,
+        lease_expires_at = now() + make_interval(secs => $12),
         claim_token = gen_random_uuid(),
         next_attempt_at = NULL,
         updated_at = now()
-    FROM candidates c, prompts p, run_targets t, rate_pools rp
+    FROM candidates c, prompts p, run_targets t, rate_pools rp, analysis_runs r
     WHERE q.id = c.id AND p.id = q.prompt_tracking_id
-      AND t.run_id = q.run_id AND t.target = q.target AND rp.name = t.pool
+      AND t.run_id = q.run_id AND t.target = q.target AND rp.name = t.pool AND r.id = q.run_id
     RETURNING q.id, q.claim_token, q.run_id, q.prompt_tracking_id, q.target, q.attempts,
-              q.deferrals, q.lease_losses, p.external_id, p.text,
+              q.deferrals, q.lease_losses, r.max_attempts, p.external_id, p.text,
               greatest(0.0, extract(epoch FROM rp.blocked_until - clock_timestamp()))::float8
                   AS blocked_seconds
 )
 SELECT true AS written, s.queue_id AS id, NULL::uuid AS claim_token, NULL::text AS run_id,
        NULL::bigint AS prompt_tracking_id, NULL::text AS target, NULL::integer AS attempts,
-       NULL::integer AS deferrals, NULL::integer AS lease_losses, NULL::text AS external_id,
-       NULL::text AS text, NULL::float8 AS blocked_seconds
+       NULL::integer AS deferrals, NULL::integer AS lease_losses,
+       NULL::integer AS max_attempts, NULL::text AS external_id, NULL::text AS text,
+       NULL::float8 AS blocked_seconds
 FROM saved s
 UNION ALL
 SELECT false, c.id, c.claim_token, c.run_id, c.prompt_tracking_id, c.target, c.attempts,
-       c.deferrals, c.lease_losses, c.external_id, c.text, c.blocked_seconds
+       c.deferrals, c.lease_losses, c.max_attempts, c.external_id, c.text, c.blocked_seconds
 FROM claimed c;
 
 -- name: prunable_runs
@@ -672,43 +722,55 @@ RETURNING id;
 -- ---------------------------------------------------------------------------------------
 
 -- name: batch_claim
--- Claim up to $4 items of target $2 of run $1 into a new submission, owned by worker $5 for
--- $6 seconds: the intent and its items commit together, before anything is sent. Items get
--- a claim (the fence of their results) and a lease of $7 seconds that the owner renews with
--- batch_touch_items while they wait inside the provider batch.
-WITH candidates AS (
+-- Claim up to $3 items of target $2 of run $1 into a new submission, owned by worker $4 for
+-- $5 seconds: the intent and its items commit together, before anything is sent. Items get
+-- a claim (the fence of their results) and a lease of $6 seconds that the owner renews with
+-- batch_touch_items while they wait inside the provider batch. maxAttempts is read from the
+-- database, as in `claim`.
+WITH scanned AS (
     -- the sync claim's order and conditions, for one target
-    SELECT q.id
-    FROM analysis_queue q
+    SELECT q.id, q.attempts >= r.max_attempts AS exhausted
+    FROM analysis_queue q JOIN analysis_runs r ON r.id = q.run_id
     WHERE q.run_id = $1
       AND q.status IN ('pending', 'failed')
       AND q.next_attempt_at IS NOT NULL
       AND q.next_attempt_at <= now()
-      AND q.attempts < $3
       AND q.target = $2
     ORDER BY (q.status = 'failed'), q.next_attempt_at
-    LIMIT $4
+    LIMIT $3
     FOR UPDATE OF q SKIP LOCKED
+), exhausted AS (
+    -- waiting items with no attempt left end here, as in `claim`
+    UPDATE analysis_queue q SET
+        status = 'failed', next_attempt_at = NULL, updated_at = now(),
+        error_class = coalesce(q.error_class, 'transient'),
+        error_message = format('gave up after %s attempts: %s', q.attempts,
+                               coalesce(q.error_message, 'maxAttempts was lowered'))
+    FROM scanned c
+    WHERE q.id = c.id AND c.exhausted
+), candidates AS (
+    SELECT id FROM scanned WHERE NOT exhausted
 ), submission AS (
     -- HAVING: no row (and no submission) when nothing is claimable
     INSERT INTO batch_submissions (run_id, target, item_count, lease_owner, lease_expires_at)
-    SELECT $1, $2, count(*), $5, now() + make_interval(secs => $6)
+    SELECT $1, $2, count(*), $4, now() + make_interval(secs => $5)
     FROM candidates HAVING count(*) > 0
     RETURNING id
 )
 UPDATE analysis_queue q SET
     status = 'processing',
     attempts = q.attempts + 1,
-    lease_owner = $5,
-    lease_expires_at = now() + make_interval(secs => $7),
+    lease_owner = $4,
+    lease_expires_at = now() + make_interval(secs => $6),
     claim_token = gen_random_uuid(),
     next_attempt_at = NULL,
     submission_id = s.id,
     updated_at = now()
-FROM candidates c, submission s, prompts p
-WHERE q.id = c.id AND p.id = q.prompt_tracking_id
+FROM candidates c, submission s, prompts p, analysis_runs r
+WHERE q.id = c.id AND p.id = q.prompt_tracking_id AND r.id = q.run_id
 RETURNING s.id AS submission_id, q.id, q.claim_token, q.run_id, q.prompt_tracking_id,
-          q.target, q.attempts, q.deferrals, q.lease_losses, p.external_id, p.text;
+          q.target, q.attempts, q.deferrals, q.lease_losses, r.max_attempts, p.external_id,
+          p.text;
 
 -- name: batch_take
 -- Submissions of run $1 that worker $2 should work on now, leased to it for $3 seconds: its
@@ -770,16 +832,18 @@ RETURNING id;
 -- name: batch_items
 -- The claims of submission $1's items still waiting: what its results are matched against.
 SELECT q.id, q.claim_token, q.run_id, q.prompt_tracking_id, q.target, q.attempts,
-       q.deferrals, q.lease_losses, p.external_id, ''::text AS text
+       q.deferrals, q.lease_losses, r.max_attempts, p.external_id, ''::text AS text
 FROM analysis_queue q JOIN prompts p ON p.id = q.prompt_tracking_id
+JOIN analysis_runs r ON r.id = q.run_id
 WHERE q.submission_id = $1 AND q.status = 'processing'
 ORDER BY q.id;
 
 -- name: batch_items_with_text
 -- The same with the prompts: to (re)build the requests of a submission not yet sent.
 SELECT q.id, q.claim_token, q.run_id, q.prompt_tracking_id, q.target, q.attempts,
-       q.deferrals, q.lease_losses, p.external_id, p.text
+       q.deferrals, q.lease_losses, r.max_attempts, p.external_id, p.text
 FROM analysis_queue q JOIN prompts p ON p.id = q.prompt_tracking_id
+JOIN analysis_runs r ON r.id = q.run_id
 WHERE q.submission_id = $1 AND q.status = 'processing'
 ORDER BY q.id;
 

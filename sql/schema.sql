@@ -152,6 +152,9 @@ CREATE TABLE analysis_queue (
     retries            integer      NOT NULL DEFAULT 0 CHECK (retries >= 0),
     -- the provider batch the item waits in (targets[].mode: batch)
     submission_id      bigint       REFERENCES batch_submissions (id) ON DELETE SET NULL,
+    -- the lost leases that point at the item itself (see cleanup_stuck_queue_items)
+    lone_losses        integer      NOT NULL DEFAULT 0
+                                    CHECK (lone_losses >= 0 AND lone_losses <= lease_losses),
     UNIQUE (run_id, prompt_tracking_id, target),
     FOREIGN KEY (run_id, target) REFERENCES run_targets (run_id, target) ON DELETE CASCADE,
     -- A claim exists exactly while the item is processing.
@@ -206,15 +209,25 @@ CREATE INDEX analysis_results_run_idx ON analysis_results (run_id, id);
 
 -- The seed's SQL function, same name and meaning: put items stuck in 'processing' back in the
 -- queue. Stuck = lease expired, or (for rows without a live heartbeat) not updated for
--- p_stuck_after. An item that lost its lease max_lease_losses times fails for good as poison
--- instead of looping. Callable by people, pg_cron, the worker at start and the operator.
+-- p_stuck_after. An item that keeps killing its worker fails for good as poison instead of
+-- looping: a lost lease is evidence against an item when the dead worker held it alone, or
+-- held it as its one suspect (an item that lost a lease before; the claim hands a worker one
+-- at a time); its max_lease_losses-th piece of evidence poisons it. An item that merely died
+-- with its batch-mates becomes a suspect, no more. Callable by people, pg_cron, the worker
+-- at start and the operator.
+-- Two kinds of item are not stuck: those whose claim token is in p_live_tokens (a worker
+-- resetting its own run passes the claims it still works on), and, for one lease after the
+-- server (re)started, those last renewed shortly before it started: their owners could not
+-- renew them while the server was down and get the time to do it now.
 CREATE FUNCTION cleanup_stuck_queue_items(
     p_run_id text DEFAULT NULL,
-    p_stuck_after interval DEFAULT interval '15 minutes'
+    p_stuck_after interval DEFAULT interval '15 minutes',
+    p_live_tokens uuid[] DEFAULT '{}'
 ) RETURNS TABLE (reset_count integer, poisoned_count integer)
 LANGUAGE sql AS $$
     WITH stuck AS (
-        SELECT q.id, q.lease_losses + 1 >= r.max_lease_losses AS poison
+        SELECT q.id, q.lease_owner, q.lease_losses > 0 AS suspect,
+               q.lone_losses, r.max_lease_losses
         FROM analysis_queue q
         JOIN analysis_runs r ON r.id = q.run_id
         WHERE q.status = 'processing'
@@ -223,24 +236,36 @@ LANGUAGE sql AS $$
           -- items waiting inside a provider batch belong to their submission, whose own
           -- lease is what a dead worker loses (another worker adopts it): never reset here
           AND q.submission_id IS NULL
+          AND q.claim_token <> ALL (p_live_tokens)
+          AND NOT (pg_postmaster_start_time() > now() - make_interval(secs => r.lease_seconds)
+                   AND q.updated_at < pg_postmaster_start_time()
+                   AND q.updated_at > pg_postmaster_start_time() - p_stuck_after)
         ORDER BY q.id
         FOR UPDATE OF q SKIP LOCKED
+    ), held AS (
+        SELECT lease_owner, count(*) AS n FROM stuck GROUP BY lease_owner
+    ), judged AS (
+        SELECT s.id, s.suspect OR h.n = 1 AS lone,
+               (s.suspect OR h.n = 1) AND s.lone_losses + 1 >= s.max_lease_losses AS poison
+        FROM stuck s JOIN held h ON h.lease_owner = s.lease_owner
     ), reset AS (
         UPDATE analysis_queue q SET
             status = CASE WHEN s.poison THEN 'failed' ELSE 'pending' END,
             -- the lost attempt is not counted: the item did not get an answer
             attempts = greatest(q.attempts - 1, 0),
             lease_losses = q.lease_losses + 1,
+            lone_losses = q.lone_losses + s.lone::integer,
             error_class = CASE WHEN s.poison THEN 'poison' ELSE 'lease_lost' END,
             error_message = CASE WHEN s.poison
                 THEN format('poison: lease lost %s times (worker %s died or hung each time)',
                             q.lease_losses + 1, q.lease_owner)
                 ELSE format('lease lost by worker %s; requeued', q.lease_owner) END,
-            -- '-infinity': rescued items go to the head of the queue, not behind the backlog
+            -- '-infinity': rescued items go to the head of the queue, not behind the backlog;
+            -- the claim hands a worker at most one item that lost a lease (see `claim`)
             next_attempt_at = CASE WHEN s.poison THEN NULL ELSE '-infinity'::timestamptz END,
             lease_owner = NULL, lease_expires_at = NULL, claim_token = NULL,
             updated_at = now()
-        FROM stuck s
+        FROM judged s
         WHERE q.id = s.id
         RETURNING s.poison
     )

@@ -68,6 +68,9 @@ class WorkerSettings(_Base):
     shutdown_grace_seconds: float = Field(default=20.0, ge=0, le=3600)
     #: Database pool size per worker process.
     pool_size: int = Field(default=4, ge=2, le=100)
+    #: No statement of a worker waits longer for the database (a half-open connection after
+    #: a failover fails here instead of hanging); heartbeats wait a third of a lease at most.
+    database_command_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
 
 
 class OperatorSettings(_Base):

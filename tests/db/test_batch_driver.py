@@ -352,7 +352,6 @@ async def test_a_cancel_asked_during_a_poll_is_not_postponed_by_it(db: asyncpg.C
         "b",
         worker="w1",
         limit=3,
-        max_attempts=3,
         lease_seconds=60,
         item_lease_seconds=360,
     )

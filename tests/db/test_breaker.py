@@ -143,7 +143,7 @@ async def test_a_content_error_on_every_prompt_fails_only_those_prompts(
 
 
 async def claim(db: asyncpg.Connection, n: int) -> list[ClaimedItem]:
-    return await items.claim(db, "run-1", worker="w", limit=n, lease_seconds=60, max_attempts=3)
+    return await items.claim(db, "run-1", worker="w", limit=n, lease_seconds=60)
 
 
 async def fault(db: asyncpg.Connection, item: ClaimedItem, f: TargetFault = NOT_FOUND) -> None:

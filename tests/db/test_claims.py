@@ -23,9 +23,7 @@ OK = Completion("answer", {"a": 1}, 10, 5, "echo-1", 12.5)
 async def claim(
     db: asyncpg.Connection, n: int = 5, *, worker: str = "w1", lease: float = 60
 ) -> list[ClaimedItem]:
-    return await items.claim(
-        db, "run-1", worker=worker, limit=n, lease_seconds=lease, max_attempts=3
-    )
+    return await items.claim(db, "run-1", worker=worker, limit=n, lease_seconds=lease)
 
 
 async def test_claim_takes_a_batch_and_leases_it(db: asyncpg.Connection) -> None:
@@ -81,13 +79,13 @@ async def test_claim_uses_its_index(db: asyncpg.Connection) -> None:
     await db.execute("ANALYZE")
     await db.execute("SET enable_seqscan = off")  # the plan must not need a full scan
     plan = await db.fetchval(
-        "EXPLAIN (FORMAT JSON) " + query("claim"), "run-1", 3, 5, "w", 60.0, []
+        "EXPLAIN (FORMAT JSON) " + query("claim"), "run-1", 5, "w", 60.0, 1, []
     )
     text = json.dumps(plan)
     assert "analysis_queue_claim_idx" in text, text
     await db.execute("RESET enable_seqscan")
     plan = json.dumps(
-        await db.fetchval("EXPLAIN (FORMAT JSON) " + query("claim"), "run-1", 3, 5, "w", 60.0, [])
+        await db.fetchval("EXPLAIN (FORMAT JSON) " + query("claim"), "run-1", 5, "w", 60.0, 1, [])
     )
     assert "analysis_queue_claim_idx" in plan, plan
 

@@ -20,8 +20,7 @@ OK = Completion("answer", {"a": 1}, 10, 5, "echo-1", 12.5)
 
 
 async def claim(db: asyncpg.Connection, n: int) -> list[ClaimedItem]:
-    return await items.claim(db, "run-1", worker="w1", limit=n, lease_seconds=60,
-                             max_attempts=3)  # fmt: skip
+    return await items.claim(db, "run-1", worker="w1", limit=n, lease_seconds=60)  # fmt: skip
 
 
 async def complete_and_claim(
@@ -29,7 +28,7 @@ async def complete_and_claim(
 ) -> tuple[set[int], list[ClaimedItem]]:
     return await items.complete_and_claim(
         db, [Outcome(i, OK) for i in done], "run-1", worker=worker, limit=n,
-        lease_seconds=60, max_attempts=3,
+        lease_seconds=60,
     )  # fmt: skip
 
 

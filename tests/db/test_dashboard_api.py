@@ -326,7 +326,6 @@ async def test_open_provider_batches_panel(pool: asyncpg.Pool, db_url: str) -> N
             "b",
             worker="w",
             limit=5,
-            max_attempts=3,
             lease_seconds=60,
             item_lease_seconds=360,
         )

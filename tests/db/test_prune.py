@@ -26,8 +26,7 @@ async def finished_run(db: asyncpg.Connection, run_id: str, days_ago: float, n: 
     """A run of *n* items, every one completed, finished *days_ago* days ago."""
     ids = await db.fetch("SELECT external_id FROM prompts ORDER BY id LIMIT $1", n)
     await new_run(db, run_id, spec(prompts={"ids": [r[0] for r in ids]}))
-    claimed = await items.claim(db, run_id, worker="w", limit=n, lease_seconds=60,
-                                max_attempts=3)  # fmt: skip
+    claimed = await items.claim(db, run_id, worker="w", limit=n, lease_seconds=60)  # fmt: skip
     assert len(await items.complete(db, [items.Outcome(i, OK) for i in claimed])) == n
     await runs.mark_finished(db, run_id)
     await db.execute(
@@ -103,8 +102,7 @@ async def test_prune_never_waits_on_locked_rows(
     try:
         tx = holder.transaction()
         await tx.start()
-        await items.claim(holder, "active", worker="w", limit=5, lease_seconds=60,
-                          max_attempts=3)  # fmt: skip
+        await items.claim(holder, "active", worker="w", limit=5, lease_seconds=60)  # fmt: skip
         await holder.execute(
             "SELECT 1 FROM analysis_queue WHERE run_id = 'old' ORDER BY id LIMIT 1 FOR UPDATE"
         )

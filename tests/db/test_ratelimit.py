@@ -141,7 +141,7 @@ async def test_retry_after_reaches_unlimited_targets_through_the_claim(
     s = spec(targets=[target()])
     await new_run(db, s=s)
     await ratelimit.backoff(db, "run-1", "t", 5.0)
-    claimed = await items.claim(db, "run-1", worker="w", limit=2, lease_seconds=30, max_attempts=3)
+    claimed = await items.claim(db, "run-1", worker="w", limit=2, lease_seconds=30)
     assert [4.8 < c.blocked_seconds <= 5.05 for c in claimed] == [True, True]
 
 

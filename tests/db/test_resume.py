@@ -22,14 +22,12 @@ async def test_a_release_that_parks_after_a_resume_does_not_strand_it(
     does its release (park=True) arrive: the item must stay claimable, not wait forever."""
     await add_prompts(db, 2)
     await new_run(db)
-    late, other = await items.claim(
-        db, "run-1", worker="old-pod", limit=2, lease_seconds=60, max_attempts=3
-    )
+    late, other = await items.claim(db, "run-1", worker="old-pod", limit=2, lease_seconds=60)
     assert await runs.pause_target(db, "run-1", "echo", "HTTP 401: bad key")
     assert await items.release(db, other, error_class=ErrorClass.AUTH, message="401", park=True)
     assert await runs.resume_targets(db, "run-1") == ["echo"]
     assert await items.release(db, late, error_class=ErrorClass.AUTH, message="401", park=True)
-    due = await items.claim(db, "run-1", worker="new", limit=5, lease_seconds=60, max_attempts=3)
+    due = await items.claim(db, "run-1", worker="new", limit=5, lease_seconds=60)
     assert {i.id for i in due} == {late.id, other.id}
 
 
@@ -43,9 +41,7 @@ async def test_a_resume_waits_for_a_release_under_way(
     try:
         await add_prompts(a, 1)
         await new_run(a)
-        (item,) = await items.claim(
-            a, "run-1", worker="old-pod", limit=1, lease_seconds=60, max_attempts=3
-        )
+        (item,) = await items.claim(a, "run-1", worker="old-pod", limit=1, lease_seconds=60)
         assert await runs.pause_target(a, "run-1", "echo", "HTTP 401: bad key")
         tx = a.transaction()
         await tx.start()
@@ -55,7 +51,7 @@ async def test_a_resume_waits_for_a_release_under_way(
         assert not resume.done()  # it waits for the release's lock on the target
         await tx.commit()
         assert await resume == ["echo"]
-        due = await items.claim(a, "run-1", worker="new", limit=5, lease_seconds=60, max_attempts=3)
+        due = await items.claim(a, "run-1", worker="new", limit=5, lease_seconds=60)
         assert [i.id for i in due] == [item.id]
     finally:
         await a.close()

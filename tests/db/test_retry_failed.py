@@ -28,7 +28,7 @@ TWO = spec(
 
 
 async def claim_all(db: asyncpg.Connection, run_id: str = "run-1") -> list[ClaimedItem]:
-    return await items.claim(db, run_id, worker="w1", limit=100, lease_seconds=60, max_attempts=3)
+    return await items.claim(db, run_id, worker="w1", limit=100, lease_seconds=60)
 
 
 async def fail_for_good(

@@ -51,8 +51,7 @@ async def populate(db: asyncpg.Connection) -> list[str]:
     ids = await add_prompts(db, 40)
     await new_run(db, "run-1")
     await new_run(db, "run-2", spec(prompts={"ids": ids[:5]}))
-    claimed = await items.claim(db, "run-1", worker="w", limit=20, lease_seconds=60,
-                                max_attempts=3)  # fmt: skip
+    claimed = await items.claim(db, "run-1", worker="w", limit=20, lease_seconds=60)
     done = [
         items.Outcome(i, Completion("ok", {"a": 1}, 3, 4, "echo-1", 12.5)) for i in claimed[:10]
     ]

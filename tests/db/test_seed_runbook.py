@@ -68,7 +68,7 @@ async def _populate(db: asyncpg.Connection) -> None:
     6 failed (4 'timeout', 2 'bad request')."""
     await add_prompts(db, 40)
     await new_run(db)
-    claimed = await items.claim(db, "run-1", worker="w", limit=20, lease_seconds=60, max_attempts=3)
+    claimed = await items.claim(db, "run-1", worker="w", limit=20, lease_seconds=60)
     from analysisq.completion import Completion
 
     done = [items.Outcome(i, Completion("ok", None, 1, 1, "echo-1", 1.0)) for i in claimed[:10]]

@@ -305,7 +305,7 @@ async def test_a_nul_in_an_answer_is_stored_not_fatal(pool: asyncpg.Pool) -> Non
 async def test_lowering_max_attempts_ends_exhausted_retries(db: asyncpg.Connection) -> None:
     await add_prompts(db, 2)
     await new_run(db, s=spec(maxAttempts=3))
-    a, b = await items.claim(db, "run-1", worker="w", limit=2, lease_seconds=60, max_attempts=3)
+    a, b = await items.claim(db, "run-1", worker="w", limit=2, lease_seconds=60)
     assert await items.fail(db, a, ErrorClass.TRANSIENT, "503", 60.0)
     assert await items.fail(db, b, ErrorClass.TRANSIENT, "503", 60.0)
     assert (await runs.counts(db, "run-1")).retrying == 2

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.unit
 
 
 def item(i: int, text: str) -> ClaimedItem:
-    return ClaimedItem(i, uuid.uuid4(), "r", i, f"p{i}", "t", 1, 0, 0, text)
+    return ClaimedItem(i, uuid.uuid4(), "r", i, f"p{i}", "t", 1, 0, 3, 0, text)
 
 
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])

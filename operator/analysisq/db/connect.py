@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Literal
@@ -22,7 +23,6 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncio.TimeoutError,
     asyncpg.ConnectionDoesNotExistError,
     asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
     # admin/crash shutdown and "cannot connect now": the server is restarting
     asyncpg.OperatorInterventionError,
     asyncpg.TooManyConnectionsError,
@@ -44,6 +44,16 @@ def translated(what: str) -> Iterator[None]:
     """Turn asyncpg and socket errors raised inside into analysisq errors."""
     try:
         yield
+    except asyncpg.exceptions._base.InternalClientError as exc:
+        # asyncpg's own state machine lost track (a connection interrupted mid-protocol):
+        # the connection is dropped and the statement tried again on another
+        raise DatabaseUnavailable(f"{what}: connection lost its state: {exc}") from None
+    except asyncpg.InterfaceError as exc:
+        if isinstance(exc, ValueError):
+            # asyncpg could not encode an argument (a lone surrogate, an integer out of
+            # range): the same write fails every time, it is no outage
+            raise DatabaseError(f"{what}: invalid value: {redact(str(exc))}") from None
+        raise DatabaseUnavailable(f"{what}: database unavailable: {redact(str(exc))}") from None
     except _UNAVAILABLE as exc:
         raise DatabaseUnavailable(f"{what}: database unavailable: {redact(str(exc))}") from None
     except asyncpg.PostgresError as exc:
@@ -82,13 +92,44 @@ async def _no_reset(conn: asyncpg.Connection) -> None:
     """
 
 
+#: TCP keepalive of every connection: idle seconds before the first probe, seconds between
+#: probes, probes lost before the kernel declares the peer gone (about 25 s in all).
+KEEPALIVE = {"TCP_KEEPIDLE": 10, "TCP_KEEPINTVL": 5, "TCP_KEEPCNT": 3}
+#: Seconds to wait for a pooled connection before the database counts as unavailable.
+ACQUIRE_TIMEOUT = 10.0
+
+
+async def _keep_alive(conn: asyncpg.Connection) -> None:
+    """Turn on TCP keepalive, so that a peer that vanished (a failover, a dead NAT entry)
+    breaks the connection instead of leaving it half open for the kernel's two hours.
+
+    asyncpg has no option for it; its transport's socket is the one place to set it."""
+    transport = getattr(conn, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in KEEPALIVE.items():
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
 async def connect(
-    url: str, *, pooler: Pooler = "none", timeout: float = 10.0
+    url: str,
+    *,
+    pooler: Pooler = "none",
+    timeout: float = 10.0,
+    command_timeout: float | None = None,
 ) -> asyncpg.Connection:
     with translated(f"connecting to {safe_url(url)}"):
         conn: asyncpg.Connection = await asyncpg.connect(
-            url, timeout=timeout, server_settings=_SERVER_SETTINGS, **_pooler_options(pooler)
+            url,
+            timeout=timeout,
+            command_timeout=command_timeout,
+            server_settings=_SERVER_SETTINGS,
+            **_pooler_options(pooler),
         )
+        await _keep_alive(conn)
         return conn
 
 
@@ -99,16 +140,21 @@ async def create_pool(
     min_size: int = 1,
     max_size: int = 4,
     timeout: float = 10.0,
+    command_timeout: float | None = None,
     **kw: Any,
 ) -> asyncpg.Pool:
+    """A pool whose connections keep alive; *timeout* bounds connecting, *command_timeout*
+    (None: no bound) every statement."""
     with translated(f"connecting to {safe_url(url)}"):
         pool = await asyncpg.create_pool(
             url,
             min_size=min_size,
             max_size=max_size,
             timeout=timeout,
+            command_timeout=command_timeout,
             server_settings=_SERVER_SETTINGS,
             reset=_no_reset,
+            init=_keep_alive,
             # A pooled connection that died with the server is dropped, not reused.
             max_inactive_connection_lifetime=60.0,
             **_pooler_options(pooler),
@@ -127,13 +173,32 @@ async def open_pool(url: str, **kw: Any) -> AsyncIterator[asyncpg.Pool]:
         await pool.close()
 
 
+def _discard(conn: asyncpg.Connection) -> None:
+    """Close a connection that a timeout, a lost server or a cancellation interrupted: it may
+    be mid-protocol, and must never be handed to the next caller (pooling reuses it without a
+    reset round trip)."""
+    with contextlib.suppress(Exception):
+        conn.terminate()
+
+
 @asynccontextmanager
-async def acquire(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
-    """A pooled connection; failing to get one is ``DatabaseUnavailable``."""
+async def acquire(
+    pool: asyncpg.Pool, *, timeout: float = ACQUIRE_TIMEOUT
+) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled connection; failing to get one within *timeout* is ``DatabaseUnavailable``
+    (every connection of the pool may be stuck on a server that stopped answering)."""
     with translated("acquiring a database connection"):
-        conn = await pool.acquire()
+        conn = await pool.acquire(timeout=timeout)
     try:
         yield conn
+    except DatabaseError as exc:
+        if isinstance(exc, DatabaseUnavailable):
+            _discard(conn)
+        raise  # a refusal (the server answered) leaves the connection usable
+    except BaseException:
+        _discard(conn)
+        raise
     finally:
         with contextlib.suppress(Exception):
-            await pool.release(conn)
+            # bounded too: a connection whose cancelled statement never returns is dropped
+            await pool.release(conn, timeout=timeout)

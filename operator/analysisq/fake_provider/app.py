@@ -277,5 +277,6 @@ class FakeApp:
         headers: dict[str, str] | None = None,
     ) -> web.Response:
         self.recorder.responded(status)
+        message += self.config.error_suffix_text
         error = {"message": message, "type": type_, "param": param, "code": code}
         return web.json_response({"error": error}, status=status, headers=headers)

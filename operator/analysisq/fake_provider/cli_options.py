@@ -122,6 +122,9 @@ _OPTIONS = (
         default=None,
         help="Add a non-JSON line, an unknown custom_id and a repeated result to result files.",
     ),
+    click.option(
+        "--error-message-suffix", help="Appended to every error message (e.g. half an emoji)."
+    ),
     click.option("--seed", type=int, help="Seed of the random draws."),
 )
 

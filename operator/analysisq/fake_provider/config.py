@@ -7,6 +7,7 @@ time (a chaos test can start an error storm mid-run). The CLI flags of
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -86,8 +87,27 @@ class FakeConfig(BaseModel):
     #: Bad provider output: every result file also holds a line that is not JSON, a result
     #: for a ``custom_id`` no request had, and a second copy of its first result.
     batch_corrupt_results: bool = False
+    #: Appended to the message of every error answer, written as the content of a JSON string
+    #: so that it can say what a broken gateway sends: ``\ud83d`` is half an emoji (a lone
+    #: UTF-16 surrogate), as when a body is cut mid-character.
+    error_message_suffix: str = Field(default="", max_length=1000)
     #: Seed of the random draws (latency, error mix); ``None`` for a fresh one each start.
     seed: int | None = 0
+
+    @property
+    def error_suffix_text(self) -> str:
+        """``error_message_suffix`` decoded (lone surrogates included)."""
+        return str(json.loads(f'"{self.error_message_suffix}"'))
+
+    @model_validator(mode="after")
+    def _suffix_is_json_string_content(self) -> FakeConfig:
+        try:
+            self.error_suffix_text  # noqa: B018 (validates)
+        except ValueError:
+            raise ValueError(
+                "error_message_suffix must be the content of a JSON string, e.g. \\ud83d"
+            ) from None
+        return self
 
     @model_validator(mode="after")
     def _rates_sum_to_at_most_one(self) -> FakeConfig:

@@ -22,6 +22,7 @@ import asyncpg
 
 from analysisq.db.connect import translated
 from analysisq.db.sql import query
+from analysisq.db.text import db_text
 from analysisq.errors import redact
 from analysisq.queue.items import MAX_ERROR_CHARS, ClaimedItem, claimed_item
 
@@ -71,7 +72,6 @@ async def claim(
     *,
     worker: str,
     limit: int,
-    max_attempts: int,
     lease_seconds: float,
     item_lease_seconds: float,
 ) -> tuple[int | None, list[ClaimedItem]]:
@@ -82,7 +82,6 @@ async def claim(
             query("batch_claim"),
             run_id,
             target,
-            max_attempts,
             limit,
             worker,
             float(lease_seconds),
@@ -160,7 +159,7 @@ async def polled(
             query("batch_polled"),
             submission_id,
             worker,
-            status,
+            db_text(status, MAX_ERROR_CHARS),
             json.dumps(dict(counts)),
             float(poll_in),
         )
@@ -193,9 +192,9 @@ async def finish(
             query("batch_finish"),
             submission_id,
             worker,
-            redact(outcome, MAX_ERROR_CHARS),
+            db_text(redact(outcome, MAX_ERROR_CHARS), MAX_ERROR_CHARS),
             float(release_in),
-            redact(reason, MAX_ERROR_CHARS) if reason else None,
+            db_text(redact(reason, MAX_ERROR_CHARS), MAX_ERROR_CHARS) if reason else None,
         )
     return int(row["released"]) if row and row["finished"] else None
 

@@ -8,7 +8,6 @@ wrappers report which writes applied and the worker logs the rest as lost leases
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,10 +17,13 @@ import asyncpg
 from analysisq.completion import Completion
 from analysisq.db.connect import translated
 from analysisq.db.sql import query
+from analysisq.db.text import db_int, db_json, db_text
 from analysisq.errors import ErrorClass, TargetFault, redact
 from analysisq.queue import breaker
 
 MAX_ERROR_CHARS = 2000
+#: Longest model name stored with a result.
+MAX_MODEL_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -36,11 +38,18 @@ class ClaimedItem:
     target: str
     attempt: int
     deferrals: int
+    #: The run's maxAttempts as the database said at the claim.
+    max_attempts: int
     #: Leases this item lost before this claim (a worker holding it died or hung).
     lease_losses: int
     text: str
     #: Seconds the item's rate pool is still blocked by a provider's Retry-After.
     blocked_seconds: float = 0.0
+
+    @property
+    def suspect(self) -> bool:
+        """It lost a lease before: it may be what killed its worker."""
+        return self.lease_losses > 0
 
     @property
     def key(self) -> tuple[int, uuid.UUID]:
@@ -63,19 +72,20 @@ async def claim(
     worker: str,
     limit: int,
     lease_seconds: float,
-    max_attempts: int,
+    max_suspects: int | None = None,
     skip_targets: Sequence[str] = (),
 ) -> list[ClaimedItem]:
-    """Claim items for the sync path; *skip_targets* (those in mode batch) are left to
-    ``queue.batches.claim``."""
+    """Lease up to *limit* due items for the sync path, at most *max_suspects* of them (None:
+    any number) having lost a lease before; waiting items with no attempt left fail for good
+    instead. *skip_targets* (those in mode batch) are left to ``queue.batches.claim``."""
     with translated("claiming items"):
         rows = await conn.fetch(
             query("claim"),
             run_id,
-            max_attempts,
             limit,
             worker,
             float(lease_seconds),
+            max_suspects,
             list(skip_targets),
         )
     return [claimed_item(r) for r in rows]
@@ -92,6 +102,7 @@ def claimed_item(r: asyncpg.Record) -> ClaimedItem:
         target=r["target"],
         attempt=r["attempts"],
         deferrals=r["deferrals"],
+        max_attempts=r["max_attempts"],
         lease_losses=r["lease_losses"],
         text=r["text"],
         blocked_seconds=r.get("blocked_seconds", 0.0),
@@ -99,7 +110,11 @@ def claimed_item(r: asyncpg.Record) -> ClaimedItem:
 
 
 async def heartbeat(
-    conn: asyncpg.Connection, items: Sequence[ClaimedItem], lease_seconds: float
+    conn: asyncpg.Connection,
+    items: Sequence[ClaimedItem],
+    lease_seconds: float,
+    *,
+    timeout: float | None = None,
 ) -> set[int]:
     """Renew the leases; return the ids still held (the others were lost)."""
     if not items:
@@ -110,36 +125,23 @@ async def heartbeat(
             [i.id for i in items],
             [i.token for i in items],
             float(lease_seconds),
+            timeout=timeout,
         )
     return {r[0] for r in rows}
 
 
-def _text(value: str) -> str:
-    """PostgreSQL text cannot hold NUL, which model output occasionally contains."""
-    return value.replace("\x00", "\ufffd")
-
-
-def _parsed_json(value: object) -> str | None:
-    if value is None:
-        return None
-    try:
-        # jsonb refuses the \u0000 escape for the same reason
-        return json.dumps(value).replace("\\u0000", "\\ufffd")
-    except (TypeError, ValueError):
-        return None
-
-
 def _result_columns(outcomes: Sequence[Outcome]) -> tuple[list[object], ...]:
-    """The parameters $1-$8 of ``complete`` and ``complete_and_claim``, one array each."""
+    """The parameters $1-$8 of ``complete`` and ``complete_and_claim``, one array each,
+    made storable: an answer is kept even when its parsed JSON or token counts cannot be."""
     return (
         [o.item.id for o in outcomes],
         [o.item.token for o in outcomes],
-        [_text(o.completion.model) for o in outcomes],
-        [_text(o.completion.text) for o in outcomes],
-        [_parsed_json(o.completion.parsed) for o in outcomes],
-        [o.completion.tokens_in for o in outcomes],
-        [o.completion.tokens_out for o in outcomes],
-        [float(o.completion.latency_ms) for o in outcomes],
+        [db_text(o.completion.model, MAX_MODEL_CHARS) for o in outcomes],
+        [db_text(o.completion.text) for o in outcomes],
+        [db_json(o.completion.parsed) for o in outcomes],
+        [db_int(o.completion.tokens_in) for o in outcomes],
+        [db_int(o.completion.tokens_out) for o in outcomes],
+        [max(0.0, float(o.completion.latency_ms)) for o in outcomes],
     )
 
 
@@ -163,23 +165,24 @@ async def complete_and_claim(
     worker: str,
     limit: int,
     lease_seconds: float,
-    max_attempts: int,
+    max_suspects: int | None = None,
 ) -> tuple[set[int], list[ClaimedItem]]:
     """``complete`` then ``claim`` in one statement (one round trip, one transaction).
 
     Returns the ids written (as ``complete``) and the new claims (as ``claim``, up to
-    *limit*). Fencing and write-once are those of ``complete``: a result is written only for
-    a claim still the writer's, and at most once per item.
+    *limit*, at most *max_suspects* of them having lost a lease before). Fencing and
+    write-once are those of ``complete``: a result is written only for a claim still the
+    writer's, and at most once per item.
     """
     with translated("completing and claiming items"):
         rows = await conn.fetch(
             query("complete_and_claim"),
             *_result_columns(outcomes),
             run_id,
-            max_attempts,
             limit,
             worker,
             float(lease_seconds),
+            max_suspects,
         )
     return {r["id"] for r in rows if r["written"]}, [
         claimed_item(r) for r in rows if not r["written"]
@@ -199,7 +202,7 @@ async def fail(
 
     A failure for good caused by a ``fault`` of the target goes through the circuit breaker
     (``breaker``), which may pause the target and give the item back instead."""
-    text = redact(message, MAX_ERROR_CHARS)
+    text = db_text(redact(message, MAX_ERROR_CHARS), MAX_ERROR_CHARS)
     if fault is not None and retry_in is None:
         return await breaker.fail_on_target_fault(
             conn, item.id, item.token, item.target, error_class, text, fault
@@ -230,7 +233,7 @@ async def release(
             item.id,
             item.token,
             str(error_class) if error_class else None,
-            redact(message, MAX_ERROR_CHARS) if message else None,
+            db_text(redact(message, MAX_ERROR_CHARS), MAX_ERROR_CHARS) if message else None,
             1 if deferral else 0,
             float(delay),
             park,

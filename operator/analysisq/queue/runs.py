@@ -15,6 +15,7 @@ import asyncpg
 
 from analysisq.db.connect import translated
 from analysisq.db.sql import query
+from analysisq.db.text import db_text
 from analysisq.errors import RunNotFound, SpecError
 from analysisq.queue import budget, ratelimit
 from analysisq.queue.states import Counts
@@ -180,7 +181,8 @@ async def targets(conn: asyncpg.Connection, run_id: str) -> list[TargetState]:
 async def pause_target(conn: asyncpg.Connection, run_id: str, target: str, reason: str) -> bool:
     """Pause a target for the run (auth failure, the breaker); True if this call paused it."""
     with translated(f"pausing target {target}"):
-        return await conn.fetchval(query("pause_target"), run_id, target, reason) is not None
+        row = await conn.fetchval(query("pause_target"), run_id, target, db_text(reason, 2000))
+        return row is not None
 
 
 async def resume_targets(

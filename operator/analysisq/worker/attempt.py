@@ -78,7 +78,7 @@ class Attempts:
         return self.policy.decide(
             err,
             attempt=item.attempt,
-            max_attempts=self.spec.max_attempts,
+            max_attempts=item.max_attempts,
             deferrals=item.deferrals,
             rng=self._rng,
         )

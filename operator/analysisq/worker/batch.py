@@ -171,7 +171,6 @@ class BatchDriver:
                 target.name,
                 worker=self.name,
                 limit=target.batch.max_requests,
-                max_attempts=self.spec.max_attempts,
                 lease_seconds=self.lease,
                 item_lease_seconds=ITEM_LEASE_SECONDS,
             )
@@ -218,7 +217,6 @@ class BatchDriver:
                 sub_id,
                 TransientError(f"the provider refused the batch: {exc.message}"),
                 policy=self.policy,
-                max_attempts=self.spec.max_attempts,
                 rng=self._rng,
             )
             await self._finish(sub_id, f"refused: {exc.message}; {report.line()}")
@@ -303,7 +301,6 @@ class BatchDriver:
                 sub.id,
                 TransientError(failure.message),
                 policy=self.policy,
-                max_attempts=self.spec.max_attempts,
                 rng=self._rng,
             )
             await self._finish(sub.id, f"failed: {failure.message}; {report.line()}")
@@ -316,7 +313,6 @@ class BatchDriver:
             client,
             state,
             policy=self.policy,
-            max_attempts=self.spec.max_attempts,
             rng=self._rng,
             step=self._step,
         )

@@ -76,7 +76,6 @@ async def ingest(
     state: BatchState,
     *,
     policy: RetryPolicy,
-    max_attempts: int,
     rng: random.Random,
     step: Callable[[str], Awaitable[None]] | None = None,
 ) -> IngestReport:
@@ -121,7 +120,7 @@ async def ingest(
                 decision = policy.decide(
                     result.error,
                     attempt=item.attempt,
-                    max_attempts=max_attempts,
+                    max_attempts=item.max_attempts,
                     deferrals=item.deferrals,
                     rng=rng,
                 )
@@ -196,7 +195,6 @@ async def fail_all(
     error: ProviderError,
     *,
     policy: RetryPolicy,
-    max_attempts: int,
     rng: random.Random,
 ) -> IngestReport:
     """A batch refused as a whole for a reason that is not back-pressure: every item takes
@@ -208,7 +206,7 @@ async def fail_all(
             decision = policy.decide(
                 error,
                 attempt=item.attempt,
-                max_attempts=max_attempts,
+                max_attempts=item.max_attempts,
                 deferrals=item.deferrals,
                 rng=rng,
             )

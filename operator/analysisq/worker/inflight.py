@@ -62,6 +62,10 @@ class InFlight:
         del self._by_id[item.id]
         return True
 
+    def holds_suspect(self) -> bool:
+        """A claim on an item that lost a lease before is held (a worker takes one at most)."""
+        return any(r.item.suspect for r in self._by_id.values())
+
     def items(self) -> list[ClaimedItem]:
         return [r.item for r in self._by_id.values()]
 

@@ -10,13 +10,13 @@ One asyncio process, four loops sharing a small database pool:
 - ``_housekeeping_loop`` runs the stuck-item reset for the run every quarter lease (at most
   15 s), so a crashed worker's items come back within about 1.25 leases.
 
-A verdict that is not an answer is a ``Decision`` applied by ``queue.decisions.apply``, the
-one call by which the worker changes an item. Targets in ``mode: batch`` are left to a
-``worker.batch.BatchDriver`` running beside these loops (the sync claim skips them). At
-start the worker resets its run's stuck items, as the seed's ``process-queue`` did. On stop
-(SIGTERM) it claims nothing more, gives in-flight items ``shutdown_grace_seconds`` to finish,
-then releases what it still holds (a release is not an attempt) and exits. ``startup.serve``
-builds a worker for a process.
+A verdict that is not an answer is a ``Decision`` that ``settle`` hands to
+``queue.decisions.apply``, the one call by which the worker changes such an item. Targets in
+``mode: batch`` are left to a ``worker.batch.BatchDriver`` running beside these loops (the
+sync claim skips them). At start the worker resets its run's stuck items, as the seed's
+``process-queue`` did. On stop (SIGTERM) it claims nothing more, gives in-flight items
+``shutdown_grace_seconds`` to finish, then releases what it still holds (a release is not an
+attempt) and exits. ``startup.serve`` builds a worker for a process.
 """
 
 from __future__ import annotations
@@ -29,28 +29,21 @@ import random
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import assert_never
 
 import asyncpg
 import httpx
 
 from analysisq.completion import Completion
 from analysisq.db.connect import acquire
-from analysisq.errors import BudgetExhausted, DatabaseError, DatabaseUnavailable, ErrorClass
+from analysisq.errors import BudgetExhausted, DatabaseError, ErrorClass, redact
 from analysisq.providers import BatchClient, make_batch_client, make_provider, resolve_api_key
 from analysisq.providers.base import Provider
 from analysisq.providers.client import make_http_client
 from analysisq.queue import budget, items, rescue, runs
 from analysisq.queue.decisions import (
-    Applied,
     Decision,
-    Defer,
     Fail,
-    Pause,
     Release,
-    Retry,
-    apply,
 )
 from analysisq.queue.items import ClaimedItem, Outcome
 from analysisq.queue.retry import RetryPolicy
@@ -61,6 +54,7 @@ from analysisq.worker.batch import BatchDriver
 from analysisq.worker.batch_plan import batch_targets, sync_targets_skipped
 from analysisq.worker.inflight import InFlight, InFlightClaim
 from analysisq.worker.results import ResultBuffer
+from analysisq.worker.settle import Settler, WorkerStats
 
 log = logging.getLogger("analysisq.worker")
 
@@ -69,18 +63,6 @@ def worker_name() -> str:
     """Pod name in Kubernetes (HOSTNAME), host:pid locally."""
     host = os.environ.get("POD_NAME") or socket.gethostname()
     return f"{host}:{os.getpid()}"
-
-
-@dataclass
-class WorkerStats:
-    claimed: int = 0
-    completed: int = 0
-    retried: int = 0
-    failed: int = 0
-    deferred: int = 0
-    released: int = 0
-    lost: int = 0
-    paused_targets: set[str] = field(default_factory=set)
 
 
 class Worker:
@@ -122,6 +104,9 @@ class Worker:
         self._flush_now = asyncio.Event()
         #: Set when the run's budget refused a request: claim nothing until it is raised.
         self._budget_hold = asyncio.Event()
+        self.settler = Settler(
+            pool, self.inflight, self.results, self.stats, self._log, self._slot_freed.set
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -210,7 +195,7 @@ class Worker:
         for record in self.inflight:
             if record.finishing or self.results.holds(record.item):
                 continue
-            await self._settle(record, Release("released at shutdown"), wait_for_db=False)
+            await self.settler.settle(record, Release("released at shutdown"), wait_for_db=False)
 
     # -- claiming ----------------------------------------------------------------------------
 
@@ -233,7 +218,7 @@ class Worker:
                         worker=self.name,
                         limit=free,
                         lease_seconds=self.lease,
-                        max_attempts=self.spec.max_attempts,
+                        max_suspects=0 if self.inflight.holds_suspect() else 1,
                         skip_targets=sync_targets_skipped(self.spec),
                     )
             except DatabaseError as exc:
@@ -255,7 +240,7 @@ class Worker:
         if stale is not None:
             # The rescuer took the item from us (we stalled) and we claimed it again: the old
             # claim is lost and its task must not write, nor touch the new claim.
-            self._abandon(stale, "lease lost; item claimed again")
+            self.settler.abandon(stale, "lease lost; item claimed again")
         record.task = asyncio.create_task(self._process(record))
 
     async def _wait_for_budget(self) -> None:
@@ -288,101 +273,29 @@ class Worker:
     async def _process(self, record: InFlightClaim) -> None:
         item = record.item
         try:
-            verdict: Completion | Decision = await self.attempts.run(item)
-        except DatabaseError as exc:
-            # The database failed us, not the item: give it back unspent once we can.
-            self._log(logging.WARNING, "database error; releasing item", item, error=exc.message)
-            verdict = Release("released after a database error")
-        except BudgetExhausted as exc:
-            # Not the item's fault: back unspent, and claim nothing until the budget is raised.
-            self._budget_hold.set()
-            self._log(logging.WARNING, "budget exhausted; releasing item", item, error=exc.message)
-            verdict = Release(exc.message)
-        if isinstance(verdict, Completion):
-            if self.inflight.get(item) is record and self.results.add(Outcome(item, verdict)):
-                self._flush_now.set()
-            return
-        await self._settle(record, verdict)
-
-    async def _settle(
-        self, record: InFlightClaim, decision: Decision, *, wait_for_db: bool = True
-    ) -> None:
-        """Apply *decision* to the claim: retried while the database is away (the claim stays
-        held, so the heartbeat keeps its lease); a refusal fails the item, saying why."""
-        item = record.item
-        self._log(logging.INFO, f"item {decision.action}", item,
-                  error_class=str(getattr(decision, "error_class", "")),
-                  error=decision.message, delay=decision.delay)  # fmt: skip
-        delay, refused = 0.5, False
-        while self.inflight.get(item) is record:
-            record.finishing = True
             try:
-                async with acquire(self.pool) as conn:
-                    applied = await apply(conn, item, decision)
-            except DatabaseUnavailable as exc:
-                if not wait_for_db:
-                    # Nothing is lost: the lease expires and the rescuer requeues the item.
-                    self._log(logging.WARNING, "could not release; left to its lease", item)
-                    return
-                self._log(logging.WARNING, "write failed; retrying", item, error=exc.message)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-                continue
+                verdict: Completion | Decision = await self.attempts.run(item)
             except DatabaseError as exc:
-                # Deterministic: the same write would be refused again, so never loop on it.
-                if refused:
-                    self._log(logging.ERROR, "the database refused the item's failure; left "
-                              "to its lease", item, error=exc.message)  # fmt: skip
-                    self._forget(record)
-                    return
-                refused = True
-                decision = Fail(
-                    ErrorClass.PERMANENT,
-                    f"the database refused to record this item's outcome: {exc.message}",
-                )
-                continue
-            finally:
-                record.finishing = False
-            self._count(item, decision, applied)
-            self._after_write(record, applied.written)
-            return
-
-    def _count(self, item: ClaimedItem, decision: Decision, applied: Applied) -> None:
-        match decision:
-            case Retry():
-                self.stats.retried += 1
-            case Fail():
-                self.stats.failed += 1
-            case Defer():
-                self.stats.deferred += 1
-            case Pause():
-                if applied.paused_target:
-                    self._log(logging.ERROR, "target paused for the run: provider refused our "
-                              "credentials", item, error=decision.message)  # fmt: skip
-                self.stats.paused_targets.add(item.target)
-            case Release():
-                self.stats.released += int(applied.written)
-            case _:
-                assert_never(decision)
-
-    def _after_write(self, record: InFlightClaim, applied: bool) -> None:
-        if not applied:
-            self.stats.lost += 1
-            self._log(logging.WARNING, "lease lost; write refused", record.item)
-        self._forget(record)
-
-    def _forget(self, record: InFlightClaim) -> None:
-        self.inflight.forget(record.item)
-        self._slot_freed.set()
-
-    def _abandon(self, record: InFlightClaim, why: str) -> None:
-        """Stop working on a claim that is no longer ours; write nothing for it."""
-        self.stats.lost += 1
-        self._log(logging.WARNING, why, record.item)
-        if record.task is not None:
-            record.task.cancel()
-        self.results.drop(record.item)
-        self._forget(record)
+                # The database failed us, not the item: give it back unspent once we can.
+                self._log(logging.WARNING, "database error; releasing item", item,
+                          error=exc.message)  # fmt: skip
+                verdict = Release("released after a database error")
+            except BudgetExhausted as exc:
+                # Not the item's fault: back unspent, and claim nothing until it is raised.
+                self._budget_hold.set()
+                self._log(logging.WARNING, "budget exhausted; releasing item", item,
+                          error=exc.message)  # fmt: skip
+                verdict = Release(exc.message)
+            if isinstance(verdict, Completion):
+                if self.inflight.get(item) is record and self.results.add(Outcome(item, verdict)):
+                    self._flush_now.set()
+                return
+            await self.settler.settle(record, verdict)
+        except Exception as exc:  # a bug in analysisq: never hold the claim for ever
+            self._log(logging.ERROR, "unexpected error; item left to its lease", item,
+                      error=redact(repr(exc)))  # fmt: skip
+            if self.inflight.get(item) is record:
+                self.settler.forget(record)
 
     # -- background loops --------------------------------------------------------------------
 
@@ -403,17 +316,17 @@ class Worker:
         for o in report.written:
             self.stats.completed += 1
             if (r := records[o.item.key]) is not None:
-                self._forget(r)
+                self.settler.forget(r)
         for o in report.fenced:
             if (r := records[o.item.key]) is not None and self.inflight.get(o.item) is r:
-                self._after_write(r, False)
+                self.settler.after_write(r, False)
         for o, reason in report.refused:
             if (r := records[o.item.key]) is not None:
                 r.finishing = False
                 refusal = Fail(
                     ErrorClass.PERMANENT, f"the database refused to store the answer: {reason}"
                 )
-                await self._settle(r, refusal)
+                await self.settler.settle(r, refusal)
 
     async def _flush_loop(self) -> None:
         while True:
@@ -426,22 +339,30 @@ class Worker:
         # Renewals also touch updated_at: beating at least three times per stuck threshold
         # (and per the seed's 10-minute stuck query) keeps a live claim from looking stuck.
         interval = min(self.lease, float(self.spec.stuck_after_seconds), 600.0) / 3
+        wait = interval
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(wait)
+            wait = interval
             records = list(self.inflight)
             if not records:
                 continue
             try:
-                async with acquire(self.pool) as conn:
-                    kept = await items.heartbeat(conn, [r.item for r in records], self.lease)
+                # A renewal slower than its interval is as good as lost: give up and retry.
+                async with acquire(self.pool, timeout=interval) as conn:
+                    kept = await items.heartbeat(
+                        conn, [r.item for r in records], self.lease, timeout=interval
+                    )
             except DatabaseError as exc:
-                self._log(logging.WARNING, "heartbeat failed", error=exc.message)
+                # Retried soon, not a whole interval later: once the database is back the
+                # leases must be renewed before anyone takes them for a dead worker's.
+                self._log(logging.WARNING, "heartbeat failed; retrying", error=exc.message)
+                wait = min(interval, 0.5)
                 continue
             for r in records:
                 if r.item.id in kept or r.finishing or self.inflight.get(r.item) is not r:
                     continue
                 # Someone else owns it now; stop working on it, write nothing.
-                self._abandon(r, "lease lost; abandoning item")
+                self.settler.abandon(r, "lease lost; abandoning item")
 
     async def _housekeeping_loop(self) -> None:
         # A dead worker's lease runs out at most one lease after its last heartbeat; checking
@@ -451,8 +372,13 @@ class Worker:
             await asyncio.sleep(period * self._rng.uniform(0.8, 1.2))
             try:
                 async with acquire(self.pool) as conn:
+                    # Our own claims are alive (we are): never reset them, even when an outage
+                    # let their leases run out before the heartbeat could renew them.
                     res = await rescue.rescue_stuck(
-                        conn, self.run.id, self.spec.stuck_after_seconds
+                        conn,
+                        self.run.id,
+                        self.spec.stuck_after_seconds,
+                        live_tokens=[i.token for i in self.inflight.items()],
                     )
             except DatabaseError:
                 continue

@@ -3,13 +3,15 @@
 The worker adds each answer to the ``ResultBuffer``; a flush writes the whole buffer with one
 fenced statement (``items.complete``). When the database is away the batch goes back into the
 buffer (the leases are still renewed). When the database refuses the batch, the answers are
-written one by one so that one bad value cannot sink its batch-mates; the answers it still
-refuses come back as ``refused`` with the database's reason, for the worker to fail.
+written one by one so that one bad value cannot sink its batch-mates; an answer refused alone
+is written once more with only its text (parsed JSON and token counts NULL), and only an
+answer refused even so comes back as ``refused`` with the database's reason, for the worker
+to fail.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import asyncpg
 
@@ -95,7 +97,25 @@ class ResultBuffer:
                 report.unavailable = exc.message
                 continue
             except DatabaseError as exc:
-                report.refused.append((o, exc.message))
-                continue
+                bare = await self._text_only(pool, o, exc.message, report)
+                if bare is None:
+                    continue
+                done = bare
             (report.written if o.item.id in done else report.fenced).append(o)
         return report
+
+    async def _text_only(
+        self, pool: asyncpg.Pool, o: Outcome, reason: str, report: WriteReport
+    ) -> set[int] | None:
+        """Write *o* without what the database may not take; None when it is refused."""
+        bare = replace(o.completion, parsed=None, tokens_in=None, tokens_out=None)
+        try:
+            async with acquire(pool) as conn:
+                return await items.complete(conn, [Outcome(o.item, bare)])
+        except DatabaseUnavailable as exc:
+            self.put_back([o])
+            report.kept.append(o)
+            report.unavailable = exc.message
+        except DatabaseError:
+            report.refused.append((o, reason))
+        return None

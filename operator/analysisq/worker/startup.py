@@ -23,6 +23,8 @@ from analysisq.worker.loops import Worker
 
 log = logging.getLogger("analysisq.worker")
 
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
 
 async def _wait_for_pool(settings: Settings, url: str, stop: asyncio.Event) -> asyncpg.Pool | None:
     """A pool once the database answers; None if told to stop first."""
@@ -30,7 +32,11 @@ async def _wait_for_pool(settings: Settings, url: str, stop: asyncio.Event) -> a
     while True:
         try:
             return await create_pool(
-                url, pooler=settings.database_pooler, min_size=1, max_size=settings.pool_size
+                url,
+                pooler=settings.database_pooler,
+                min_size=1,
+                max_size=settings.pool_size,
+                command_timeout=settings.database_command_timeout_seconds,
             )
         except DatabaseUnavailable as exc:
             log.warning("database unavailable; retrying", extra={"error": exc.message})
@@ -52,19 +58,23 @@ async def serve(settings: Settings, url: str, run_id: str, *, exit_when_done: bo
             worker.stop()
 
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in _SIGNALS:
         loop.add_signal_handler(sig, on_signal)
-    pool = await _wait_for_pool(settings, url, stop)
-    if pool is None:
-        return 0
     try:
-        async with acquire(pool) as conn:
-            await check_schema(conn)
-            run = await get_run(conn, run_id)
-        worker = Worker(pool, run, settings, exit_when_done=exit_when_done)
-        if stop.is_set():
-            worker.stop()
-        await worker.run_until_stopped()
-        return 0
+        pool = await _wait_for_pool(settings, url, stop)
+        if pool is None:
+            return 0
+        try:
+            async with acquire(pool) as conn:
+                await check_schema(conn)
+                run = await get_run(conn, run_id)
+            worker = Worker(pool, run, settings, exit_when_done=exit_when_done)
+            if stop.is_set():
+                worker.stop()
+            await worker.run_until_stopped()
+            return 0
+        finally:
+            await pool.close()
     finally:
-        await pool.close()
+        for sig in _SIGNALS:
+            loop.remove_signal_handler(sig)

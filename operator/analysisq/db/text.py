@@ -1,0 +1,56 @@
+"""Values as PostgreSQL can store them: the one place every text written to the queue passes.
+
+PostgreSQL text cannot hold NUL, UTF-8 cannot encode a lone UTF-16 surrogate (a gateway that
+cuts an emoji in half sends ``"\\ud83d"``), jsonb refuses the ``\\u0000`` escape, NaN and
+Infinity, and an ``integer`` column stops at 2^31 - 1. A value the database would refuse
+never reaches it: text is repaired (U+FFFD for what cannot be stored) and cut to its
+column's limit, and what cannot be stored at all becomes NULL, so that one odd character of
+an answer or an error message never costs the item.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+#: The largest value of a PostgreSQL ``integer`` column.
+MAX_INT4 = 2**31 - 1
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def db_text(value: str, limit: int | None = None) -> str:
+    """*value* with NUL and lone surrogates replaced by U+FFFD, cut to *limit* characters."""
+    clean = _UNSTORABLE.sub("\ufffd", value)
+    if limit is not None and len(clean) > limit:
+        clean = clean[: limit - 1] + "…"
+    return clean
+
+
+def db_json(value: Any) -> str | None:
+    """JSON text for a jsonb column, every string repaired; None when it is not JSON at all
+    (NaN, Infinity, objects that are not JSON types)."""
+    if value is None:
+        return None
+    try:
+        return json.dumps(_repaired(value), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return None
+
+
+def db_int(value: int | None) -> int | None:
+    """A count for an ``integer`` column that must be >= 0; None when it cannot be one."""
+    if value is None or isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if 0 <= value <= MAX_INT4 else None
+
+
+def _repaired(value: Any) -> Any:
+    if isinstance(value, str):
+        return db_text(value)
+    if isinstance(value, dict):
+        return {(db_text(k) if isinstance(k, str) else k): _repaired(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_repaired(v) for v in value]
+    return value
