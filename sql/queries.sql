@@ -104,10 +104,22 @@ WHERE NOT EXISTS (SELECT 1 FROM prompts p WHERE p.external_id = i);
 -- $5 (NULL = any number) lost a lease before, skipping the targets $6 (those in mode batch).
 -- The run's maxAttempts is read here, from the database, so a lowered maximum applies at
 -- once to every worker, old or new.
-WITH suspects AS (
+WITH open AS (
+    -- Whether any target is left to claim for. Targets in mode batch are claimed by
+    -- batch_claim only; a target whose rate pool a provider's Retry-After blocks is not
+    -- claimed for until the block ends: its items stay in the queue instead of waiting in a
+    -- worker that holds their leases (an idle claim is exposed to that worker's death, which
+    -- the stuck reset charges to the items it held). With no target left the scans below do
+    -- not run at all (rather than walk every due item of the blocked targets).
+    SELECT EXISTS (
+        SELECT 1 FROM run_targets t JOIN rate_pools rp ON rp.name = t.pool
+        WHERE t.run_id = $1 AND t.target <> ALL ($6::text[]) AND rp.blocked_until <= now()
+    ) AS targets_left
+), suspects AS (
     -- Items that lost a lease: a worker holding one died or hung. A worker takes at most one
     -- at a time (it passes $5 = 0 while it holds one), so a prompt that kills its worker
-    -- takes only fresh batch-mates down with it, once, and is poisoned alone.
+    -- takes only fresh batch-mates down with it, once, and is poisoned alone. Few items are
+    -- suspects: analysis_queue_suspect_idx holds only them.
     SELECT q.id
     FROM analysis_queue q
     WHERE q.run_id = $1
@@ -115,8 +127,12 @@ WITH suspects AS (
       AND q.next_attempt_at IS NOT NULL
       AND q.next_attempt_at <= now()
       AND q.lease_losses > 0
-      -- targets in mode batch are claimed by batch_claim only
       AND q.target <> ALL ($6::text[])
+      -- the item's pool is not blocked (see `open`); a scalar subquery, evaluated for the
+      -- rows the index scan reaches, keeps the scan in index order up to the LIMIT
+      AND (SELECT rp.blocked_until FROM run_targets t JOIN rate_pools rp ON rp.name = t.pool
+           WHERE t.run_id = q.run_id AND t.target = q.target) <= now()
+      AND (SELECT targets_left FROM open)
     ORDER BY (q.status = 'failed'), q.next_attempt_at
     LIMIT least($2::bigint, $5::bigint)
     FOR UPDATE OF q SKIP LOCKED
@@ -133,6 +149,11 @@ WITH suspects AS (
       AND q.next_attempt_at <= now()
       AND q.lease_losses = 0
       AND q.target <> ALL ($6::text[])
+      -- the item's pool is not blocked (see `open`); a scalar subquery, evaluated for the
+      -- rows the index scan reaches, keeps the scan in index order up to the LIMIT
+      AND (SELECT rp.blocked_until FROM run_targets t JOIN rate_pools rp ON rp.name = t.pool
+           WHERE t.run_id = q.run_id AND t.target = q.target) <= now()
+      AND (SELECT targets_left FROM open)
     ORDER BY (q.status = 'failed'), q.next_attempt_at
     LIMIT $2::bigint - (SELECT count(*) FROM suspects)
     -- rows another worker is claiming are skipped, not waited for
@@ -162,15 +183,10 @@ UPDATE analysis_queue q SET
     claim_token = gen_random_uuid(),
     next_attempt_at = NULL,
     updated_at = now()
-FROM candidates c, prompts p, run_targets t, rate_pools rp
+FROM candidates c, prompts p
 WHERE q.id = c.id AND NOT c.exhausted AND p.id = q.prompt_tracking_id
-  AND t.run_id = q.run_id AND t.target = q.target AND rp.name = t.pool
--- blocked_seconds: a Retry-After on the item's rate pool that every target respects, even
--- one without a limit (whose sends need no other round trip to the database).
 RETURNING q.id, q.claim_token, q.run_id, q.prompt_tracking_id, q.target, q.attempts,
-          q.deferrals, q.lease_losses, c.max_attempts, p.external_id, p.text,
-          greatest(0.0, extract(epoch FROM rp.blocked_until - clock_timestamp()))::float8
-              AS blocked_seconds;
+          q.deferrals, q.lease_losses, c.max_attempts, p.external_id, p.text;
 
 -- name: heartbeat
 -- Renew the leases still ours; the ids not returned were lost.
@@ -636,6 +652,9 @@ WITH input AS (
       AND q.next_attempt_at <= now()
       AND q.lease_losses > 0
       AND q.attempts < r.max_attempts
+      -- as in `claim`: no item of a pool a Retry-After blocks
+      AND (SELECT rp.blocked_until FROM run_targets t JOIN rate_pools rp ON rp.name = t.pool
+           WHERE t.run_id = q.run_id AND t.target = q.target) <= now()
     ORDER BY (q.status = 'failed'), q.next_attempt_at
     LIMIT least($10::bigint, $13::bigint)
     FOR UPDATE OF q SKIP LOCKED
@@ -648,6 +667,9 @@ WITH input AS (
       AND q.next_attempt_at <= now()
       AND q.lease_losses = 0
       AND q.attempts < r.max_attempts
+      -- as in `claim`: no item of a pool a Retry-After blocks
+      AND (SELECT rp.blocked_until FROM run_targets t JOIN rate_pools rp ON rp.name = t.pool
+           WHERE t.run_id = q.run_id AND t.target = q.target) <= now()
     ORDER BY (q.status = 'failed'), q.next_attempt_at
     LIMIT $10::bigint - (SELECT count(*) FROM suspects)
     FOR UPDATE OF q SKIP LOCKED
@@ -662,23 +684,19 @@ WITH input AS (
         claim_token = gen_random_uuid(),
         next_attempt_at = NULL,
         updated_at = now()
-    FROM candidates c, prompts p, run_targets t, rate_pools rp, analysis_runs r
-    WHERE q.id = c.id AND p.id = q.prompt_tracking_id
-      AND t.run_id = q.run_id AND t.target = q.target AND rp.name = t.pool AND r.id = q.run_id
+    FROM candidates c, prompts p, analysis_runs r
+    WHERE q.id = c.id AND p.id = q.prompt_tracking_id AND r.id = q.run_id
     RETURNING q.id, q.claim_token, q.run_id, q.prompt_tracking_id, q.target, q.attempts,
-              q.deferrals, q.lease_losses, r.max_attempts, p.external_id, p.text,
-              greatest(0.0, extract(epoch FROM rp.blocked_until - clock_timestamp()))::float8
-                  AS blocked_seconds
+              q.deferrals, q.lease_losses, r.max_attempts, p.external_id, p.text
 )
 SELECT true AS written, s.queue_id AS id, NULL::uuid AS claim_token, NULL::text AS run_id,
        NULL::bigint AS prompt_tracking_id, NULL::text AS target, NULL::integer AS attempts,
        NULL::integer AS deferrals, NULL::integer AS lease_losses,
-       NULL::integer AS max_attempts, NULL::text AS external_id, NULL::text AS text,
-       NULL::float8 AS blocked_seconds
+       NULL::integer AS max_attempts, NULL::text AS external_id, NULL::text AS text
 FROM saved s
 UNION ALL
 SELECT false, c.id, c.claim_token, c.run_id, c.prompt_tracking_id, c.target, c.attempts,
-       c.deferrals, c.lease_losses, c.max_attempts, c.external_id, c.text, c.blocked_seconds
+       c.deferrals, c.lease_losses, c.max_attempts, c.external_id, c.text
 FROM claimed c;
 
 -- name: prunable_runs

@@ -179,6 +179,11 @@ CREATE TABLE analysis_queue (
 CREATE INDEX analysis_queue_claim_idx
     ON analysis_queue (run_id, (status = 'failed'), next_attempt_at)
     WHERE status IN ('pending', 'failed') AND next_attempt_at IS NOT NULL;
+-- The claim's scan for suspects (items that lost a lease): few rows, so that looking for
+-- them costs nothing when there are none (the claim index would walk every due item).
+CREATE INDEX analysis_queue_suspect_idx
+    ON analysis_queue (run_id, (status = 'failed'), next_attempt_at)
+    WHERE status IN ('pending', 'failed') AND next_attempt_at IS NOT NULL AND lease_losses > 0;
 -- The rescuer's index: leases that may have expired.
 CREATE INDEX analysis_queue_lease_idx ON analysis_queue (lease_expires_at)
     WHERE status = 'processing';

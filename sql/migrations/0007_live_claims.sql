@@ -14,6 +14,12 @@ DROP FUNCTION cleanup_stuck_queue_items(text, interval);
 ALTER TABLE analysis_queue ADD COLUMN lone_losses integer NOT NULL DEFAULT 0
     CHECK (lone_losses >= 0 AND lone_losses <= lease_losses);
 
+-- The claim's scan for suspects (items that lost a lease): few rows, so that looking for
+-- them costs nothing when there are none (the claim index would walk every due item).
+CREATE INDEX analysis_queue_suspect_idx
+    ON analysis_queue (run_id, (status = 'failed'), next_attempt_at)
+    WHERE status IN ('pending', 'failed') AND next_attempt_at IS NOT NULL AND lease_losses > 0;
+
 -- The seed's SQL function, same name and meaning: put items stuck in 'processing' back in the
 -- queue. Stuck = lease expired, or (for rows without a live heartbeat) not updated for
 -- p_stuck_after. An item that keeps killing its worker fails for good as poison instead of

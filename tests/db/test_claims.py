@@ -88,6 +88,8 @@ async def test_claim_uses_its_index(db: asyncpg.Connection) -> None:
         await db.fetchval("EXPLAIN (FORMAT JSON) " + query("claim"), "run-1", 5, "w", 60.0, 1, [])
     )
     assert "analysis_queue_claim_idx" in plan, plan
+    # looking for a suspect reads only suspects, never every due item
+    assert "analysis_queue_suspect_idx" in plan, plan
 
 
 async def test_concurrent_claimers_never_share_an_item(pool: asyncpg.Pool) -> None:

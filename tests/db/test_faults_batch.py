@@ -53,7 +53,7 @@ async def test_the_stuck_reset_never_rescues_items_waiting_in_a_provider_batch(
     assert sub is not None and len(claimed) == 3
     # the items' leases ran out (their owner died): the submission is adopted, not reset
     await db.execute("UPDATE analysis_queue SET lease_expires_at = now() - interval '1 minute'")
-    res = await rescue.cleanup_stuck(db, "run-1", 900)
+    res = await rescue.rescue_stuck(db, "run-1", 900)
     assert (res.reset, res.poisoned) == (0, 0)
     rows = await db.fetch("SELECT status, lease_losses, submission_id FROM analysis_queue")
     assert {(r["status"], r["lease_losses"], r["submission_id"]) for r in rows} == {

@@ -136,13 +136,20 @@ async def test_retry_after_holds_every_worker_back(db: asyncpg.Connection) -> No
 async def test_retry_after_reaches_unlimited_targets_through_the_claim(
     db: asyncpg.Connection,
 ) -> None:
-    """A target without any limit sends without asking the limiter; its claim says wait."""
+    """A target without any limit sends without asking the limiter: the claim is what holds
+    it back. While its pool is blocked no item of it is handed out (a claim could only wait,
+    holding its lease and exposed to its worker's death); another target's items are, and
+    the blocked target's come once the block ends."""
     await add_prompts(db, 2)
-    s = spec(targets=[target()])
+    s = spec(targets=[target(), target("u")])
     await new_run(db, s=s)
     await ratelimit.backoff(db, "run-1", "t", 5.0)
-    claimed = await items.claim(db, "run-1", worker="w", limit=2, lease_seconds=30)
-    assert [4.8 < c.blocked_seconds <= 5.05 for c in claimed] == [True, True]
+    claimed = await items.claim(db, "run-1", worker="w", limit=4, lease_seconds=30)
+    assert sorted(c.target for c in claimed) == ["u", "u"]
+    assert await items.claim(db, "run-1", worker="w", limit=4, lease_seconds=30) == []
+    await db.execute("UPDATE rate_pools SET blocked_until = now() - interval '1 second'")
+    claimed = await items.claim(db, "run-1", worker="w", limit=4, lease_seconds=30)
+    assert sorted(c.target for c in claimed) == ["t", "t"]
 
 
 async def test_unlimited_targets_do_not_touch_the_limiter(db: asyncpg.Connection) -> None:

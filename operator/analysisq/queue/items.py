@@ -43,8 +43,6 @@ class ClaimedItem:
     #: Leases this item lost before this claim (a worker holding it died or hung).
     lease_losses: int
     text: str
-    #: Seconds the item's rate pool is still blocked by a provider's Retry-After.
-    blocked_seconds: float = 0.0
 
     @property
     def suspect(self) -> bool:
@@ -105,7 +103,6 @@ def claimed_item(r: asyncpg.Record) -> ClaimedItem:
         max_attempts=r["max_attempts"],
         lease_losses=r["lease_losses"],
         text=r["text"],
-        blocked_seconds=r.get("blocked_seconds", 0.0),
     )
 
 

@@ -52,16 +52,15 @@ async def reserve(
     spec: AnalysisRunSpec,
     target: Target,
     prompt: str,
-    *,
-    blocked_seconds: float = 0.0,
 ) -> Grant:
-    """Reserve a request of *prompt* to *target*; *blocked_seconds* is the claim's block."""
+    """Reserve a request of *prompt* to *target* (a Retry-After block kept the claim from
+    handing out the item at all, so an unlimited target needs no round trip here)."""
     grant = Grant(
         run_id=run_id,
         target=target,
         pool=ratelimit.pool_name(run_id, target),
         estimate=estimate(target, prompt),
-        wait=blocked_seconds,
+        wait=0.0,
         budgeted=spec.budget is not None,
     )
     limited = ratelimit.is_limited(target)
@@ -73,7 +72,7 @@ async def reserve(
         if not limited:
             return grant
         slot = await ratelimit.acquire(conn, grant.pool, grant.estimate.total)
-    return replace(grant, wait=max(blocked_seconds, slot.wait), debt=slot.debt)
+    return replace(grant, wait=slot.wait, debt=slot.debt)
 
 
 async def wait(db: asyncpg.Pool, grant: Grant) -> None:

@@ -9,7 +9,8 @@ sleeps until the slot; the answer's usage then corrects the token estimate (``se
 later requests and for those already waiting for their slot (``token_debt``). The
 database clock is the only clock, so workers on different machines agree. A 429's
 ``Retry-After`` sets the pool's ``blocked_until``: no worker of any run sends to the pool
-before then, whether the target has a limit or not (the claim reports the block).
+before then, whether the target has a limit or not (the claim hands out no item of a
+blocked pool).
 
 Limits of a shared pool: every unfinished run using it must state the same ones; a run that
 states others is refused at creation (``register``). Once no unfinished run uses the pool,

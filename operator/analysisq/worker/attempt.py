@@ -95,8 +95,7 @@ class Attempts:
                 f" the limit is {self.spec.max_prompt_chars}"
             )
         await self._wait_local_backoff(item.target)
-        grant = await quota.reserve(self.pool, item.run_id, self.spec, target, item.text,
-                                    blocked_seconds=item.blocked_seconds)  # fmt: skip
+        grant = await quota.reserve(self.pool, item.run_id, self.spec, target, item.text)
         await quota.wait(self.pool, grant)
         try:
             completion = await self.providers[item.target].complete(item.text)
