@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +23,6 @@ pytestmark = [pytest.mark.chaos, pytest.mark.timeout(300)]
 
 ITEMS = 4000
 HOLD = FakeConfig(batch_seconds=1.0)
-
-
-@pytest.fixture
-def procs_factory() -> Iterator[list[WorkerProcs]]:
-    made: list[WorkerProcs] = []
-    yield made
-    for p in made:
-        p.close()
 
 
 def batch_spec(fake: FakeProvider, provider: str) -> Any:
