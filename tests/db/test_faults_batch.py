@@ -1,10 +1,10 @@
 """Faults users meet where they meet the other paths: provider batches, the stuck reset after
 migration 0007, and bulk retry of a poisoned item.
 
-Each test failed on the code before the faults branch was rebased onto batch mode: the
-batch claim trusted the caller's maxAttempts, the batch bookkeeping wrote provider texts as
-they came, and a retried poison item broke the ``lone_losses <= lease_losses`` rule.
-"""
+Each test failed first, with its fix reverted: main's two-argument stuck reset; the old 0002
+reset (which rescued items inside a provider batch); the batch claim trusting the caller's
+maxAttempts; batch statuses and refusals written as the provider sent them; bulk retry
+leaving ``lone_losses`` above the reset ``lease_losses`` (a CHECK violation)."""
 
 from __future__ import annotations
 
