@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from analysisq.kube.trigger import (
     template_spec,
     today_utc,
 )
-from analysisq.settings import check_prefix, parse_day, parse_duration
+from analysisq.settings import TriggerSettings, check_prefix, parse_day, parse_duration
 
 pytestmark = pytest.mark.unit
 
@@ -282,3 +283,12 @@ def test_the_template_configmap_is_required(monkeypatch: pytest.MonkeyPatch) -> 
     result = CliRunner().invoke(cli, ["trigger", "--namespace", "ns"])
     assert result.exit_code == 2, result.output
     assert "ANALYSISQ_TRIGGER_TEMPLATE_CONFIGMAP (--template-configmap)" in result.output
+
+
+def test_the_chart_sets_only_variables_the_trigger_reads() -> None:
+    # A misspelt variable in the CronJob would be ignored silently; every one it sets is a
+    # TriggerSettings field.
+    template = Path(__file__).parents[2] / "charts/analysisq/templates/trigger-cronjob.yaml"
+    names = set(re.findall(r"ANALYSISQ_TRIGGER_(\w+)", template.read_text()))
+    assert names, "the CronJob sets no ANALYSISQ_TRIGGER_* variable"
+    assert {n.lower() for n in names} <= set(TriggerSettings.model_fields)

@@ -1,10 +1,10 @@
-"""The runbook commands: the seed's monitoring and troubleshooting, one command each.
+"""The runbook's reads: the seed's monitoring, one command each.
 
 ``status`` (its first query: count and percentage per status, plus our retrying/stuck split),
-``stuck``, ``failed``, ``errors`` (grouped by class and message), ``cleanup`` (its SQL
-function, now), then ``runs``, ``results``, ``targets`` (un-pause after fixing a key) and
-``retry`` (failed items back in the queue after fixing their cause).
-Tables for people, ``--json`` for scripts. docs/runbook.md maps each to the seed's SQL.
+``stuck``, ``failed``, ``errors`` (grouped by class and message), then ``runs`` and
+``results``. What changes the queue (``cleanup``, ``targets``, ``retry``) is
+``cli.repair``. Tables for people, ``--json`` for scripts. docs/runbook.md maps each to the
+seed's SQL.
 """
 
 from __future__ import annotations
@@ -29,17 +29,18 @@ from analysisq.cli.output import (
     table,
 )
 from analysisq.db.connect import acquire
-from analysisq.errors import ErrorClass
 from analysisq.local.export import export_results, result_format, write_results
 from analysisq.local.usage_text import usage_json, usage_lines
-from analysisq.queue import batches, budget, monitor, rescue, retries, runs, usage
+from analysisq.queue import batches, budget, monitor, runs, usage
 from analysisq.queue.usage import format_cost
 
 T = TypeVar("T")
-_RUN = click.argument("run", required=False)
+#: The optional RUN argument: a run id or name; without it, every run.
+RUN = click.argument("run", required=False)
 
 
-def _with_db(obj: Context, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+def with_db(obj: Context, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    """*work* on one connection to the configured (or embedded) database; its result."""
     settings = obj.settings
     quiet_logs(settings)
     url = database_url(settings)
@@ -51,24 +52,25 @@ def _with_db(obj: Context, work: Callable[[asyncpg.Connection], Awaitable[T]]) -
     return run_async(go())
 
 
-async def _run_id(conn: asyncpg.Connection, run: str | None) -> str | None:
+async def run_id_of(conn: asyncpg.Connection, run: str | None) -> str | None:
     """The id of RUN (an id, or the newest run with that name); None for every run."""
     return None if run is None else (await runs.get_run(conn, run)).id
 
 
-def _scope(run_id: str | None) -> str:
+def scope(run_id: str | None) -> str:
+    """How a table title names what it covers."""
     return f"run {run_id}" if run_id else "all runs"
 
 
 @click.command()
-@_RUN
+@RUN
 @json_option
 @click.pass_obj
 def status(obj: Context, run: str | None, as_json: bool) -> None:
     """Items per status with percentages (the seed's first query), for RUN or all runs."""
 
     async def work(conn: asyncpg.Connection) -> dict[str, Any]:
-        run_id = await _run_id(conn, run)
+        run_id = await run_id_of(conn, run)
         out: dict[str, Any] = {
             "run": run_id,
             "statuses": [
@@ -106,13 +108,13 @@ def status(obj: Context, run: str | None, as_json: bool) -> None:
                 }
         return out
 
-    data = _with_db(obj, work)
+    data = with_db(obj, work)
     if as_json:
         print_json(data)
         return
     out = console()
     rows = [(s["status"], s["count"], f"{s['percent']}%") for s in data["statuses"]]
-    out.print(table(f"Queue, {_scope(data['run'])}", ["status", "count", "percent"], rows))
+    out.print(table(f"Queue, {scope(data['run'])}", ["status", "count", "percent"], rows))
     if "counts" in data:
         c = data["counts"]
         out.print(
@@ -150,7 +152,7 @@ def status(obj: Context, run: str | None, as_json: bool) -> None:
 
 
 @click.command()
-@_RUN
+@RUN
 @click.option(
     "--older-than",
     default=600.0,
@@ -164,7 +166,7 @@ def stuck(obj: Context, run: str | None, older_than: float, as_json: bool) -> No
     """Items stuck in processing: not updated for --older-than seconds, or lease expired."""
 
     async def work(conn: asyncpg.Connection) -> dict[str, Any]:
-        run_id = await _run_id(conn, run)
+        run_id = await run_id_of(conn, run)
         row = await monitor.stuck_items(conn, run_id, older_than)
         return {
             "run": run_id,
@@ -174,19 +176,19 @@ def stuck(obj: Context, run: str | None, older_than: float, as_json: bool) -> No
             "lease_expired": row["lease_expired"],
         }
 
-    data = _with_db(obj, work)
+    data = with_db(obj, work)
     if as_json:
         print_json(data)
         return
     rows = [(data["stuck_items"], data["lease_expired"], data["oldest_updated_at"])]
     columns = ["stuck items", "lease expired", "oldest update"]
-    console().print(table(f"Stuck items, {_scope(data['run'])}", columns, rows))
+    console().print(table(f"Stuck items, {scope(data['run'])}", columns, rows))
     if data["stuck_items"]:
         console().print("Reset them now with `analysisq cleanup`.")
 
 
 @click.command()
-@_RUN
+@RUN
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 100_000))
 @json_option
 @click.pass_obj
@@ -194,10 +196,10 @@ def failed(obj: Context, run: str | None, limit: int, as_json: bool) -> None:
     """The newest failed items (retrying or failed for good), with their errors."""
 
     async def work(conn: asyncpg.Connection) -> dict[str, Any]:
-        run_id = await _run_id(conn, run)
+        run_id = await run_id_of(conn, run)
         return {"run": run_id, "items": await monitor.failed_items(conn, run_id, limit)}
 
-    data = _with_db(obj, work)
+    data = with_db(obj, work)
     if as_json:
         print_json(data)
         return
@@ -215,11 +217,11 @@ def failed(obj: Context, run: str | None, limit: int, as_json: bool) -> None:
         )
         for i in data["items"]
     ]
-    console().print(table(f"Failed items, {_scope(data['run'])}", columns, rows, wrap=["error"]))
+    console().print(table(f"Failed items, {scope(data['run'])}", columns, rows, wrap=["error"]))
 
 
 @click.command()
-@_RUN
+@RUN
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100_000))
 @json_option
 @click.pass_obj
@@ -227,7 +229,7 @@ def errors(obj: Context, run: str | None, limit: int, as_json: bool) -> None:
     """Failed items grouped by error class and message, most frequent first."""
 
     async def work(conn: asyncpg.Connection) -> dict[str, Any]:
-        run_id = await _run_id(conn, run)
+        run_id = await run_id_of(conn, run)
         out: dict[str, Any] = {
             "run": run_id,
             "errors": await monitor.error_summary(conn, run_id, limit),
@@ -236,44 +238,16 @@ def errors(obj: Context, run: str | None, limit: int, as_json: bool) -> None:
             out["classes"] = await monitor.error_classes(conn, run_id)
         return out
 
-    data = _with_db(obj, work)
+    data = with_db(obj, work)
     if as_json:
         print_json(data)
         return
     rows = [(e["count"], e["error_class"], e["error_message"]) for e in data["errors"]]
     columns = ["count", "class", "message"]
-    console().print(table(f"Errors, {_scope(data['run'])}", columns, rows, wrap=["message"]))
+    console().print(table(f"Errors, {scope(data['run'])}", columns, rows, wrap=["message"]))
     if data.get("classes"):
         classes = ", ".join(f"{k} {v:,}" for k, v in data["classes"].items())
         console().print(f"last error of every item, by class (retrying included): {classes}")
-
-
-@click.command()
-@_RUN
-@click.option(
-    "--stuck-after",
-    default=900.0,
-    show_default=True,
-    type=click.FloatRange(min=0),
-    help="Also reset items not updated for this long (seed: 15 minutes).",
-)
-@json_option
-@click.pass_obj
-def cleanup(obj: Context, run: str | None, stuck_after: float, as_json: bool) -> None:
-    """Reset stuck items now: SELECT * FROM cleanup_stuck_queue_items()."""
-
-    async def work(conn: asyncpg.Connection) -> dict[str, Any]:
-        run_id = await _run_id(conn, run)
-        res = await rescue.rescue_stuck(conn, run_id, stuck_after)
-        return {"run": run_id, "reset_count": res.reset, "poisoned_count": res.poisoned}
-
-    data = _with_db(obj, work)
-    if as_json:
-        print_json(data)
-        return
-    rows = [(data["reset_count"], data["poisoned_count"])]
-    columns = ["reset_count", "poisoned_count"]
-    console().print(table(f"cleanup_stuck_queue_items(), {_scope(data['run'])}", columns, rows))
 
 
 @click.command("runs")
@@ -297,7 +271,7 @@ def runs_command(obj: Context, limit: int, as_json: bool) -> None:
             )
         return out
 
-    data = _with_db(obj, work)
+    data = with_db(obj, work)
     if as_json:
         print_json({"runs": data})
         return
@@ -342,114 +316,9 @@ def results(obj: Context, run: str, output: Path | None, output_format: str | No
             return await write_results(conn, run_id, sys.stdout, result_format(None, output_format))
         return await export_results(conn, run_id, output, output_format)
 
-    written = _with_db(obj, work)
+    written = with_db(obj, work)
     if output is not None:
         click.echo(f"{output}: {written:,} results", err=True)
 
 
-class _ListByDefault(click.Group):
-    """``targets RUN`` means ``targets list RUN``."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and not args[0].startswith("-"):
-            args = ["list", *args]
-        return super().parse_args(ctx, args)
-
-
-@click.group(cls=_ListByDefault)
-def targets() -> None:
-    """A run's targets: rate limits and pauses (`targets RUN`, `targets resume RUN`)."""
-
-
-@targets.command("list")
-@click.argument("run")
-@json_option
-@click.pass_obj
-def targets_list(obj: Context, run: str, as_json: bool) -> None:
-    """RUN's targets, their rate limits and pools, and whether an auth failure paused them."""
-
-    async def work(conn: asyncpg.Connection) -> dict[str, Any]:
-        run_id = (await runs.get_run(conn, run)).id
-        return {"run": run_id, "targets": await runs.targets(conn, run_id)}
-
-    data = _with_db(obj, work)
-    if as_json:
-        print_json(data)
-        return
-    columns = ["target", "req/s", "tokens/min", "pool", "paused since", "reason"]
-    rows = [
-        (t.target, t.requests_per_second, t.tokens_per_minute, t.pool, t.paused_at, t.pause_reason)
-        for t in data["targets"]
-    ]
-    console().print(table(f"Targets of run {data['run']}", columns, rows, wrap=["reason"]))
-
-
-@targets.command("resume")
-@click.argument("run")
-@click.argument("target", required=False)
-@json_option
-@click.pass_obj
-def targets_resume(obj: Context, run: str, target: str | None, as_json: bool) -> None:
-    """Un-pause TARGET (or every paused target) of RUN after fixing its credentials."""
-
-    async def work(conn: asyncpg.Connection) -> dict[str, Any]:
-        run_id = (await runs.get_run(conn, run)).id
-        return {"run": run_id, "resumed": await runs.resume_targets(conn, run_id, target)}
-
-    data = _with_db(obj, work)
-    if as_json:
-        print_json(data)
-    elif data["resumed"]:
-        click.echo(f"resumed {', '.join(data['resumed'])}; the run's workers take them up again")
-    else:
-        click.echo("no paused target to resume")
-
-
-@click.command()
-@click.argument("run")
-@click.option(
-    "--class",
-    "error_class",
-    type=click.Choice([c.value for c in ErrorClass]),
-    help="Only items that failed with this error class.",
-)
-@click.option("--target", help="Only items of this target.")
-@click.option("--error", "error_text", metavar="TEXT", help="Only items whose error contains TEXT.")
-@json_option
-@click.pass_obj
-def retry(
-    obj: Context,
-    run: str,
-    error_class: str | None,
-    target: str | None,
-    error_text: str | None,
-    as_json: bool,
-) -> None:
-    """Put RUN's failed-for-good items back in the queue, after fixing their cause.
-
-    Attempts start again; the error that failed each item stays in its last_error. Filters
-    combine. In a cluster, annotate the AnalysisRun instead (docs/operator.md)."""
-
-    async def work(conn: asyncpg.Connection) -> dict[str, Any]:
-        found = await runs.get_run(conn, run)
-        if target is not None:
-            found.spec.target(target)  # an unknown target is an error, not "0 items"
-        count = await retries.retry_failed(
-            conn, found.id, error_class=error_class, target=target, error=error_text
-        )
-        return {"run": found.id, "retried": count}
-
-    data = _with_db(obj, work)
-    if as_json:
-        print_json(data)
-    elif data["retried"]:
-        click.echo(
-            f"put {data['retried']} failed items of run {data['run']} back in the queue; "
-            f"`analysisq run --resume {data['run']}` works them (in a cluster the run's "
-            "workers take them up)"
-        )
-    else:
-        click.echo(f"no failed-for-good item of run {data['run']} matches")
-
-
-COMMANDS = [status, stuck, failed, errors, cleanup, runs_command, results, targets, retry]
+COMMANDS = [status, stuck, failed, errors, runs_command, results]
