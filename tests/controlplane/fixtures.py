@@ -66,10 +66,10 @@ class Kubectl:
         input: str | None = None,
         check: bool = True,
         namespace: str | None = None,
-        timeout: float = 60.0,
+        timeout: float | None = None,
     ) -> subprocess.CompletedProcess[str]:
         argv = self.argv(args, namespace)
-        result = processes.run(argv, input=input, timeout=timeout)
+        result = processes.run(argv, input=input, timeout=timeout or _process_timeout(args))
         if check and result.returncode != 0:
             raise KubectlError(result.returncode, argv, result.stdout, result.stderr)
         return result
@@ -80,7 +80,7 @@ class Kubectl:
         input: str | None = None,
         check: bool = True,
         namespace: str | None = None,
-        timeout: float = 60.0,
+        timeout: float | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """The same, without blocking the event loop (for async tests running kopf)."""
         argv = self.argv(args, namespace)
@@ -95,7 +95,8 @@ class Kubectl:
         reaper.register(proc.pid)
         try:
             out, err = await asyncio.wait_for(
-                proc.communicate(input.encode() if input is not None else None), timeout
+                proc.communicate(input.encode() if input is not None else None),
+                timeout or _process_timeout(args),
             )
         except BaseException:
             proc.kill()
@@ -107,6 +108,15 @@ class Kubectl:
         if check and result.returncode != 0:
             raise KubectlError(result.returncode, argv, result.stdout, result.stderr)
         return result
+
+
+def _process_timeout(args: tuple[str, ...]) -> float:
+    """60 s for a kubectl call, or longer than the ``--timeout=`` it was given (``wait``):
+    the process must not be killed before kubectl says what it waited for."""
+    for arg in args:
+        if arg.startswith("--timeout=") and arg.endswith("s") and arg[10:-1].isdigit():
+            return max(60.0, int(arg[10:-1]) + 30.0)
+    return 60.0
 
 
 def eventually(check: Callable[[], T], timeout: float = 30.0, interval: float = 0.2) -> T:

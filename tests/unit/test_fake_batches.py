@@ -104,8 +104,10 @@ async def test_openai_sdk_runs_a_batch_through_every_status(fake: FakeProvider) 
     )
     assert batch.status == "validating" and batch.metadata == {"run": "r1", "sub": "7"}
     ended, seen = await until_ended(client, batch.id)
-    assert seen[0] == "validating" and seen[-1] == "completed"
-    assert {"in_progress", "finalizing"} <= set(seen) or len(seen) == 2
+    # Polled every 20 ms, so a loaded machine may miss a short phase, never reorder them.
+    order = ["validating", "in_progress", "finalizing", "completed"]
+    assert seen == sorted(seen, key=order.index) and seen[-1] == "completed"
+    assert len(set(seen) & {"in_progress", "finalizing"}) >= 1 or len(seen) == 1
     assert ended.request_counts is not None and ended.request_counts.completed == 40
     assert ended.error_file_id is None and ended.completed_at is not None
     lines = await content_lines(client, ended.output_file_id)

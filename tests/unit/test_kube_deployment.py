@@ -194,3 +194,14 @@ def test_the_manifest_is_plain_json() -> None:
     m = worker_deployment(REF, spec(), settings(worker_service_account="workers"), replicas=1)
     assert json.loads(json.dumps(m)) == m
     assert m["spec"]["template"]["spec"]["serviceAccountName"] == "workers"
+
+
+def test_raising_a_budget_does_not_restart_workers_but_adding_one_does() -> None:
+    # Workers read a budget's amounts from the database at each reservation; only whether
+    # the run has a budget at all changes what they do.
+    priced = {"name": "t", "provider": "echo", "model": "m",
+              "pricing": {"inputPerMillionTokens": 1, "outputPerMillionTokens": 1}}  # fmt: skip
+    unbudgeted = config_hash(spec(targets=[priced]))
+    low = config_hash(spec(targets=[priced], budget={"maxCost": 10}))
+    assert config_hash(spec(targets=[priced], budget={"maxCost": 40, "maxTokens": 9})) == low
+    assert low != unbudgeted

@@ -63,6 +63,10 @@ def secret_refs(spec: AnalysisRunSpec, settings: Settings) -> list[SecretKeyRef]
 
 def config_hash(spec: AnalysisRunSpec) -> str:
     data = {k: v for k, v in spec.to_json().items() if k not in NOT_FOR_WORKERS}
+    if "budget" in data:
+        # Workers read the amounts from the database at each reservation: raising a budget
+        # must not restart them; only having one or not changes what they do.
+        data["budget"] = True
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
