@@ -6,7 +6,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test constraints lint typecheck unit db db-pooler cluster browser chaos controlplane helm tools system-packages bench image \
+.PHONY: demo test constraints lint typecheck unit db db-pooler cluster browser chaos node controlplane node-tools \
+	helm tools system-packages bench image \
 	image-buildah deploy-manifests clean
 
 $(STAMP): pyproject.toml constraints.txt
@@ -29,10 +30,14 @@ demo: $(STAMP)
 controlplane:
 	bash tests/controlplane/build.sh
 
+# kubelet, kube-proxy, kube-scheduler and the pod sandbox image of the real node.
+node-tools:
+	bash tests/controlplane/build-node.sh
+
 helm:
 	bash tests/tools/build-helm.sh
 
-tools: controlplane helm
+tools: controlplane node-tools helm
 
 # Debian packages the real tiers run (pgbouncer, chromium, containerd, runc, CNI, buildah).
 system-packages:
@@ -69,10 +74,17 @@ chaos: $(STAMP)
 browser: $(STAMP)
 	$(BIN)/pytest -m browser
 
+# The image (built here with buildah) and the chart on a real kubelet + containerd + runc node.
+node: $(STAMP) system-packages tools
+	ANALYSISQ_CONTROLPLANE_BIN="$$(bash tests/controlplane/build.sh | tail -1)" \
+	ANALYSISQ_NODE_BIN="$$(bash tests/controlplane/build-node.sh | tail -1)" \
+	ANALYSISQ_HELM="$$(bash tests/tools/build-helm.sh | tail -1)" $(BIN)/pytest -m node
+
 # Every tier, then the db tier through PgBouncer; a tier that cannot run fails
 # (tests/conftest.py refuses to skip).
 test: $(STAMP) system-packages tools lint typecheck
 	ANALYSISQ_CONTROLPLANE_BIN="$$(bash tests/controlplane/build.sh | tail -1)" \
+	ANALYSISQ_NODE_BIN="$$(bash tests/controlplane/build-node.sh | tail -1)" \
 	ANALYSISQ_HELM="$$(bash tests/tools/build-helm.sh | tail -1)" $(BIN)/pytest
 	$(BIN)/pytest -m db --pooler pgbouncer
 

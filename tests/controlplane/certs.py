@@ -121,8 +121,11 @@ def _leaf(
     return KeyPair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 
 
-def generate() -> ControlPlaneCerts:
-    """Create a CA, the serving and admin certificates, and the service-account key pair."""
+def generate(extra_ips: tuple[str, ...] = ()) -> ControlPlaneCerts:
+    """Create a CA, the serving and admin certificates, and the service-account key pair.
+
+    ``extra_ips`` are more addresses of the serving certificate (where a real node reaches
+    the apiserver)."""
     ca_key = _new_key()
     ca_name = _name("analysisq-test-ca")
     ca_cert = (
@@ -146,7 +149,10 @@ def generate() -> ControlPlaneCerts:
     )
     san = x509.SubjectAlternativeName(
         [x509.DNSName(name) for name in _SERVING_DNS_NAMES]
-        + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in _SERVING_IPS]
+        + [
+            x509.IPAddress(ipaddress.ip_address(ip))
+            for ip in dict.fromkeys(_SERVING_IPS + extra_ips)
+        ]
     )
     serving = _leaf(ca_cert, ca_key, _name("kube-apiserver"), ExtendedKeyUsageOID.SERVER_AUTH, san)
     admin = _leaf(

@@ -139,6 +139,12 @@ class ControlPlane:
     """Leave the work dir (and its logs) on disk after :meth:`stop`."""
     start_timeout: float = 90.0
     extra_apiserver_args: list[str] = field(default_factory=list)
+    bind_address: str = "127.0.0.1"
+    """Where kube-apiserver listens; any other address is also advertised (the endpoint of
+    the ``kubernetes`` Service) and in the serving certificate, so pods of a real node
+    (:mod:`controlplane.node`) reach it."""
+    extra_controllers: tuple[str, ...] = ()
+    """kube-controller-manager controllers to run besides ``CONTROLLERS``."""
 
     api_port: int = 0
     etcd_port: int = 0
@@ -163,7 +169,7 @@ class ControlPlane:
 
     @property
     def server(self) -> str:
-        return f"https://127.0.0.1:{self.api_port}"
+        return f"https://{self.bind_address}:{self.api_port}"
 
     @property
     def ca_file(self) -> Path:
@@ -245,7 +251,7 @@ class ControlPlane:
     def _write_pki(self) -> None:
         pki = self.root / "pki"
         pki.mkdir(exist_ok=True)
-        generated = certs.generate()
+        generated = certs.generate(extra_ips=(self.bind_address,))
         generated.ca.write(pki / "ca.crt", pki / "ca.key")
         generated.serving.write(pki / "apiserver.crt", pki / "apiserver.key")
         generated.admin.write(pki / "admin.crt", pki / "admin.key")
@@ -314,7 +320,7 @@ class ControlPlane:
             f"--tls-cert-file={pki / 'apiserver.crt'}",
             f"--tls-private-key-file={pki / 'apiserver.key'}",
             f"--secure-port={self.api_port}",
-            "--bind-address=127.0.0.1",
+            f"--bind-address={self.bind_address}",
             "--service-cluster-ip-range=10.0.0.0/24",
             "--authorization-mode=RBAC",
             "--allow-privileged=true",
@@ -325,7 +331,9 @@ class ControlPlane:
             "--profiling=false",
             *self.extra_apiserver_args,
         ]
-        if not _has_default_route():
+        if self.bind_address != "127.0.0.1":
+            args.append(f"--advertise-address={self.bind_address}")
+        elif not _has_default_route():
             # Without a default route the apiserver cannot pick an address to advertise.
             args.append("--advertise-address=10.0.0.1")
         self._spawn("kube-apiserver", args)
@@ -378,7 +386,7 @@ class ControlPlane:
                 f"--kubeconfig={self.kubeconfig}",
                 "--leader-elect=false",
                 "--secure-port=0",
-                f"--controllers={','.join(CONTROLLERS)}",
+                f"--controllers={','.join(CONTROLLERS + self.extra_controllers)}",
                 f"--service-account-private-key-file={pki / 'sa.key'}",
                 f"--root-ca-file={pki / 'ca.crt'}",
             ],

@@ -5,6 +5,8 @@ group, which a terminal's Ctrl-C does not reach) and is registered with a *reape
 Python process that reads group ids on its stdin and, when that pipe closes because this
 process died without cleaning up (even by SIGKILL), kills every group still registered.
 The normal path unregisters each group after stopping it, so the reaper then has nothing to do.
+What outlives a process group (a real node's container shims, cgroups, mounts and network
+namespace) is registered as a *cleanup command* that the reaper runs after the kills.
 :mod:`controlplane.harness` and :mod:`controlplane.podrunner` build on :class:`Child`.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -26,16 +29,22 @@ from typing import ClassVar
 log = logging.getLogger(__name__)
 
 _REAPER_SCRIPT = """# analysisq control-plane reaper
-import os, signal, sys, time
+import json, os, signal, subprocess, sys, time
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 groups = set()
+cleanups = {}
 for line in sys.stdin:
     line = line.strip()
     if line.startswith("+"):
         groups.add(int(line[1:]))
     elif line.startswith("-"):
         groups.discard(int(line[1:]))
+    elif line.startswith("!"):
+        key, _, argv = line[1:].partition(" ")
+        cleanups[key] = json.loads(argv)
+    elif line.startswith("~"):
+        cleanups.pop(line[1:], None)
 for sig in (signal.SIGTERM, signal.SIGKILL):
     alive = set()
     for group in groups:
@@ -48,6 +57,12 @@ for sig in (signal.SIGTERM, signal.SIGKILL):
         break
     groups = alive
     time.sleep(2)
+for argv in reversed(list(cleanups.values())):
+    try:
+        subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=120, check=False)
+    except Exception:
+        pass
 """
 
 
@@ -91,6 +106,14 @@ class Reaper:
 
     def unregister(self, pgid: int) -> None:
         self._send(f"-{pgid}")
+
+    def register_cleanup(self, key: str, argv: Sequence[str]) -> None:
+        """Run ``argv`` if this process dies without calling :meth:`unregister_cleanup`;
+        commands run after the process groups are killed, the last registered first."""
+        self._send(f"!{key} {json.dumps(list(argv))}")
+
+    def unregister_cleanup(self, key: str) -> None:
+        self._send(f"~{key}")
 
     @classmethod
     def close_shared(cls) -> None:

@@ -5,6 +5,11 @@
 #
 #   sudo apt-get install buildah debootstrap
 #   sudo bash tests/tools/build-image.sh            # tag: localhost/analysisq:<version>
+#   IMAGE_ARCHIVE=/tmp/analysisq.tar bash tests/tools/build-image.sh   # and a docker archive
+#
+# The real node tier (tests/node) builds it this way and imports the archive into containerd
+# (`ctr -n k8s.io images import`). Images the new build replaced are pruned (vfs keeps full
+# copies of every layer).
 #
 # The base (python3, python3-venv, python3-pip; apt lists and docs removed) is cached in
 # buildah's storage as localhost/debian-python:bookworm. If PIP_CERT names a CA bundle (a
@@ -54,4 +59,9 @@ ctr="$("${b[@]}" from "$tag")"
 "${b[@]}" run --isolation chroot "$ctr" -- analysisq --help >/dev/null
 [[ "$("${b[@]}" run --isolation chroot "$ctr" -- id -u)" == 65532 ]]
 "${b[@]}" rm "$ctr" >/dev/null
+"${b[@]}" rmi --prune >/dev/null 2>&1 || true
+if [[ -n "${IMAGE_ARCHIVE:-}" ]]; then
+  rm -f "$IMAGE_ARCHIVE"
+  "${b[@]}" push -q "$tag" "docker-archive:$IMAGE_ARCHIVE:$tag" >&2
+fi
 "${b[@]}" images --format '{{.Name}}:{{.Tag}} {{.Size}}' "$tag"

@@ -62,8 +62,20 @@ def _port_open(port: int) -> bool:
 class EmbeddedPostgres:
     """One server under ``data_dir`` (``pgdata/``, ``port``, ``postgres.log``)."""
 
-    def __init__(self, data_dir: Path, *, fsync: bool = True, max_connections: int = 300):
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        fsync: bool = True,
+        max_connections: int = 300,
+        also_listen: tuple[str, ...] = (),
+        trust_networks: tuple[str, ...] = (),
+    ):
+        """``also_listen``: addresses to listen on besides 127.0.0.1; ``trust_networks``:
+        CIDRs whose clients may connect without a password (pods of a test node)."""
         self.data_dir = data_dir.resolve()
+        self.also_listen = also_listen
+        self.trust_networks = trust_networks
         self.pgdata = self.data_dir / "pgdata"
         self.log_file = self.data_dir / "postgres.log"
         self.fsync = fsync
@@ -138,11 +150,13 @@ class EmbeddedPostgres:
                 "initdb", "-D", str(self.pgdata), "-U", PG_USER, "--auth=trust",
                 "--encoding=UTF8", "--no-sync",
             )  # fmt: skip
+        self._trust(self.trust_networks)
         port_file = self.data_dir / "port"
         if not port_file.exists() or _port_open(int(port_file.read_text())):
             port_file.write_text(str(_free_port()))
         options = (
-            f"-p {self.port} -h 127.0.0.1 -k '' -c max_connections={self.max_connections}"
+            f"-p {self.port} -h {','.join(('127.0.0.1', *self.also_listen))} -k ''"
+            f" -c max_connections={self.max_connections}"
             f" -c fsync={'on' if self.fsync else 'off'}"
             f" -c synchronous_commit={'on' if self.fsync else 'off'}"
             " -c full_page_writes=off -c shared_buffers=256MB"
@@ -157,6 +171,14 @@ class EmbeddedPostgres:
                 raise DatabaseUnavailable(f"embedded PostgreSQL did not open port {self.port}")
             time.sleep(0.1)
         return self.url()
+
+    def _trust(self, networks: tuple[str, ...]) -> None:
+        hba = self.pgdata / "pg_hba.conf"
+        lines = hba.read_text().splitlines()
+        wanted = [f"host all all {network} trust" for network in networks]
+        missing = [line for line in wanted if line not in lines]
+        if missing:
+            hba.write_text("\n".join([*lines, *missing]) + "\n")
 
     def stop(self, mode: str = "fast") -> None:
         if not (self.pgdata / "postmaster.pid").exists():
