@@ -32,7 +32,7 @@ controlplane:
 
 # kubelet, kube-proxy, kube-scheduler and the pod sandbox image of the real node.
 node-tools:
-	bash tests/controlplane/build-node.sh
+	bash tests/controlplane/build.sh node
 
 helm:
 	bash tests/tools/build-helm.sh
@@ -77,14 +77,14 @@ browser: $(STAMP)
 # The image (built here with buildah) and the chart on a real kubelet + containerd + runc node.
 node: $(STAMP) system-packages tools
 	ANALYSISQ_CONTROLPLANE_BIN="$$(bash tests/controlplane/build.sh | tail -1)" \
-	ANALYSISQ_NODE_BIN="$$(bash tests/controlplane/build-node.sh | tail -1)" \
+	ANALYSISQ_NODE_BIN="$$(bash tests/controlplane/build.sh node | tail -1)" \
 	ANALYSISQ_HELM="$$(bash tests/tools/build-helm.sh | tail -1)" $(BIN)/pytest -m node
 
 # Every tier, then the db tier through PgBouncer; a tier that cannot run fails
 # (tests/conftest.py refuses to skip).
 test: $(STAMP) system-packages tools lint typecheck
 	ANALYSISQ_CONTROLPLANE_BIN="$$(bash tests/controlplane/build.sh | tail -1)" \
-	ANALYSISQ_NODE_BIN="$$(bash tests/controlplane/build-node.sh | tail -1)" \
+	ANALYSISQ_NODE_BIN="$$(bash tests/controlplane/build.sh node | tail -1)" \
 	ANALYSISQ_HELM="$$(bash tests/tools/build-helm.sh | tail -1)" $(BIN)/pytest
 	$(BIN)/pytest -m db --pooler pgbouncer
 

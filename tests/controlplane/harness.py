@@ -24,7 +24,7 @@ import ssl
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -32,7 +32,7 @@ from types import TracebackType
 import yaml
 
 from controlplane import certs
-from controlplane.processes import Child, rss_bytes
+from controlplane.processes import Child, rss_bytes, wait_for
 
 log = logging.getLogger(__name__)
 
@@ -61,30 +61,32 @@ class ControlPlaneError(RuntimeError):
     """The control plane could not be built, started or reached; the message says why."""
 
 
-def resolve_bin_dir(show_build: bool = False) -> Path:
-    """The directory holding the four binaries: ``$ANALYSISQ_CONTROLPLANE_BIN``, else build.sh.
-
-    build.sh returns at once when the binaries are cached; a cold build takes minutes, and
-    ``show_build`` lets its progress through to stderr.
-    """
-    configured = os.environ.get(BIN_ENV)
+def built_dir(env: str, args: Sequence[str] = (), show_build: bool = False) -> Path:
+    """``$env`` when set, else the bin directory ``build.sh ARGS`` prints (at once when its
+    binaries are cached; a cold build takes minutes, and ``show_build`` lets its progress
+    through to stderr)."""
+    configured = os.environ.get(env)
     if configured:
-        bin_dir = Path(configured)
-    else:
-        log.info("%s is not set; running %s", BIN_ENV, BUILD_SCRIPT)
-        result = subprocess.run(
-            ["bash", str(BUILD_SCRIPT)],
-            stdout=subprocess.PIPE,
-            stderr=None if show_build else subprocess.PIPE,
-            text=True,
-            check=False,
+        return Path(configured)
+    log.info("%s is not set; running %s %s", env, BUILD_SCRIPT, " ".join(args))
+    result = subprocess.run(
+        ["bash", str(BUILD_SCRIPT), *args],
+        stdout=subprocess.PIPE,
+        stderr=None if show_build else subprocess.PIPE,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise ControlPlaneError(
+            f"{BUILD_SCRIPT} {' '.join(args)} failed with exit code {result.returncode}:\n"
+            + "\n".join((result.stderr or "(see above)").splitlines()[-40:])
         )
-        if result.returncode != 0:
-            raise ControlPlaneError(
-                f"{BUILD_SCRIPT} failed with exit code {result.returncode}:\n"
-                + "\n".join((result.stderr or "(see above)").splitlines()[-40:])
-            )
-        bin_dir = Path(result.stdout.strip().splitlines()[-1])
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+def resolve_bin_dir(show_build: bool = False) -> Path:
+    """The directory holding the four binaries: ``$ANALYSISQ_CONTROLPLANE_BIN``, else build.sh."""
+    bin_dir = built_dir(BIN_ENV, show_build=show_build)
     missing = [b for b in BINARIES if not os.access(bin_dir / b, os.X_OK)]
     if missing:
         raise ControlPlaneError(
@@ -109,13 +111,13 @@ def _has_default_route() -> bool:
         return False
 
 
-def _prune_stale_workdirs(parent: Path, max_age: float = 3600.0) -> None:
-    """Remove work dirs (~130 MB of etcd WAL each) left by killed runs: older than
-    ``max_age`` and named on no running process's command line."""
+def prune_stale_workdirs(
+    parent: Path, max_age: float = 3600.0, prefix: str = _WORKDIR_PREFIX
+) -> None:
+    """Remove work dirs (~130 MB of etcd WAL each, ~1 GB for a real node) left by killed or
+    failed runs: older than ``max_age`` and named on no running process's command line."""
     cutoff = time.time() - max_age
-    stale = [
-        d for d in parent.glob(f"{_WORKDIR_PREFIX}*") if d.is_dir() and d.stat().st_mtime < cutoff
-    ]
+    stale = [d for d in parent.glob(f"{prefix}*") if d.is_dir() and d.stat().st_mtime < cutoff]
     if not stale:
         return
     command_lines = []
@@ -214,7 +216,7 @@ class ControlPlane:
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix=_WORKDIR_PREFIX))
             self._own_workdir = True
-            _prune_stale_workdirs(self.workdir.parent)
+            prune_stale_workdirs(self.workdir.parent)
         self.workdir.mkdir(parents=True, exist_ok=True)
         atexit.register(self.stop)
         try:
@@ -267,23 +269,8 @@ class ControlPlane:
 
     def _wait(self, what: str, check: Callable[[], bool], timeout: float | None = None) -> None:
         """Poll ``check()`` until true; fail early, with the log, when a component died."""
-        deadline = time.monotonic() + (timeout or self.start_timeout)
-        while True:
-            for child in self._children.values():
-                if not child.alive():
-                    raise ControlPlaneError(
-                        f"{child.name} exited with code {child.poll()} while waiting for {what};"
-                        f" last lines of {child.log_path}:\n{child.log_tail()}"
-                    )
-            if check():
-                return
-            if time.monotonic() > deadline:
-                tails = "\n".join(
-                    f"--- {c.name} ({c.log_path}):\n{c.log_tail(15)}"
-                    for c in self._children.values()
-                )
-                raise ControlPlaneError(f"timed out waiting for {what}\n{tails}")
-            time.sleep(0.1)
+        wait_for(what, check, self._children.values(), timeout or self.start_timeout,
+                 ControlPlaneError)  # fmt: skip
 
     def _start_etcd(self) -> None:
         self.etcd_port, peer_port = free_port(), free_port()

@@ -6,7 +6,7 @@ there, so nothing of the host's network changes and two nodes never collide. The
 address is where the control plane and PostgreSQL listen for the pods. :class:`Node` then
 starts, as children of the harness (:mod:`controlplane.processes`), kube-scheduler (there is
 no node without one), containerd (Debian's package, in a cgroup of its own so its shims and
-containers can be found and killed), kubelet (built by ``build-node.sh`` from the control
+containers can be found and killed), kubelet (built by ``build.sh node`` from the control
 plane's module) and kube-proxy, waits until the node is Ready and the ``kubernetes`` Service
 is routed, and imports images with ``ctr``. Whatever outlives a process group is removed by
 :mod:`controlplane.nodeclean`, from :meth:`Node.stop` or, if this process died, the reaper.
@@ -34,14 +34,13 @@ from pathlib import Path
 
 import yaml
 
-from controlplane import nodeclean, nodeconfig
-from controlplane.harness import ControlPlane
+from controlplane import harness, nodeclean, nodeconfig
+from controlplane.harness import ControlPlane, ControlPlaneError
 from controlplane.nodeconfig import NodePaths
-from controlplane.processes import Child, Reaper, run
+from controlplane.processes import Child, Reaper, run, wait_for
 
 log = logging.getLogger(__name__)
 
-BUILD_SCRIPT = Path(__file__).with_name("build-node.sh")
 BIN_ENV = "ANALYSISQ_NODE_BIN"
 BINARIES = ("kubelet", "kube-proxy", "kube-scheduler")
 HOST_TOOLS = ("containerd", "containerd-shim-runc-v2", "runc", "ctr", "ip", "nsenter",
@@ -64,20 +63,11 @@ class NodeError(RuntimeError):
 
 def resolve_bin_dir() -> Path:
     """kubelet, kube-proxy, kube-scheduler and pause.tar: ``$ANALYSISQ_NODE_BIN`` or
-    ``build-node.sh`` (instant when cached)."""
-    configured = os.environ.get(BIN_ENV)
-    if configured:
-        bin_dir = Path(configured)
-    else:
-        result = subprocess.run(
-            ["bash", str(BUILD_SCRIPT)], capture_output=True, text=True, check=False
-        )
-        if result.returncode != 0:
-            raise NodeError(
-                f"{BUILD_SCRIPT} failed with exit code {result.returncode}:\n"
-                + "\n".join(result.stderr.splitlines()[-40:])
-            )
-        bin_dir = Path(result.stdout.strip().splitlines()[-1])
+    ``build.sh node`` (instant when cached)."""
+    try:
+        bin_dir = harness.built_dir(BIN_ENV, ("node",))
+    except ControlPlaneError as exc:
+        raise NodeError(str(exc)) from None
     missing = [b for b in BINARIES if not os.access(bin_dir / b, os.X_OK)]
     if not (bin_dir / "pause.tar").is_file():
         missing.append("pause.tar")
@@ -323,23 +313,8 @@ class Node:
         ]  # fmt: skip
 
     def _wait(self, what: str, check: Callable[[], bool], timeout: float | None = None) -> None:
-        deadline = time.monotonic() + (timeout or self.ready_timeout)
-        while True:
-            for child in self._children.values():
-                if not child.alive():
-                    raise NodeError(
-                        f"{child.name} exited with code {child.poll()} while waiting for {what};"
-                        f" last lines of {child.log_path}:\n{child.log_tail()}"
-                    )
-            if check():
-                return
-            if time.monotonic() > deadline:
-                tails = "\n".join(
-                    f"--- {c.name} ({c.log_path}):\n{c.log_tail(15)}"
-                    for c in self._children.values()
-                )
-                raise NodeError(f"timed out waiting for {what}\n{tails}")
-            time.sleep(0.5)
+        wait_for(what, check, self._children.values(), timeout or self.ready_timeout,
+                 NodeError, interval=0.5)  # fmt: skip
 
     def _node_ready(self) -> bool:
         out = self.kubectl("get", "node", self.name, "-o", "json", check=False)

@@ -22,7 +22,7 @@ CNI_BIN_DIR = Path("/usr/lib/cni")
 """Where Debian's containernetworking-plugins puts the plugins."""
 CNI_PLUGINS = ("bridge", "host-local", "loopback", "portmap")
 PAUSE_IMAGE = "localhost/analysisq-pause:1"
-"""Built by build-node.sh; keep the tag in step with its PAUSE_VERSION."""
+"""Built by ``build.sh node``; keep the tag in step with its PAUSE_VERSION."""
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from tools.helm import ROOT
 BUILD_IMAGE = ROOT / "tests" / "tools" / "build-image.sh"
 IMAGE_TIMEOUT = 1800.0
 IMAGE_ARCHIVE_ENV = "ANALYSISQ_NODE_IMAGE_ARCHIVE"
+WORKDIR_PREFIX = "analysisq-node-"
 TIMINGS: dict[str, float] = {}
 
 
@@ -106,11 +107,12 @@ def real_node(request: pytest.FixtureRequest) -> Iterator[RealNode]:
         node.check_host()
         began = time.monotonic()
         node_bin = node.resolve_bin_dir()
-        TIMINGS["node binaries (build-node.sh)"] = time.monotonic() - began
+        TIMINGS["node binaries (build.sh node)"] = time.monotonic() - began
         cp_bin = harness.resolve_bin_dir()
     except (NodeError, ControlPlaneError) as exc:
         _fail("build", exc)
-    workdir = Path(tempfile.mkdtemp(prefix="analysisq-node-"))
+    workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
+    harness.prune_stale_workdirs(workdir.parent, prefix=WORKDIR_PREFIX)
     began = time.monotonic()
     build, archive = _build_image(workdir)
     name = f"aq{uuid.uuid4().hex[:6]}"

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -237,6 +237,33 @@ class Child:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+
+def wait_for(
+    what: str,
+    check: Callable[[], bool],
+    children: Iterable[Child],
+    timeout: float,
+    error: type[Exception],
+    interval: float = 0.1,
+) -> None:
+    """Poll ``check()`` until true; raise ``error`` with the logs' tails when one of
+    ``children`` died meanwhile or ``timeout`` seconds passed."""
+    children = list(children)
+    deadline = time.monotonic() + timeout
+    while True:
+        for child in children:
+            if not child.alive():
+                raise error(
+                    f"{child.name} exited with code {child.poll()} while waiting for {what};"
+                    f" last lines of {child.log_path}:\n{child.log_tail()}"
+                )
+        if check():
+            return
+        if time.monotonic() > deadline:
+            tails = "\n".join(f"--- {c.name} ({c.log_path}):\n{c.log_tail(15)}" for c in children)
+            raise error(f"timed out waiting for {what}\n{tails}")
+        time.sleep(interval)
 
 
 def run(
