@@ -8,7 +8,7 @@
 #   IMAGE_ARCHIVE=/tmp/analysisq.tar bash tests/tools/build-image.sh   # and a docker archive
 #
 # The real node tier (tests/node) builds it this way and imports the archive into containerd
-# (`ctr -n k8s.io images import`). Images the new build replaced are pruned (vfs keeps full
+# (`ctr -n k8s.io images import`). The image a rebuild replaced is removed (vfs keeps full
 # copies of every layer).
 #
 # The base (python3, python3-venv, python3-pip; apt lists and docs removed) is cached in
@@ -50,6 +50,7 @@ if [[ -n "${PIP_CERT:-}" && -f "$PIP_CERT" ]]; then
 fi
 
 log "building $tag"
+previous="$("${b[@]}" images -q "$tag" 2>/dev/null || true)"
 start=$SECONDS
 "${b[@]}" bud --isolation chroot --network host "${mounts[@]}" \
   --build-arg "BASE_IMAGE=$base" -t "$tag" "$root" >&2
@@ -59,7 +60,10 @@ ctr="$("${b[@]}" from "$tag")"
 "${b[@]}" run --isolation chroot "$ctr" -- analysisq --help >/dev/null
 [[ "$("${b[@]}" run --isolation chroot "$ctr" -- id -u)" == 65532 ]]
 "${b[@]}" rm "$ctr" >/dev/null
-"${b[@]}" rmi --prune >/dev/null 2>&1 || true
+# Drop the image this build replaced (only that one: other builds may be running).
+if [[ -n "$previous" && "$previous" != "$("${b[@]}" images -q "$tag")" ]]; then
+  "${b[@]}" rmi "$previous" >/dev/null 2>&1 || true
+fi
 if [[ -n "${IMAGE_ARCHIVE:-}" ]]; then
   rm -f "$IMAGE_ARCHIVE"
   "${b[@]}" push -q "$tag" "docker-archive:$IMAGE_ARCHIVE:$tag" >&2
