@@ -55,6 +55,27 @@ def test_a_crash_loop_without_message_reports_the_last_exit() -> None:
     )
 
 
+def test_a_crash_loop_names_why_the_container_last_ended() -> None:
+    # What the kubelet wrote on the real node for an image without `analysisq` in it.
+    error = (
+        "failed to create containerd task: failed to create shim task: OCI runtime create "
+        'failed: runc create failed: unable to start container process: exec: "analysisq": '
+        "executable file not found in $PATH: unknown"
+    )
+    status = _waiting(
+        "CrashLoopBackOff",
+        "back-off 20s restarting failed container=worker pod=w-1_ns(0f1e)",
+        restarts=2,
+        lastState={"terminated": {"exitCode": 128, "reason": "StartError", "message": error}},
+    )
+    problem = workers_problem([_pod("w-1", containerStatuses=[status])])
+    assert problem is not None
+    assert problem.message == (
+        f"worker pod w-1: CrashLoopBackOff: last exit code 128 (StartError): {error}"
+        " (restarted 2 times)"
+    )
+
+
 def test_a_missing_secret_and_an_unschedulable_pod_are_both_counted() -> None:
     secret = _pod(
         "w-b",

@@ -43,8 +43,13 @@ def _container_problem(pod: str, status: Mapping[str, Any]) -> str | None:
         return None
     detail = str(waiting.get("message") or "").strip()
     last = (status.get("lastState") or {}).get("terminated") or {}
-    if not detail and last:
+    # A crash loop's own message only says "back-off ... restarting failed container": the
+    # cause is in how the container last ended (a runtime error that kept it from starting,
+    # or its exit code).
+    if last and (reason == "CrashLoopBackOff" or not detail):
         detail = f"last exit code {last.get('exitCode')} ({last.get('reason') or 'terminated'})"
+        if last.get("message"):
+            detail += f": {str(last['message']).strip()}"
     restarts = int(status.get("restartCount") or 0)
     text = f"worker pod {pod}: {reason}"
     if detail:
