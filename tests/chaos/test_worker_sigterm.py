@@ -45,8 +45,15 @@ def start_worker(db_url: str, tmp_path: Path) -> Iterator[Start]:
         procs.close()
 
 
-async def _busy(db: asyncpg.Connection, proc: subprocess.Popen[bytes]) -> list[int]:
-    """The ids the worker holds once it has a full batch in flight."""
+async def _busy(
+    db: asyncpg.Connection, fake: FakeProvider, start_worker: Start, grace: float
+) -> tuple[WorkerProcs, subprocess.Popen[bytes], list[int]]:
+    """A worker process of a new run of 20 prompts, once it has a full batch in flight, and
+    the ids it holds."""
+    await add_prompts(db, 20)
+    await new_run(db, s=fake_spec(fake.url, leaseSeconds=30, batchSize=BATCH))
+    procs = start_worker(grace)
+    (proc,) = procs.procs
     await wait_for(db, "SELECT count(*) FROM analysis_queue WHERE status = 'processing'",
                    lambda n: n == BATCH, 60)  # fmt: skip
     rows = await db.fetch(
@@ -54,18 +61,14 @@ async def _busy(db: asyncpg.Connection, proc: subprocess.Popen[bytes]) -> list[i
         f"%:{proc.pid}",
     )
     assert len(rows) == BATCH
-    return [r["id"] for r in rows]
+    return procs, proc, [r["id"] for r in rows]
 
 
 async def test_sigterm_releases_calls_slower_than_the_grace(
     db: asyncpg.Connection, start_worker: Start
 ) -> None:
     async with FakeProvider(FakeConfig(latency_ms=30_000)) as fake:
-        await add_prompts(db, 20)
-        await new_run(db, s=fake_spec(fake.url, leaseSeconds=30, batchSize=BATCH))  # type: ignore[arg-type]
-        procs = start_worker(1)
-        (proc,) = procs.procs
-        held = await _busy(db, proc)
+        procs, proc, held = await _busy(db, fake, start_worker, grace=1)
         began = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(proc.wait, 30)
@@ -86,11 +89,7 @@ async def test_sigterm_lets_calls_within_the_grace_finish(
     db: asyncpg.Connection, start_worker: Start
 ) -> None:
     async with FakeProvider(FakeConfig(latency_ms=2_000)) as fake:
-        await add_prompts(db, 20)
-        await new_run(db, s=fake_spec(fake.url, leaseSeconds=30, batchSize=BATCH))  # type: ignore[arg-type]
-        procs = start_worker(20)
-        (proc,) = procs.procs
-        held = await _busy(db, proc)
+        procs, proc, held = await _busy(db, fake, start_worker, grace=20)
         proc.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(proc.wait, 40)
     assert code == 0, procs.logs()
