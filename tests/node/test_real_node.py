@@ -30,6 +30,7 @@ import asyncpg
 import pytest
 
 from controlplane.fixtures import Kubectl, eventually
+from controlplane.nodeconfig import PAUSE_IMAGE
 from controlplane.nodefixtures import RealNode
 from support import add_prompts
 from tools.cluster import apply_analysisrun_crd, create_namespace, delete_namespace
@@ -235,10 +236,14 @@ def install(real_node: RealNode) -> Iterator[Install]:
         delete_namespace(rn.kubectl, namespace)
 
 
-def _in_node(rn: RealNode, url: str) -> str:
-    """GET ``url`` from the node's network namespace (ClusterIPs are routed there)."""
+def _in_node(rn: RealNode, url: str, body: dict[str, Any] | None = None) -> str:
+    """GET ``url`` (POST ``body`` as JSON) from the node's network namespace (ClusterIPs are
+    routed there)."""
+    data = None if body is None else json.dumps(body).encode()
     code = (
-        f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=10).read().decode())"
+        "import urllib.request as r; print(r.urlopen(r.Request("
+        f"{url!r}, data={data!r}, headers={{'Content-Type': 'application/json'}}),"
+        " timeout=10).read().decode())"
     )
     result = rn.node.in_netns([sys.executable, "-c", code])
     assert result.returncode == 0, result.stderr
@@ -347,30 +352,56 @@ def test_a_sigkilled_worker_is_restarted_and_its_items_come_back(install: Instal
     assert lost[0]["n"] >= 1
 
 
+def _fake_latency(install: Install, ms: int) -> None:
+    """Change the in-cluster fake provider's latency for the requests it admits from now."""
+    config = install.endpoint.removesuffix("/v1") + "/config"
+    assert json.loads(_in_node(install.rn, config, {"latency_ms": ms}))["latency_ms"] == ms
+
+
 def test_a_deleted_busy_worker_releases_its_items_without_spending_attempts(
     install: Install,
 ) -> None:
     install.apply_run("deleted")
-    pod, held = _busy_worker(install, "deleted")
-    before = {r["id"]: r["attempts"] for r in held}
-    began = time.monotonic()
-    install.k("delete", "pod", pod, "--wait=true", "--timeout=60s", timeout=70)
-    gone_after = time.monotonic() - began
+    _busy_worker(install, "deleted")
+    # Calls slower than the worker's shutdown grace (2/3 of graceSeconds: 20 s) and within the
+    # target's timeout (60 s): what the deleted worker holds is still in flight when its grace
+    # ends, so only a release (before the kubelet's SIGKILL at 30 s) gives it back in time.
+    _fake_latency(install, 40_000)
+    try:
+        time.sleep(3)  # the calls sent before (0.8 s) are over; every call now is slow
+        pod, held = _busy_worker(install, "deleted")
+        before = {r["id"]: r["attempts"] for r in held}
+        began = time.monotonic()
+        install.k("delete", "pod", pod, "--wait=true", "--timeout=60s", timeout=70)
+        gone_after = time.monotonic() - began
+        rows = install.fetch(
+            "SELECT id, status, attempts, lease_losses, lease_owner FROM analysis_queue"
+            " WHERE id = ANY($1::bigint[])",
+            list(before),
+        )
+    finally:
+        _fake_latency(install, 800)
     assert gone_after < 30 + 5, f"the worker took {gone_after:.0f} s to stop (grace 30 s)"
-    rows = install.fetch(
-        "SELECT id, status, attempts, lease_losses, lease_owner FROM analysis_queue"
-        " WHERE id = ANY($1::bigint[])",
-        list(before),
-    )
+    assert len(rows) == len(before)
     for row in rows:
-        assert not (row["status"] == "processing" and str(row["lease_owner"]).startswith(pod))
-        # Released (or finished) by the worker itself, not reset after a lost lease.
+        # Released by the worker itself (no lease ran out), not left to the rescuer.
         assert row["lease_losses"] == 0, dict(row)
-        if row["status"] != "completed":
+        assert not str(row["lease_owner"]).startswith(f"{pod}:"), dict(row)
+        if row["status"] == "pending":
+            assert row["attempts"] == before[row["id"]] - 1, dict(row)  # claim given back
+        else:  # claimed again by another worker: the release cost no attempt
             assert row["attempts"] == before[row["id"]], dict(row)
     run = install.wait_complete("deleted")
     assert run["status"]["counts"]["completed"] == PROMPTS, install.diagnose()
     _assert_once_each(install, "deleted")
+    answered = install.fetch(
+        "SELECT r.queue_id, r.attempt, q.lease_losses FROM analysis_results r"
+        " JOIN analysis_queue q ON q.id = r.queue_id WHERE r.queue_id = ANY($1::bigint[])",
+        list(before),
+    )
+    assert {(r["queue_id"], r["attempt"], r["lease_losses"]) for r in answered} == {
+        (i, n, 0) for i, n in before.items()
+    }
 
 
 def test_the_operator_replaced_mid_run_finishes_the_run(install: Install) -> None:
@@ -419,21 +450,35 @@ def test_a_missing_database_secret_is_a_condition_and_an_event(install: Install)
     assert any(e["reason"] == "SecretMissing" and "nowhere" in e["message"] for e in events)
 
 
-def test_a_worker_image_that_cannot_be_pulled_is_a_condition_and_an_event(
-    install: Install,
+@pytest.mark.parametrize(
+    ("image", "reasons"),
+    [
+        # Not on the node and not pullable (IfNotPresent): the kubelet's pull fails.
+        ("localhost/analysisq-missing:0", ("ErrImagePull", "ImagePullBackOff")),
+        # On the node (the pod sandbox image) but without an `analysisq` to run: runc cannot
+        # start the container, and the kubelet backs off restarting it.
+        (PAUSE_IMAGE, ("RunContainerError", "CrashLoopBackOff")),
+    ],
+    ids=["cannot-be-pulled", "cannot-start"],
+)
+def test_a_worker_image_that_cannot_run_is_a_condition_and_an_event(
+    install: Install, image: str, reasons: tuple[str, ...]
 ) -> None:
-    missing = "localhost/analysisq-missing:0"
     _helm(install.rn, install.namespace, "upgrade",
           "--set=operator.extraEnv[0].name=ANALYSISQ_WORKER_IMAGE",
-          f"--set=operator.extraEnv[0].value={missing}")  # fmt: skip
+          f"--set=operator.extraEnv[0].value={image}")  # fmt: skip
+    run = f"bad-image-{reasons[0].lower()}"
     try:
         install.k("rollout", "status", "deployment/analysisq-operator", "--timeout=120s",
                   timeout=130)  # fmt: skip
-        install.apply_run("bad-image")
-        condition = _condition(install, "bad-image", "WorkersFailing")
-        assert missing in condition["message"], condition
-        assert "ErrImagePull" in condition["message"] or "ImagePullBackOff" in condition["message"]
-        events = _events(install, "bad-image")
+        install.apply_run(run)
+        condition = _condition(install, run, "WorkersFailing")
+        assert any(r in condition["message"] for r in reasons), condition
+        events = _events(install, run)
         assert any(e["reason"] == "WorkersFailing" for e in events), events
+        if image != PAUSE_IMAGE:
+            assert image in condition["message"], condition
+        else:  # the runtime's own words say what is wrong, in a crash loop too
+            assert "executable file not found" in condition["message"], condition
     finally:
         _helm(install.rn, install.namespace, "upgrade")
