@@ -126,7 +126,7 @@ async def install(db: BenchDB, conn: asyncpg.Connection, items: int) -> None:
 async def reset(conn: asyncpg.Connection) -> None:
     """Empty every queue so that each round starts from the same state."""
     await conn.execute(
-        "TRUNCATE analysis_results, analysis_queue, run_targets, analysis_runs;"
+        "TRUNCATE analysis_results, analysis_queue, batch_submissions, run_targets, analysis_runs;"
         " TRUNCATE pgqueuer, pgqueuer_log, pgqueuer_statistics;"
         " TRUNCATE procrastinate_jobs, procrastinate_events, procrastinate_workers CASCADE"
     )

@@ -73,19 +73,21 @@ async def test_backoff_and_max_attempts_are_respected(db: asyncpg.Connection) ->
     assert await claim(db, 5) == []  # attempts exhausted
 
 
+#: ``complete_and_claim`` with no answers: a plain claim of 5 items of run-1, 1 suspect at most.
+CLAIM_ONLY = ([], [], [], [], [], [], [], [], False, "run-1", 5, "w", 60.0, 1, [])
+
+
 async def test_claim_uses_its_index(db: asyncpg.Connection) -> None:
     await add_prompts(db, 3000)
     await new_run(db)
     await db.execute("ANALYZE")
     await db.execute("SET enable_seqscan = off")  # the plan must not need a full scan
-    plan = await db.fetchval(
-        "EXPLAIN (FORMAT JSON) " + query("claim"), "run-1", 5, "w", 60.0, 1, []
-    )
+    plan = await db.fetchval("EXPLAIN (FORMAT JSON) " + query("complete_and_claim"), *CLAIM_ONLY)
     text = json.dumps(plan)
     assert "analysis_queue_claim_idx" in text, text
     await db.execute("RESET enable_seqscan")
     plan = json.dumps(
-        await db.fetchval("EXPLAIN (FORMAT JSON) " + query("claim"), "run-1", 5, "w", 60.0, 1, [])
+        await db.fetchval("EXPLAIN (FORMAT JSON) " + query("complete_and_claim"), *CLAIM_ONLY)
     )
     assert "analysis_queue_claim_idx" in plan, plan
     # looking for a suspect reads only suspects, never every due item
