@@ -497,7 +497,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=system_name,
         metavar="SYSTEM",
         help="analysisq, pgqueuer, procrastinate, or analysisq:WHATIF[,WHATIF] with "
-        "WHATIF from bench.whatif (noreset, norate, eager): a proposed change, measured "
+        "WHATIF from bench.whatif (noreset, norate, eager, separate): a variant, measured "
         "beside the production worker",
     )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per round")
