@@ -551,7 +551,7 @@ WITH input AS (
     -- at a time (it passes $14 = 0 while it holds one), so a prompt that kills its worker
     -- takes only fresh batch-mates down with it, once, and is poisoned alone. Few items are
     -- suspects: analysis_queue_suspect_idx holds only them.
-    SELECT q.id, (q.status = 'failed') AS retry, q.next_attempt_at AS due
+    SELECT q.id, (q.status = 'failed') AS retry, q.next_attempt_at AS due, q.attempts
     FROM analysis_queue q
     WHERE q.run_id = $10
       AND q.status IN ('pending', 'failed')
@@ -576,7 +576,7 @@ WITH input AS (
     -- defers pending items released after a 429, and parks the items of a paused target at
     -- 'infinity', so this scan needs no other condition and walks analysis_queue_claim_idx
     -- in order, stopping at the LIMIT.
-    SELECT q.id, (q.status = 'failed') AS retry, q.next_attempt_at AS due
+    SELECT q.id, (q.status = 'failed') AS retry, q.next_attempt_at AS due, q.attempts
     FROM analysis_queue q
     WHERE q.run_id = $10
       AND q.status IN ('pending', 'failed')
@@ -598,12 +598,13 @@ WITH input AS (
     -- rows another worker is claiming are skipped, not waited for
     FOR UPDATE OF q SKIP LOCKED
 ), candidates AS (
-    SELECT c.id, c.n, c.retry, c.due, q.attempts >= r.max_attempts AS exhausted,
-           r.max_attempts
-    FROM (SELECT id, 0 AS n, retry, due FROM suspects
-          UNION ALL SELECT id, 1, retry, due FROM fresh) c
-    JOIN analysis_queue q ON q.id = c.id
-    JOIN analysis_runs r ON r.id = q.run_id
+    -- the scans' own rows, not joined back to analysis_queue: LIMIT $11 - count(*) is no
+    -- constant, the planner takes it for 10% of the queue and would hash a scan of it all
+    SELECT c.id, c.n, c.retry, c.due, c.attempts >= r.max_attempts AS exhausted, r.max_attempts
+    FROM (SELECT id, 0 AS n, retry, due, attempts FROM suspects
+          UNION ALL SELECT id, 1, retry, due, attempts FROM fresh) c
+    CROSS JOIN analysis_runs r
+    WHERE r.id = $10
 ), exhausted AS (
     -- Waiting items with no attempt left (maxAttempts was lowered after they were last
     -- tried) end here, failed for good, instead of waiting for ever.
@@ -612,8 +613,7 @@ WITH input AS (
         error_class = coalesce(q.error_class, 'transient'),
         error_message = format('gave up after %s attempts: %s', q.attempts,
                                coalesce(q.error_message, 'maxAttempts was lowered'))
-    FROM candidates c
-    WHERE q.id = c.id AND c.exhausted
+    WHERE q.id = ANY (ARRAY(SELECT c.id FROM candidates c WHERE c.exhausted))
 ), claimed AS (
     UPDATE analysis_queue q SET
         status = 'processing',
@@ -624,11 +624,12 @@ WITH input AS (
         claim_token = gen_random_uuid(),
         next_attempt_at = NULL,
         updated_at = now()
-    FROM candidates c, prompts p
-    WHERE q.id = c.id AND NOT c.exhausted AND p.id = q.prompt_tracking_id
+    FROM prompts p, analysis_runs r
+    -- an id array, not a join with `candidates`, for the same reason as there
+    WHERE q.id = ANY (ARRAY(SELECT c.id FROM candidates c WHERE NOT c.exhausted))
+      AND p.id = q.prompt_tracking_id AND r.id = q.run_id
     RETURNING q.id, q.claim_token, q.run_id, q.prompt_tracking_id, q.target, q.attempts,
-              q.deferrals, q.lease_losses, c.max_attempts, c.n, c.retry, c.due, p.external_id,
-              p.text
+              q.deferrals, q.lease_losses, r.max_attempts, p.external_id, p.text
 )
 SELECT true AS written, s.queue_id AS id, NULL::uuid AS claim_token, NULL::text AS run_id,
        NULL::bigint AS prompt_tracking_id, NULL::text AS target, NULL::integer AS attempts,
@@ -639,7 +640,7 @@ UNION ALL
 -- the claims in the order they are served: suspects, then fresh items in queue order
 (SELECT false, c.id, c.claim_token, c.run_id, c.prompt_tracking_id, c.target, c.attempts,
         c.deferrals, c.lease_losses, c.max_attempts, c.external_id, c.text
- FROM claimed c ORDER BY c.n, c.retry, c.due);
+ FROM claimed c JOIN candidates k ON k.id = c.id ORDER BY k.n, k.retry, k.due);
 
 -- name: prunable_runs
 -- Runs finished more than $1 seconds ago whose queue rows are still there (or, with
