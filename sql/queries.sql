@@ -687,7 +687,7 @@ RETURNING id;
 -- $5 seconds: the intent and its items commit together, before anything is sent. Items get
 -- a claim (the fence of their results) and a lease of $6 seconds that the owner renews with
 -- batch_touch_items while they wait inside the provider batch. maxAttempts is read from the
--- database, as in `claim`.
+-- database, as in `complete_and_claim`.
 WITH scanned AS (
     -- the sync claim's order and conditions, for one target
     SELECT q.id, q.attempts >= r.max_attempts AS exhausted
@@ -701,7 +701,7 @@ WITH scanned AS (
     LIMIT $3
     FOR UPDATE OF q SKIP LOCKED
 ), exhausted AS (
-    -- waiting items with no attempt left end here, as in `claim`
+    -- waiting items with no attempt left end here, as in `complete_and_claim`
     UPDATE analysis_queue q SET
         status = 'failed', next_attempt_at = NULL, updated_at = now(),
         error_class = coalesce(q.error_class, 'transient'),
