@@ -73,7 +73,9 @@ async def median_ms(call: Callable[[], Awaitable[object]], repeat: int = 5) -> f
 
 
 async def measure(conn: asyncpg.Connection, size: int) -> dict[str, float | int]:
-    await conn.execute("TRUNCATE analysis_results, analysis_queue, run_targets, analysis_runs")
+    await conn.execute(
+        "TRUNCATE analysis_results, analysis_queue, batch_submissions, run_targets, analysis_runs"
+    )
     await conn.execute("TRUNCATE prompts RESTART IDENTITY CASCADE")
     await copy_prompts(conn, size)
     await make_run(conn, "old", finished=True)

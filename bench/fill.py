@@ -71,7 +71,9 @@ def fill_args(run_id: str, spec: AnalysisRunSpec) -> tuple[object, ...]:
 
 async def prepare(conn: asyncpg.Connection, case: Case) -> None:
     """Empty the tables and load the case's prompts."""
-    await conn.execute("TRUNCATE analysis_results, analysis_queue, run_targets, analysis_runs")
+    await conn.execute(
+        "TRUNCATE analysis_results, analysis_queue, batch_submissions, run_targets, analysis_runs"
+    )
     await conn.execute("TRUNCATE prompts RESTART IDENTITY CASCADE")
     await copy_prompts(conn, case.prompts)
     await conn.execute("VACUUM ANALYZE analysis_queue")

@@ -154,7 +154,8 @@ async def main(args: argparse.Namespace, reporter: Reporter) -> None:
             # today's run fills the active prompts; the history days take the first *items*
             await conn.execute("UPDATE prompts SET active = false WHERE id >"
                                " (SELECT min(id) FROM prompts) + $1 - 1", n_today)  # fmt: skip
-            params = {"days": days, "items": items, "today": n_today, "retention": keep}
+            params = {"days": days, "items": items, "today": n_today, "retention": keep,
+                      "daily_prune": args.daily_prune}  # fmt: skip
 
             async def phase(label: str, day: int) -> None:
                 m = await today(conn, db.url, f"today-{day}", n_today, args.repeat)
@@ -168,6 +169,9 @@ async def main(args: argparse.Namespace, reporter: Reporter) -> None:
             with stopwatch() as t:
                 for d in range(days):
                     await add_day(conn, f"day-{d}", items, days - d)
+                    if args.daily_prune:
+                        await prune.prune(conn, keep * DAY, results=args.prune_results)
+                        await conn.execute("VACUUM analysis_queue, analysis_results")
                 await conn.execute("VACUUM ANALYZE")
             print(f"  {days} days of history: {t[0]:.0f} s", flush=True)
             await phase(f"{days} days", 1)
@@ -203,3 +207,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retention", type=int, default=7, help="days kept by the prune")
     p.add_argument("--prune-results", action="store_true", help="prune results too")
     p.add_argument("--repeat", type=int, default=5, help="runs per query timing (median)")
+    p.add_argument(
+        "--daily-prune", action="store_true", help="prune after every day (retention from day 1)"
+    )

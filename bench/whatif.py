@@ -16,10 +16,9 @@ runs the production worker and the experiment side by side.
 - ``norate``: an item whose target has no rate limit skips the pool acquire (and release)
   that the worker makes for the rate-limit check, which then needs no connection. (A no-op
   where the worker already skips it.)
-- ``combined``: a finished batch is written and the freed slots are claimed again in one
-  statement (``complete_and_claim`` in sql/queries.sql): one round trip and one transaction
-  per batch instead of two. The claim loop still claims whatever the combined statement did
-  not fill (the first batch, a queue that ran dry, slots freed by failures).
+- ``separate``: the worker as it was before it adopted ``complete_and_claim``: a flush only
+  writes its batch, and the claim loop claims the freed slots in a statement of its own (two
+  round trips and two transactions per batch instead of one).
 """
 
 from __future__ import annotations
@@ -31,13 +30,12 @@ from typing import Any
 
 import asyncpg
 
-from analysisq.queue import items, quota, ratelimit
+from analysisq.queue import quota, ratelimit
 from analysisq.queue.items import Outcome
 from analysisq.worker import Worker
 from analysisq.worker.inflight import InFlight, InFlightClaim
-from analysisq.worker.results import ResultBuffer
 
-WHATIFS = ("noreset", "eager", "norate", "combined")
+WHATIFS = ("noreset", "eager", "norate", "separate")
 
 
 async def _no_reset(conn: asyncpg.Connection) -> None:
@@ -112,48 +110,22 @@ def _no_rate_connection(cls: type[Worker]) -> type[Worker]:
     return NoRateConnectionWorker
 
 
-class _CombinedBuffer(ResultBuffer):
-    """``combined``: a batch write that also claims the slots the batch frees."""
+class SeparateClaimWorker(Worker):
+    """``separate``: flushes claim nothing; the claim loop does all the claiming."""
 
-    def __init__(self, worker: Worker) -> None:
-        super().__init__(worker.spec.batch_size)
-        self._worker = worker
-
-    async def _complete(self, conn: asyncpg.Connection, batch: list[Outcome]) -> set[int]:
-        w = self._worker
-        if w._stopping.is_set():
-            return await super()._complete(conn, batch)
-        # the batch's claims are still in flight: once written, their slots are free
-        free = w.spec.batch_size - len(w.inflight) + len(batch)
-        done, claimed = await items.complete_and_claim(
-            conn, batch, w.run.id, worker=w.name, limit=free,
-            lease_seconds=w.lease,
-        )  # fmt: skip
-        # started before the flush forgets the written claims, so the claim loop, woken by
-        # the freed slots, finds them filled
-        w.stats.claimed += len(claimed)
-        for item in claimed:
-            w._start(item)
-        return done
-
-
-class CombinedWorker(Worker):
-    """``combined``: each flush also claims the slots its batch frees."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.results = _CombinedBuffer(self)
+    def _refill_slots(self, batch: list[Outcome]) -> int:
+        return 0
 
 
 def worker_class(whatif: frozenset[str]) -> type[Worker]:
     unknown = whatif - set(WHATIFS)
     if unknown:
         raise SystemExit(f"unknown what-if {sorted(unknown)}; known: {WHATIFS}")
-    if {"eager", "combined"} <= whatif:
-        raise SystemExit("what-ifs eager and combined do not combine")
+    if {"eager", "separate"} <= whatif:
+        raise SystemExit("what-ifs eager and separate do not combine")
     cls: type[Worker] = Worker
     if "eager" in whatif:
         cls = EagerSlotWorker
-    elif "combined" in whatif:
-        cls = CombinedWorker
+    elif "separate" in whatif:
+        cls = SeparateClaimWorker
     return _no_rate_connection(cls) if "norate" in whatif else cls

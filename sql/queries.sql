@@ -99,95 +99,6 @@ UPDATE analysis_runs SET finished_at = coalesce(finished_at, now()) WHERE id = $
 SELECT i FROM unnest($1::text[]) AS i
 WHERE NOT EXISTS (SELECT 1 FROM prompts p WHERE p.external_id = i);
 
--- name: claim
--- Claim up to $2 items of run $1 for worker $3 with a lease of $4 seconds, of which at most
--- $5 (NULL = any number) lost a lease before, skipping the targets $6 (those in mode batch).
--- The run's maxAttempts is read here, from the database, so a lowered maximum applies at
--- once to every worker, old or new.
-WITH open AS (
-    -- Whether any target is left to claim for. Targets in mode batch are claimed by
-    -- batch_claim only; a target whose rate pool a provider's Retry-After blocks is not
-    -- claimed for until the block ends: its items stay in the queue instead of waiting in a
-    -- worker that holds their leases (an idle claim is exposed to that worker's death, which
-    -- the stuck reset charges to the items it held). With no target left the scans below do
-    -- not run at all (rather than walk every due item of the blocked targets).
-    SELECT EXISTS (
-        SELECT 1 FROM run_targets t JOIN rate_pools rp ON rp.name = t.pool
-        WHERE t.run_id = $1 AND t.target <> ALL ($6::text[]) AND rp.blocked_until <= now()
-    ) AS targets_left
-), suspects AS (
-    -- Items that lost a lease: a worker holding one died or hung. A worker takes at most one
-    -- at a time (it passes $5 = 0 while it holds one), so a prompt that kills its worker
-    -- takes only fresh batch-mates down with it, once, and is poisoned alone. Few items are
-    -- suspects: analysis_queue_suspect_idx holds only them.
-    SELECT q.id
-    FROM analysis_queue q
-    WHERE q.run_id = $1
-      AND q.status IN ('pending', 'failed')
-      AND q.next_attempt_at IS NOT NULL
-      AND q.next_attempt_at <= now()
-      AND q.lease_losses > 0
-      AND q.target <> ALL ($6::text[])
-      -- the item's pool is not blocked (see `open`); a scalar subquery, evaluated for the
-      -- rows the index scan reaches, keeps the scan in index order up to the LIMIT
-      AND (SELECT rp.blocked_until FROM run_targets t JOIN rate_pools rp ON rp.name = t.pool
-           WHERE t.run_id = q.run_id AND t.target = q.target) <= now()
-      AND (SELECT targets_left FROM open)
-    ORDER BY (q.status = 'failed'), q.next_attempt_at
-    LIMIT least($2::bigint, $5::bigint)
-    FOR UPDATE OF q SKIP LOCKED
-), fresh AS (
-    -- pending items first, then failed items whose backoff elapsed; next_attempt_at also
-    -- defers pending items released after a 429, and parks the items of a paused target at
-    -- 'infinity', so this scan needs no other condition and walks analysis_queue_claim_idx
-    -- in order, stopping at the LIMIT.
-    SELECT q.id
-    FROM analysis_queue q
-    WHERE q.run_id = $1
-      AND q.status IN ('pending', 'failed')
-      AND q.next_attempt_at IS NOT NULL
-      AND q.next_attempt_at <= now()
-      AND q.lease_losses = 0
-      AND q.target <> ALL ($6::text[])
-      -- the item's pool is not blocked (see `open`); a scalar subquery, evaluated for the
-      -- rows the index scan reaches, keeps the scan in index order up to the LIMIT
-      AND (SELECT rp.blocked_until FROM run_targets t JOIN rate_pools rp ON rp.name = t.pool
-           WHERE t.run_id = q.run_id AND t.target = q.target) <= now()
-      AND (SELECT targets_left FROM open)
-    ORDER BY (q.status = 'failed'), q.next_attempt_at
-    LIMIT $2::bigint - (SELECT count(*) FROM suspects)
-    -- rows another worker is claiming are skipped, not waited for
-    FOR UPDATE OF q SKIP LOCKED
-), candidates AS (
-    SELECT c.id, q.attempts >= r.max_attempts AS exhausted, r.max_attempts
-    FROM (SELECT id FROM suspects UNION ALL SELECT id FROM fresh) c
-    JOIN analysis_queue q ON q.id = c.id
-    JOIN analysis_runs r ON r.id = q.run_id
-), exhausted AS (
-    -- Waiting items with no attempt left (maxAttempts was lowered after they were last
-    -- tried) end here, failed for good, instead of waiting for ever.
-    UPDATE analysis_queue q SET
-        status = 'failed', next_attempt_at = NULL, updated_at = now(),
-        error_class = coalesce(q.error_class, 'transient'),
-        error_message = format('gave up after %s attempts: %s', q.attempts,
-                               coalesce(q.error_message, 'maxAttempts was lowered'))
-    FROM candidates c
-    WHERE q.id = c.id AND c.exhausted
-)
-UPDATE analysis_queue q SET
-    status = 'processing',
-    attempts = q.attempts + 1,
-    lease_owner = $3,
-    lease_expires_at = now() + make_interval(secs => $4),
-    -- the fence: every later write for this claim must present this token
-    claim_token = gen_random_uuid(),
-    next_attempt_at = NULL,
-    updated_at = now()
-FROM candidates c, prompts p
-WHERE q.id = c.id AND NOT c.exhausted AND p.id = q.prompt_tracking_id
-RETURNING q.id, q.claim_token, q.run_id, q.prompt_tracking_id, q.target, q.attempts,
-          q.deferrals, q.lease_losses, c.max_attempts, p.external_id, p.text;
-
 -- name: heartbeat
 -- Renew the leases still ours; the ids not returned were lost.
 UPDATE analysis_queue q SET
@@ -196,37 +107,6 @@ UPDATE analysis_queue q SET
 FROM unnest($1::bigint[], $2::uuid[]) AS h(id, token)
 WHERE q.id = h.id AND q.claim_token = h.token AND q.status = 'processing'
 RETURNING q.id;
-
--- name: complete
--- Fenced completion of a batch: the status flips and the result row is written in one
--- statement, only for claims that are still the writer's. UNIQUE (queue_id) on results makes
--- a second result for an item impossible. $9: answered through a provider batch.
-WITH input AS (
-    SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::text[],
-                         $6::integer[], $7::integer[], $8::double precision[])
-        AS i(id, token, model, response_text, parsed, tokens_in, tokens_out, latency_ms)
-), done AS (
-    UPDATE analysis_queue q SET
-        status = 'completed', completed_at = now(), updated_at = now(),
-        error_class = NULL, error_message = NULL,
-        lease_owner = NULL, lease_expires_at = NULL, claim_token = NULL, submission_id = NULL
-    FROM input i
-    WHERE q.id = i.id AND q.claim_token = i.token AND q.status = 'processing'
-    RETURNING q.id, q.run_id, q.prompt_tracking_id, q.target, q.attempts
-), healthy AS (
-    -- an answer: the target works, so a streak of target faults (the breaker) is broken
-    UPDATE run_targets t SET fault = NULL, fault_streak = 0, fault_items = '{}'
-    FROM (SELECT DISTINCT run_id, target FROM done) d
-    WHERE t.run_id = d.run_id AND t.target = d.target AND t.fault IS NOT NULL
-      AND t.paused_at IS NULL
-)
-INSERT INTO analysis_results (queue_id, run_id, prompt_tracking_id, target, model,
-                              response_text, parsed, tokens_in, tokens_out, latency_ms, attempt,
-                              via_batch)
-SELECT d.id, d.run_id, d.prompt_tracking_id, d.target, i.model, i.response_text,
-       i.parsed::jsonb, i.tokens_in, i.tokens_out, i.latency_ms, d.attempts, $9::boolean
-FROM done d JOIN input i ON i.id = d.id
-RETURNING queue_id;
 
 -- name: fail
 -- Fenced failure. $5 = seconds until the retry, NULL = failed for good.
@@ -616,12 +496,19 @@ WHERE t.run_id = $1 AND t.target = $2 AND q.id = ANY (t.fault_items)
 -- ---------------------------------------------------------------------------------------
 
 -- name: complete_and_claim
--- `complete` and `claim` in one statement: write a finished batch ($1-$8 as in `complete`)
--- and claim up to $10 items of run $9, at most $13 (NULL = any number) of them suspects, for
--- worker $11 with a lease of $12 seconds, in one round trip and one transaction instead of
--- two; like `claim`, it reads maxAttempts from the database. Rows with written = true
--- are the completed ids; the others are the new claims. The two UPDATEs touch disjoint rows:
--- `done` only items processing under the writer's token, `candidates` only waiting ones.
+-- The worker's one statement per batch: write a finished batch and claim the slots it frees,
+-- in one round trip and one transaction. Either half may be empty: no answers = a plain
+-- claim (``items.claim``), $11 = 0 = a plain completion (``items.complete``).
+-- Completion ($1-$8 one array each, $9 answered through a provider batch): fenced, the status
+-- flips and the result row is written only for claims that are still the writer's; UNIQUE
+-- (queue_id) on results makes a second result for an item impossible.
+-- Claim: up to $11 items of run $10 for worker $12 with a lease of $13 seconds, of which at
+-- most $14 (NULL = any number) lost a lease before, skipping the targets $15 (those in mode
+-- batch). The run's maxAttempts is read here, from the database, so a lowered maximum
+-- applies at once to every worker, old or new.
+-- Rows with written = true are the completed ids; the others are the new claims. The UPDATEs
+-- of analysis_queue touch disjoint rows: `done` only items processing under the writer's
+-- token, the claim's only waiting ones.
 WITH input AS (
     SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::text[],
                          $6::integer[], $7::integer[], $8::double precision[])
@@ -630,62 +517,117 @@ WITH input AS (
     UPDATE analysis_queue q SET
         status = 'completed', completed_at = now(), updated_at = now(),
         error_class = NULL, error_message = NULL,
-        lease_owner = NULL, lease_expires_at = NULL, claim_token = NULL
+        lease_owner = NULL, lease_expires_at = NULL, claim_token = NULL, submission_id = NULL
     FROM input i
     WHERE q.id = i.id AND q.claim_token = i.token AND q.status = 'processing'
     RETURNING q.id, q.run_id, q.prompt_tracking_id, q.target, q.attempts
+), healthy AS (
+    -- an answer: the target works, so a streak of target faults (the breaker) is broken
+    UPDATE run_targets t SET fault = NULL, fault_streak = 0, fault_items = '{}'
+    FROM (SELECT DISTINCT run_id, target FROM done) d
+    WHERE t.run_id = d.run_id AND t.target = d.target AND t.fault IS NOT NULL
+      AND t.paused_at IS NULL
 ), saved AS (
     INSERT INTO analysis_results (queue_id, run_id, prompt_tracking_id, target, model,
                                   response_text, parsed, tokens_in, tokens_out, latency_ms,
-                                  attempt)
+                                  attempt, via_batch)
     SELECT d.id, d.run_id, d.prompt_tracking_id, d.target, i.model, i.response_text,
-           i.parsed::jsonb, i.tokens_in, i.tokens_out, i.latency_ms, d.attempts
+           i.parsed::jsonb, i.tokens_in, i.tokens_out, i.latency_ms, d.attempts, $9::boolean
     FROM done d JOIN input i ON i.id = d.id
     RETURNING queue_id
+), open AS (
+    -- Whether any target is left to claim for. Targets in mode batch are claimed by
+    -- batch_claim only; a target whose rate pool a provider's Retry-After blocks is not
+    -- claimed for until the block ends: its items stay in the queue instead of waiting in a
+    -- worker that holds their leases (an idle claim is exposed to that worker's death, which
+    -- the stuck reset charges to the items it held). With no target left the scans below do
+    -- not run at all (rather than walk every due item of the blocked targets).
+    SELECT EXISTS (
+        SELECT 1 FROM run_targets t JOIN rate_pools rp ON rp.name = t.pool
+        WHERE t.run_id = $10 AND t.target <> ALL ($15::text[]) AND rp.blocked_until <= now()
+    ) AS targets_left
 ), suspects AS (
-    -- the claim's scans, as in `claim` (items with no attempt left are left to it)
-    SELECT q.id
-    FROM analysis_queue q JOIN analysis_runs r ON r.id = q.run_id
-    WHERE q.run_id = $9
+    -- Items that lost a lease: a worker holding one died or hung. A worker takes at most one
+    -- at a time (it passes $14 = 0 while it holds one), so a prompt that kills its worker
+    -- takes only fresh batch-mates down with it, once, and is poisoned alone. Few items are
+    -- suspects: analysis_queue_suspect_idx holds only them.
+    SELECT q.id, (q.status = 'failed') AS retry, q.next_attempt_at AS due, q.attempts
+    FROM analysis_queue q
+    WHERE q.run_id = $10
       AND q.status IN ('pending', 'failed')
       AND q.next_attempt_at IS NOT NULL
       AND q.next_attempt_at <= now()
       AND q.lease_losses > 0
-      AND q.attempts < r.max_attempts
-      -- as in `claim`: no item of a pool a Retry-After blocks
+      -- the targets to serve, not `q.target <> ALL ($15)`: the planner rates that near 0
+      -- rows for a run of one or a few targets and, in a generic plan, trades the index's
+      -- order for a full scan and a sort
+      AND q.target = ANY (ARRAY(SELECT t.target FROM run_targets t
+                                WHERE t.run_id = $10 AND t.target <> ALL ($15::text[])))
+      -- the item's pool is not blocked (see `open`); a scalar subquery, evaluated for the
+      -- rows the index scan reaches, keeps the scan in index order up to the LIMIT
       AND (SELECT rp.blocked_until FROM run_targets t JOIN rate_pools rp ON rp.name = t.pool
            WHERE t.run_id = q.run_id AND t.target = q.target) <= now()
+      AND (SELECT targets_left FROM open)
     ORDER BY (q.status = 'failed'), q.next_attempt_at
-    LIMIT least($10::bigint, $13::bigint)
+    LIMIT least($11::bigint, $14::bigint)
     FOR UPDATE OF q SKIP LOCKED
 ), fresh AS (
-    SELECT q.id
-    FROM analysis_queue q JOIN analysis_runs r ON r.id = q.run_id
-    WHERE q.run_id = $9
+    -- pending items first, then failed items whose backoff elapsed; next_attempt_at also
+    -- defers pending items released after a 429, and parks the items of a paused target at
+    -- 'infinity', so this scan needs no other condition and walks analysis_queue_claim_idx
+    -- in order, stopping at the LIMIT.
+    SELECT q.id, (q.status = 'failed') AS retry, q.next_attempt_at AS due, q.attempts
+    FROM analysis_queue q
+    WHERE q.run_id = $10
       AND q.status IN ('pending', 'failed')
       AND q.next_attempt_at IS NOT NULL
       AND q.next_attempt_at <= now()
       AND q.lease_losses = 0
-      AND q.attempts < r.max_attempts
-      -- as in `claim`: no item of a pool a Retry-After blocks
+      -- the targets to serve, not `q.target <> ALL ($15)`: the planner rates that near 0
+      -- rows for a run of one or a few targets and, in a generic plan, trades the index's
+      -- order for a full scan and a sort
+      AND q.target = ANY (ARRAY(SELECT t.target FROM run_targets t
+                                WHERE t.run_id = $10 AND t.target <> ALL ($15::text[])))
+      -- the item's pool is not blocked (see `open`); a scalar subquery, evaluated for the
+      -- rows the index scan reaches, keeps the scan in index order up to the LIMIT
       AND (SELECT rp.blocked_until FROM run_targets t JOIN rate_pools rp ON rp.name = t.pool
            WHERE t.run_id = q.run_id AND t.target = q.target) <= now()
+      AND (SELECT targets_left FROM open)
     ORDER BY (q.status = 'failed'), q.next_attempt_at
-    LIMIT $10::bigint - (SELECT count(*) FROM suspects)
+    LIMIT $11::bigint - (SELECT count(*) FROM suspects)
+    -- rows another worker is claiming are skipped, not waited for
     FOR UPDATE OF q SKIP LOCKED
 ), candidates AS (
-    SELECT id FROM suspects UNION ALL SELECT id FROM fresh
+    -- the scans' own rows, not joined back to analysis_queue: LIMIT $11 - count(*) is no
+    -- constant, the planner takes it for 10% of the queue and would hash a scan of it all
+    SELECT c.id, c.n, c.retry, c.due, c.attempts >= r.max_attempts AS exhausted, r.max_attempts
+    FROM (SELECT id, 0 AS n, retry, due, attempts FROM suspects
+          UNION ALL SELECT id, 1, retry, due, attempts FROM fresh) c
+    CROSS JOIN analysis_runs r
+    WHERE r.id = $10
+), exhausted AS (
+    -- Waiting items with no attempt left (maxAttempts was lowered after they were last
+    -- tried) end here, failed for good, instead of waiting for ever.
+    UPDATE analysis_queue q SET
+        status = 'failed', next_attempt_at = NULL, updated_at = now(),
+        error_class = coalesce(q.error_class, 'transient'),
+        error_message = format('gave up after %s attempts: %s', q.attempts,
+                               coalesce(q.error_message, 'maxAttempts was lowered'))
+    WHERE q.id = ANY (ARRAY(SELECT c.id FROM candidates c WHERE c.exhausted))
 ), claimed AS (
     UPDATE analysis_queue q SET
         status = 'processing',
         attempts = q.attempts + 1,
-        lease_owner = $11,
-        lease_expires_at = now() + make_interval(secs => $12),
+        lease_owner = $12,
+        lease_expires_at = now() + make_interval(secs => $13),
+        -- the fence: every later write for this claim must present this token
         claim_token = gen_random_uuid(),
         next_attempt_at = NULL,
         updated_at = now()
-    FROM candidates c, prompts p, analysis_runs r
-    WHERE q.id = c.id AND p.id = q.prompt_tracking_id AND r.id = q.run_id
+    FROM prompts p, analysis_runs r
+    -- an id array, not a join with `candidates`, for the same reason as there
+    WHERE q.id = ANY (ARRAY(SELECT c.id FROM candidates c WHERE NOT c.exhausted))
+      AND p.id = q.prompt_tracking_id AND r.id = q.run_id
     RETURNING q.id, q.claim_token, q.run_id, q.prompt_tracking_id, q.target, q.attempts,
               q.deferrals, q.lease_losses, r.max_attempts, p.external_id, p.text
 )
@@ -695,9 +637,10 @@ SELECT true AS written, s.queue_id AS id, NULL::uuid AS claim_token, NULL::text 
        NULL::integer AS max_attempts, NULL::text AS external_id, NULL::text AS text
 FROM saved s
 UNION ALL
-SELECT false, c.id, c.claim_token, c.run_id, c.prompt_tracking_id, c.target, c.attempts,
-       c.deferrals, c.lease_losses, c.max_attempts, c.external_id, c.text
-FROM claimed c;
+-- the claims in the order they are served: suspects, then fresh items in queue order
+(SELECT false, c.id, c.claim_token, c.run_id, c.prompt_tracking_id, c.target, c.attempts,
+        c.deferrals, c.lease_losses, c.max_attempts, c.external_id, c.text
+ FROM claimed c JOIN candidates k ON k.id = c.id ORDER BY k.n, k.retry, k.due);
 
 -- name: prunable_runs
 -- Runs finished more than $1 seconds ago whose queue rows are still there (or, with
@@ -744,7 +687,7 @@ RETURNING id;
 -- $5 seconds: the intent and its items commit together, before anything is sent. Items get
 -- a claim (the fence of their results) and a lease of $6 seconds that the owner renews with
 -- batch_touch_items while they wait inside the provider batch. maxAttempts is read from the
--- database, as in `claim`.
+-- database, as in `complete_and_claim`.
 WITH scanned AS (
     -- the sync claim's order and conditions, for one target
     SELECT q.id, q.attempts >= r.max_attempts AS exhausted
@@ -758,7 +701,7 @@ WITH scanned AS (
     LIMIT $3
     FOR UPDATE OF q SKIP LOCKED
 ), exhausted AS (
-    -- waiting items with no attempt left end here, as in `claim`
+    -- waiting items with no attempt left end here, as in `complete_and_claim`
     UPDATE analysis_queue q SET
         status = 'failed', next_attempt_at = NULL, updated_at = now(),
         error_class = coalesce(q.error_class, 'transient'),

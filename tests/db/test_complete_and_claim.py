@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from typing import Any
 
 import asyncpg
 import pytest
 
 from analysisq.completion import Completion
-from analysisq.queue import items, rescue
+from analysisq.queue import items, rescue, runs
 from analysisq.queue.items import ClaimedItem, Outcome
-from support import add_prompts, new_run
+from analysisq.settings import Settings
+from analysisq.worker import Worker
+from support import add_prompts, new_run, spec
 
 pytestmark = pytest.mark.db
 
@@ -89,3 +92,69 @@ async def test_an_empty_batch_is_a_plain_claim(db: asyncpg.Connection) -> None:
     await new_run(db)
     written, claimed = await complete_and_claim(db, [], 5)
     assert written == set() and len(claimed) == 3
+
+
+async def test_a_plain_completion_claims_nothing(db: asyncpg.Connection) -> None:
+    await add_prompts(db, 6)
+    await new_run(db)
+    held = await claim(db, 2)
+    assert await items.complete(db, [Outcome(i, OK) for i in held]) == {i.id for i in held}
+    assert await db.fetchval(
+        "SELECT count(*) FROM analysis_queue WHERE status = 'processing'"
+    ) == 0  # fmt: skip
+
+
+async def test_the_claim_half_skips_the_targets_it_is_told_to(db: asyncpg.Connection) -> None:
+    two = spec(targets=[{"name": "a", "provider": "echo", "model": "m"},
+                        {"name": "b", "provider": "echo", "model": "m"}])  # fmt: skip
+    await add_prompts(db, 3)
+    await new_run(db, s=two)
+    held = await items.claim(db, "run-1", worker="w1", limit=1, lease_seconds=60,
+                             skip_targets=["b"])  # fmt: skip
+    _, claimed = await items.complete_and_claim(
+        db, [Outcome(i, OK) for i in held], "run-1", worker="w1", limit=10,
+        lease_seconds=60, skip_targets=["b"],
+    )  # fmt: skip
+    assert [i.target for i in held + claimed] == ["a"] * 3  # b is left to batch_claim
+
+
+async def test_an_answer_written_with_a_claim_breaks_the_fault_streak(
+    db: asyncpg.Connection,
+) -> None:
+    await add_prompts(db, 4)
+    await new_run(db)
+    held = await claim(db, 1)
+    await db.execute(
+        "UPDATE run_targets SET fault = 'model gone', fault_streak = 2, fault_items = '{1}'"
+    )
+    written, claimed = await complete_and_claim(db, held, 1)
+    assert written == {held[0].id} and len(claimed) == 1
+    row = await db.fetchrow("SELECT fault, fault_streak, fault_items FROM run_targets")
+    assert (row["fault"], row["fault_streak"], row["fault_items"]) == (None, 0, [])
+
+
+async def test_the_worker_claims_with_its_writes(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker draining 200 items in batches of 10 claims the freed slots in the statement
+    that writes each batch: its claim loop's own claims are the first one and the last,
+    empty one, not one per batch (the round trip per batch that the write now saves)."""
+    async with pool.acquire() as db:
+        await add_prompts(db, 200)
+        await new_run(db, s=spec(batchSize=10))
+        run = await runs.get_run(db, "run-1")
+    plain_claims: list[int] = []
+    real_claim = items.claim
+
+    async def counted(*args: Any, **kw: Any) -> list[ClaimedItem]:
+        got = await real_claim(*args, **kw)
+        plain_claims.append(len(got))
+        return got
+
+    monkeypatch.setattr(items, "claim", counted)
+    settings = Settings(database_url="unused", poll_seconds=0.05)
+    stats = await Worker(pool, run, settings, name="w1", exit_when_done=True).run_until_stopped()
+    assert stats.completed == stats.claimed == 200
+    assert len(plain_claims) <= 3, plain_claims
+    async with pool.acquire() as db:
+        assert await db.fetchval("SELECT count(DISTINCT queue_id) FROM analysis_results") == 200

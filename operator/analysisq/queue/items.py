@@ -76,17 +76,11 @@ async def claim(
     """Lease up to *limit* due items for the sync path, at most *max_suspects* of them (None:
     any number) having lost a lease before; waiting items with no attempt left fail for good
     instead. *skip_targets* (those in mode batch) are left to ``queue.batches.claim``."""
-    with translated("claiming items"):
-        rows = await conn.fetch(
-            query("claim"),
-            run_id,
-            limit,
-            worker,
-            float(lease_seconds),
-            max_suspects,
-            list(skip_targets),
-        )
-    return [claimed_item(r) for r in rows]
+    _, claimed = await complete_and_claim(
+        conn, (), run_id, worker=worker, limit=limit, lease_seconds=lease_seconds,
+        max_suspects=max_suspects, skip_targets=skip_targets,
+    )  # fmt: skip
+    return claimed
 
 
 def claimed_item(r: asyncpg.Record) -> ClaimedItem:
@@ -149,9 +143,10 @@ async def complete(
     answers came through a provider batch (recorded per result)."""
     if not outcomes:
         return set()
-    with translated("completing items"):
-        rows = await conn.fetch(query("complete"), *_result_columns(outcomes), via_batch)
-    return {r[0] for r in rows}
+    written, _ = await complete_and_claim(
+        conn, outcomes, "", worker="", limit=0, lease_seconds=0, via_batch=via_batch
+    )
+    return written
 
 
 async def complete_and_claim(
@@ -163,6 +158,8 @@ async def complete_and_claim(
     limit: int,
     lease_seconds: float,
     max_suspects: int | None = None,
+    skip_targets: Sequence[str] = (),
+    via_batch: bool = False,
 ) -> tuple[set[int], list[ClaimedItem]]:
     """``complete`` then ``claim`` in one statement (one round trip, one transaction).
 
@@ -171,19 +168,23 @@ async def complete_and_claim(
     write-once are those of ``complete``: a result is written only for a claim still the
     writer's, and at most once per item.
     """
-    with translated("completing and claiming items"):
+    what = "completing and claiming items" if outcomes and limit else (
+        "completing items" if outcomes else "claiming items"
+    )  # fmt: skip
+    with translated(what):
         rows = await conn.fetch(
             query("complete_and_claim"),
             *_result_columns(outcomes),
+            via_batch,
             run_id,
             limit,
             worker,
             float(lease_seconds),
             max_suspects,
+            list(skip_targets),
         )
-    return {r["id"] for r in rows if r["written"]}, [
-        claimed_item(r) for r in rows if not r["written"]
-    ]
+    written = {r["id"] for r in rows if r["written"]}
+    return written, [claimed_item(r) for r in rows if not r["written"]]
 
 
 async def fail(

@@ -6,7 +6,8 @@ One asyncio process, four loops sharing a small database pool:
   are free slots and starts one task per claim (``attempt``: rate slot -> provider -> verdict);
 - ``_heartbeat_loop`` renews the lease of every held claim every third of a lease, and drops
   the claims whose lease was lost (their late writes would be refused anyway);
-- ``_flush_loop`` writes buffered answers in batches (``results``);
+- ``_flush_loop`` writes buffered answers in batches (``results``), and in the same statement
+  claims the slots a batch frees while the claim loop runs;
 - ``_housekeeping_loop`` runs the stuck-item reset for the run every quarter lease (at most
   15 s), so a crashed worker's items come back within about 1.25 leases.
 
@@ -53,7 +54,7 @@ from analysisq.worker.attempt import Attempts
 from analysisq.worker.batch import BatchDriver
 from analysisq.worker.batch_plan import batch_targets, sync_targets_skipped
 from analysisq.worker.inflight import InFlight, InFlightClaim
-from analysisq.worker.results import ResultBuffer
+from analysisq.worker.results import Refill, ResultBuffer
 from analysisq.worker.settle import Settler, WorkerStats
 
 log = logging.getLogger("analysisq.worker")
@@ -99,7 +100,9 @@ class Worker:
         self._clock = clock
         self._stopping = asyncio.Event()
         self.inflight = InFlight()
-        self.results = ResultBuffer(self.spec.batch_size)
+        self.results = ResultBuffer(self.spec.batch_size, self._refill())
+        #: While the claim loop runs, flushes claim too (never after it has ended).
+        self._claiming = False
         self._slot_freed = asyncio.Event()
         self._flush_now = asyncio.Event()
         #: Set when the run's budget refused a request: claim nothing until it is raised.
@@ -199,7 +202,38 @@ class Worker:
 
     # -- claiming ----------------------------------------------------------------------------
 
+    def _refill(self) -> Refill:
+        return Refill(
+            self.run.id, self.name, self.lease, sync_targets_skipped(self.spec),
+            self._refill_slots, self._refill_suspects, self._start_claimed,
+        )  # fmt: skip
+
+    def _refill_slots(self, batch: list[Outcome]) -> int:
+        """Claims a flush of *batch* takes: the slots its written claims free."""
+        if not self._claiming or self._stopping.is_set() or self._budget_hold.is_set():
+            return 0
+        held = sum(1 for o in batch if self.inflight.get(o.item) is not None)
+        return max(0, self.spec.batch_size - len(self.inflight) + held)
+
+    def _refill_suspects(self, batch: list[Outcome]) -> int:
+        """One suspect at a time, as the claim loop: none while one outside *batch* is held."""
+        writing = {o.item.key for o in batch}
+        held = any(i.suspect and i.key not in writing for i in self.inflight.items())
+        return 0 if held else 1
+
+    def _start_claimed(self, claimed: list[ClaimedItem]) -> None:
+        self.stats.claimed += len(claimed)
+        for item in claimed:
+            self._start(item)
+
     async def _claim_loop(self) -> None:
+        self._claiming = True
+        try:
+            await self._claim_until_stopped()
+        finally:
+            self._claiming = False
+
+    async def _claim_until_stopped(self) -> None:
         concurrency = self.spec.batch_size
         while not self._stopping.is_set():
             if self._budget_hold.is_set():
@@ -231,9 +265,7 @@ class Worker:
                     break
                 await self._sleep(self._poll_delay())
                 continue
-            self.stats.claimed += len(claimed)
-            for item in claimed:
-                self._start(item)
+            self._start_claimed(claimed)
 
     def _start(self, item: ClaimedItem) -> None:
         record, stale = self.inflight.add(item)

@@ -1,7 +1,9 @@
 """Completed answers on their way to the database: buffered, then written in batches.
 
 The worker adds each answer to the ``ResultBuffer``; a flush writes the whole buffer with one
-fenced statement (``items.complete``). When the database is away the batch goes back into the
+fenced statement (``items.complete_and_claim``), which also claims the slots the batch frees
+(``Refill``): one round trip and one transaction per batch, where a write and a claim took two.
+When the database is away the batch goes back into the
 buffer (the leases are still renewed). When the database refuses the batch, the answers are
 written one by one so that one bad value cannot sink its batch-mates; an answer refused alone
 is written once more with only its text (parsed JSON and token counts NULL), and only an
@@ -11,6 +13,7 @@ to fail.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import asyncpg
@@ -35,11 +38,29 @@ class WriteReport:
     unavailable: str | None = None
 
 
-class ResultBuffer:
-    """Answers not yet written, in arrival order."""
+@dataclass(frozen=True)
+class Refill:
+    """The claim a flush makes in its statement (``items.claim``'s parameters)."""
 
-    def __init__(self, batch_size: int) -> None:
+    run_id: str
+    worker: str
+    lease_seconds: float
+    skip_targets: Sequence[str]
+    #: How many items to claim along with this batch: the slots it frees (0 = none).
+    slots: Callable[[list[Outcome]], int]
+    #: How many of them may be suspects (items that lost a lease before; None = any).
+    max_suspects: Callable[[list[Outcome]], int | None]
+    #: Takes the new claims; called before the batch's own claims are forgotten, so that a
+    #: claim loop woken by the freed slots finds them filled.
+    start: Callable[[list[ClaimedItem]], None]
+
+
+class ResultBuffer:
+    """Answers not yet written, in arrival order; *refill* claims along with each write."""
+
+    def __init__(self, batch_size: int, refill: Refill | None = None) -> None:
         self.batch_size = batch_size
+        self.refill = refill
         self._pending: list[Outcome] = []
 
     def __len__(self) -> int:
@@ -82,8 +103,18 @@ class ResultBuffer:
         return report
 
     async def _complete(self, conn: asyncpg.Connection, batch: list[Outcome]) -> set[int]:
-        """The batch's one fenced statement; the ids written."""
-        return await items.complete(conn, batch)
+        """The batch's one fenced statement, claiming the slots it frees; the ids written."""
+        r = self.refill
+        slots = r.slots(batch) if r is not None else 0
+        if r is None or slots <= 0:
+            return await items.complete(conn, batch)
+        done, claimed = await items.complete_and_claim(
+            conn, batch, r.run_id, worker=r.worker, limit=slots, lease_seconds=r.lease_seconds,
+            max_suspects=r.max_suspects(batch), skip_targets=r.skip_targets,
+        )  # fmt: skip
+        if claimed:
+            r.start(claimed)
+        return done
 
     async def _one_by_one(self, pool: asyncpg.Pool, batch: list[Outcome]) -> WriteReport:
         report = WriteReport()
