@@ -238,11 +238,12 @@ WHERE run_id = $1 AND error_class IS NOT NULL
 GROUP BY error_class ORDER BY count(*) DESC;
 
 -- name: results_page
--- Results of a run by keyset paging; cost from the target's pricing (NULL without).
+-- Results of a run by keyset paging; cost from the target's pricing (NULL without), less
+-- the batch discount for an answer that came through a provider batch.
 SELECT r.id, r.queue_id, p.external_id, r.target, r.model, r.response_text, r.parsed::text,
-       r.tokens_in, r.tokens_out, r.latency_ms, r.attempt, r.created_at,
-       token_cost(r.tokens_in, r.tokens_out, t.input_per_million, t.output_per_million)
-           AS cost
+       r.tokens_in, r.tokens_out, r.latency_ms, r.attempt, r.created_at, r.via_batch,
+       token_cost(r.tokens_in, r.tokens_out, t.input_per_million, t.output_per_million,
+                  CASE WHEN r.via_batch THEN t.batch_discount END) AS cost
 FROM analysis_results r JOIN prompts p ON p.id = r.prompt_tracking_id
 JOIN run_targets t ON t.run_id = r.run_id AND t.target = r.target
 WHERE r.run_id = $1 AND r.id > $2
@@ -361,18 +362,20 @@ UPDATE analysis_runs SET
 WHERE id = $1;
 
 -- name: budget_reserve
--- Reserve $3 input + $4 output tokens (and their cost at target $2's prices) for one request
--- of run $1, only if what is spent, what is in flight and this request fit the budget and
--- the run is not paused for its budget. No row: it does not fit.
+-- Reserve $3 input + $4 output tokens (and their cost at target $2's prices, less its batch
+-- discount when $5: sent through a provider batch) for one request of run $1, only if what
+-- is spent, what is in flight and this request fit the budget and the run is not paused
+-- for its budget. No row: it does not fit.
 UPDATE analysis_runs r SET
     reserved_tokens = r.reserved_tokens + $3 + $4,
-    reserved_cost = r.reserved_cost
-        + coalesce(token_cost($3, $4, t.input_per_million, t.output_per_million), 0)
+    reserved_cost = r.reserved_cost + coalesce(token_cost($3, $4, t.input_per_million,
+        t.output_per_million, CASE WHEN $5 THEN t.batch_discount END), 0)
 FROM run_targets t
 WHERE r.id = $1 AND t.run_id = r.id AND t.target = $2 AND r.budget_exhausted_at IS NULL
   AND (r.max_tokens IS NULL OR r.spent_tokens + r.reserved_tokens + $3 + $4 <= r.max_tokens)
   AND (r.max_cost IS NULL OR r.spent_cost + r.reserved_cost
-       + coalesce(token_cost($3, $4, t.input_per_million, t.output_per_million), 0)
+       + coalesce(token_cost($3, $4, t.input_per_million, t.output_per_million,
+                             CASE WHEN $5 THEN t.batch_discount END), 0)
        <= r.max_cost)
 RETURNING r.id;
 
@@ -383,14 +386,15 @@ WHERE id = $1;
 
 -- name: budget_settle
 -- A request of run $1 to target $2 ended: its reservation ($3 in + $4 out tokens) is
--- released and what the provider charged ($5 in + $6 out tokens) is spent.
+-- released and what the provider charged ($5 in + $6 out tokens) is spent, both less the
+-- target's batch discount when $7 (sent through a provider batch).
 UPDATE analysis_runs r SET
     reserved_tokens = greatest(r.reserved_tokens - $3 - $4, 0),
-    reserved_cost = greatest(r.reserved_cost
-        - coalesce(token_cost($3, $4, t.input_per_million, t.output_per_million), 0), 0),
+    reserved_cost = greatest(r.reserved_cost - coalesce(token_cost($3, $4, t.input_per_million,
+        t.output_per_million, CASE WHEN $7 THEN t.batch_discount END), 0), 0),
     spent_tokens = r.spent_tokens + $5 + $6,
-    spent_cost = r.spent_cost
-        + coalesce(token_cost($5, $6, t.input_per_million, t.output_per_million), 0)
+    spent_cost = r.spent_cost + coalesce(token_cost($5, $6, t.input_per_million,
+        t.output_per_million, CASE WHEN $7 THEN t.batch_discount END), 0)
 FROM run_targets t
 WHERE r.id = $1 AND t.run_id = r.id AND t.target = $2;
 
@@ -400,16 +404,21 @@ SELECT max_cost, max_tokens, spent_cost, spent_tokens, reserved_cost, reserved_t
 FROM analysis_runs WHERE id = $1;
 
 -- name: usage_by_target
--- Tokens and cost of the stored answers of run $1, per target (cost NULL without pricing).
+-- Tokens and cost of the stored answers of run $1, per target (cost NULL without pricing):
+-- answers through a provider batch at the target's batch discount, the others in full.
 SELECT t.target, t.pool, count(r.id) AS answers,
        coalesce(sum(r.tokens_in), 0)::bigint AS tokens_in,
        coalesce(sum(r.tokens_out), 0)::bigint AS tokens_out,
-       token_cost(coalesce(sum(r.tokens_in), 0)::bigint, coalesce(sum(r.tokens_out), 0)::bigint,
-                  t.input_per_million, t.output_per_million) AS cost
+       token_cost(coalesce(sum(r.tokens_in) FILTER (WHERE NOT r.via_batch), 0)::bigint,
+                  coalesce(sum(r.tokens_out) FILTER (WHERE NOT r.via_batch), 0)::bigint,
+                  t.input_per_million, t.output_per_million)
+       + token_cost(coalesce(sum(r.tokens_in) FILTER (WHERE r.via_batch), 0)::bigint,
+                    coalesce(sum(r.tokens_out) FILTER (WHERE r.via_batch), 0)::bigint,
+                    t.input_per_million, t.output_per_million, t.batch_discount) AS cost
 FROM run_targets t
 LEFT JOIN analysis_results r ON r.run_id = t.run_id AND r.target = t.target
 WHERE t.run_id = $1
-GROUP BY t.target, t.pool, t.input_per_million, t.output_per_million
+GROUP BY t.target, t.pool, t.input_per_million, t.output_per_million, t.batch_discount
 ORDER BY t.target;
 
 -- ---------------------------------------------------------------------------------------
@@ -891,12 +900,19 @@ SELECT r.id, r.name, r.created_at, r.filled_at, r.finished_at,
         WHERE t.run_id = r.id AND t.paused_at IS NOT NULL) AS paused_targets,
        -- what the stored answers cost at the targets' pricing (NULL when none has any);
        -- the results are read only for priced targets of runs not already held
+       -- (answers through a provider batch at the target's batch discount)
        (SELECT sum(token_cost(u.tokens_in, u.tokens_out,
-                              t.input_per_million, t.output_per_million))
+                              t.input_per_million, t.output_per_million)
+                   + token_cost(u.batch_in, u.batch_out, t.input_per_million,
+                                t.output_per_million, t.batch_discount))
         FROM run_targets t
         CROSS JOIN LATERAL (
-            SELECT coalesce(sum(x.tokens_in), 0)::bigint AS tokens_in,
-                   coalesce(sum(x.tokens_out), 0)::bigint AS tokens_out
+            SELECT coalesce(sum(x.tokens_in) FILTER (WHERE NOT x.via_batch), 0)::bigint
+                       AS tokens_in,
+                   coalesce(sum(x.tokens_out) FILTER (WHERE NOT x.via_batch), 0)::bigint
+                       AS tokens_out,
+                   coalesce(sum(x.tokens_in) FILTER (WHERE x.via_batch), 0)::bigint AS batch_in,
+                   coalesce(sum(x.tokens_out) FILTER (WHERE x.via_batch), 0)::bigint AS batch_out
             FROM analysis_results x WHERE x.run_id = t.run_id AND x.target = t.target
         ) u
         WHERE t.run_id = r.id AND NOT k.known
@@ -973,8 +989,12 @@ SELECT t.target, t.requests_per_second, t.tokens_per_minute, t.paused_at, t.paus
        coalesce(q.recent, 0) AS recent, coalesce(q.deferrals, 0) AS deferrals,
        r.latency_p50_ms, r.latency_p95_ms, r.latency_p99_ms,
        coalesce(r.tokens_in, 0) AS tokens_in, coalesce(r.tokens_out, 0) AS tokens_out,
-       token_cost(coalesce(r.tokens_in, 0), coalesce(r.tokens_out, 0),
-                  t.input_per_million, t.output_per_million) AS cost
+       -- answers through a provider batch at the target's batch discount
+       token_cost(coalesce(r.tokens_in, 0) - coalesce(r.batch_in, 0),
+                  coalesce(r.tokens_out, 0) - coalesce(r.batch_out, 0),
+                  t.input_per_million, t.output_per_million)
+       + token_cost(coalesce(r.batch_in, 0), coalesce(r.batch_out, 0),
+                    t.input_per_million, t.output_per_million, t.batch_discount) AS cost
 FROM run_targets t
 LEFT JOIN (
     SELECT target, count(*) AS total,
@@ -993,7 +1013,9 @@ LEFT JOIN (
            percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms) AS latency_p50_ms,
            percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms) AS latency_p95_ms,
            percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms) AS latency_p99_ms,
-           sum(tokens_in)::bigint AS tokens_in, sum(tokens_out)::bigint AS tokens_out
+           sum(tokens_in)::bigint AS tokens_in, sum(tokens_out)::bigint AS tokens_out,
+           sum(tokens_in) FILTER (WHERE via_batch)::bigint AS batch_in,
+           sum(tokens_out) FILTER (WHERE via_batch)::bigint AS batch_out
     FROM analysis_results WHERE run_id = $1 GROUP BY target
 ) r ON r.target = t.target
 WHERE t.run_id = $1

@@ -1,7 +1,8 @@
 """Write a run's results to a JSONL or CSV file, by keyset paging over ``results_page``.
 
 One row per completed item (the database holds one result per item), with its cost at the
-target's pricing (empty without one). The file is written
+target's pricing (empty without one; an answer through a provider batch, ``via_batch``, at
+the batch discount). The file is written
 beside its final name and renamed when complete, so a reader never sees half a file.
 """
 
@@ -31,6 +32,7 @@ COLUMNS = (
     "tokens_in",
     "tokens_out",
     "cost",
+    "via_batch",
     "latency_ms",
     "attempt",
     "queue_id",
@@ -56,8 +58,9 @@ def _record(row: dict[str, Any]) -> dict[str, Any]:
         "parsed": json.loads(row["parsed"]) if row["parsed"] is not None else None,
         "tokens_in": row["tokens_in"],
         "tokens_out": row["tokens_out"],
-        # at the target's pricing; None without one
+        # at the target's pricing (less its batch discount when via_batch); None without one
         "cost": row["cost"],
+        "via_batch": row["via_batch"],
         "latency_ms": round(row["latency_ms"], 1),
         "attempt": row["attempt"],
         "queue_id": row["queue_id"],

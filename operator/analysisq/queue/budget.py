@@ -60,12 +60,18 @@ async def set_budget(conn: asyncpg.Connection, run_id: str, budget: Budget | Non
 
 
 async def reserve(
-    conn: asyncpg.Connection, run_id: str, target: str, estimate: TokenEstimate
+    conn: asyncpg.Connection,
+    run_id: str,
+    target: str,
+    estimate: TokenEstimate,
+    *,
+    via_batch: bool = False,
 ) -> bool:
-    """Reserve one request's tokens and cost; False (and the run paused) if they do not fit."""
+    """Reserve one request's tokens and cost (at the batch discount if *via_batch*); False
+    (and the run paused) if they do not fit."""
     with translated(f"reserving budget of run {run_id}"):
         ok = await conn.fetchval(
-            query("budget_reserve"), run_id, target, estimate.input, estimate.output
+            query("budget_reserve"), run_id, target, estimate.input, estimate.output, via_batch
         )
         if ok is None:
             await conn.execute(query("budget_exhaust"), run_id)
@@ -79,8 +85,11 @@ async def settle(
     estimate: TokenEstimate,
     tokens_in: int,
     tokens_out: int,
+    *,
+    via_batch: bool = False,
 ) -> None:
-    """Release a request's reservation and spend what the provider charged."""
+    """Release a request's reservation and spend what the provider charged (both at the
+    batch discount if *via_batch*)."""
     with translated(f"settling budget of run {run_id}"):
         await conn.execute(
             query("budget_settle"),
@@ -90,6 +99,7 @@ async def settle(
             estimate.output,
             tokens_in,
             tokens_out,
+            via_batch,
         )
 
 
