@@ -70,9 +70,17 @@ ORDER BY created_at DESC LIMIT $1;
 
 -- name: delete_run
 -- The run with its targets and queue rows (ON DELETE CASCADE) and its results, which have no
--- foreign key to the queue (retention may remove queue rows and keep results).
-WITH results AS (DELETE FROM analysis_results WHERE run_id = $1)
-DELETE FROM analysis_runs WHERE id = $1;
+-- foreign key to the queue (retention may remove queue rows and keep results). Refused
+-- while a provider batch of the run is open (it would run on, paid, known to nobody):
+-- returns how many are open, and deletes only when none is.
+WITH open_batches AS (
+    SELECT count(*)::integer AS n FROM batch_submissions WHERE run_id = $1 AND state <> 'done'
+), results AS (
+    DELETE FROM analysis_results WHERE run_id = $1 AND (SELECT n FROM open_batches) = 0
+), deleted AS (
+    DELETE FROM analysis_runs WHERE id = $1 AND (SELECT n FROM open_batches) = 0
+)
+SELECT n FROM open_batches;
 
 -- name: fill_run
 -- The one idempotent fill: every selected prompt x every target of the run. ON CONFLICT makes
@@ -852,6 +860,12 @@ WITH asked AS (
     RETURNING id
 )
 SELECT count(*)::integer FROM asked;
+
+-- name: batch_release_leases
+-- A stopping worker $2 hands its open submissions $1 over: their leases end now, so another
+-- worker (or the operator cancelling a deleted run's batches) takes them at once.
+UPDATE batch_submissions SET lease_expires_at = now(), updated_at = now()
+WHERE id = ANY ($1::bigint[]) AND lease_owner = $2 AND state <> 'done';
 
 -- name: batch_known_ids
 -- Provider batches the submissions of target $2 of run $1 already own (Anthropic's

@@ -115,6 +115,11 @@ class RunNotFound(AnalysisqError):
     """No such run."""
 
 
+class BatchesOpen(AnalysisqError):
+    """The run still has open provider batches: deleting its rows now would leave them running,
+    paid, with nobody to ingest them; cancel them first (``queue.batches.cancel_open``)."""
+
+
 class BudgetExhausted(AnalysisqError):
     """The run's budget cannot cover the next request: the run is paused (BudgetExhausted);
     raise the budget to continue."""

@@ -4,7 +4,8 @@ A submission is a row of ``batch_submissions`` with its own lease. ``claim`` rec
 intent and claims its items in one statement, before anything is sent; ``submitted`` records
 the provider's batch id once it accepted. ``take`` hands a worker the submissions it should
 work on now (its own, when due for a poll, and anyone's whose lease expired: adoption);
-``heartbeat`` renews its leases and ``touch_items`` keeps its waiting items visibly alive.
+``heartbeat`` renews its leases, ``touch_items`` keeps its waiting items visibly alive and
+``release_leases`` hands them over when it stops.
 Results are written with ``items.complete`` / ``items.fail`` / ``items.release``, fenced by
 each item's claim like any sync answer; ``finish`` ends a submission and puts every item
 that got no answer back unspent. The worker's batch driver (``analysisq.worker.batch``)
@@ -120,6 +121,14 @@ async def heartbeat(
     with translated("renewing batch submission leases"):
         rows = await conn.fetch(query("batch_heartbeat"), list(ids), worker, float(lease_seconds))
     return {r[0] for r in rows}
+
+
+async def release_leases(conn: asyncpg.Connection, ids: Sequence[int], *, worker: str) -> None:
+    """A stopping worker's submissions *ids*: their leases end now (taken over at once)."""
+    if not ids:
+        return
+    with translated("handing over batch submissions"):
+        await conn.execute(query("batch_release_leases"), list(ids), worker)
 
 
 async def touch_items(

@@ -16,7 +16,7 @@ import asyncpg
 from analysisq.db.connect import translated
 from analysisq.db.sql import query
 from analysisq.db.text import db_text
-from analysisq.errors import RunNotFound, SpecError
+from analysisq.errors import BatchesOpen, RunNotFound, SpecError
 from analysisq.queue import budget, ratelimit
 from analysisq.queue.states import Counts
 from analysisq.spec import AnalysisRunSpec, parse_spec
@@ -153,9 +153,15 @@ async def mark_finished(conn: asyncpg.Connection, run_id: str) -> None:
 
 
 async def delete_run(conn: asyncpg.Connection, run_id: str) -> None:
-    """Remove the run, its queue rows and results."""
+    """Remove the run, its queue rows and results; ``BatchesOpen`` (nothing removed) while
+    one of its provider batches is open."""
     with translated(f"deleting run {run_id}"):
-        await conn.execute(query("delete_run"), run_id)
+        still_open = await conn.fetchval(query("delete_run"), run_id)
+    if still_open:
+        raise BatchesOpen(
+            f"run {run_id} has {still_open} open provider batches: its rows are kept until "
+            "they are cancelled and their results ingested"
+        )
     await ratelimit.forget_unused(conn)
 
 

@@ -14,6 +14,11 @@ alone. Each round, a driver
 3. renews its submissions' leases every quarter lease and touches their waiting items
    every ``TOUCH_SECONDS``, so none of them looks stuck and none is rescued.
 
+On its way out a driver calls ``/cancel`` for what a suspend marked and hands its
+submissions over (their leases end). ``drain`` is the pass for a run being deleted: it
+cancels and ingests without claiming, until no submission is open (the operator's
+finalizer calls it; ``queue.runs.delete_run`` refuses while one is).
+
 A whole-batch refusal for the provider's enqueued-token limit (``RateLimited``) is
 back-pressure: the items go back unspent and the target sends no batch for the delay. Once a
 run's ``deadline`` is near, the driver cancels its open batches and stops claiming: the sync
@@ -116,6 +121,7 @@ class BatchDriver:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stopping.wait(), self._idle)
             await self._cancel_marked()
+            await self._hand_over()
         finally:
             beat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -130,6 +136,7 @@ class BatchDriver:
                     conn, self.run.id, worker=self.name, lease_seconds=self.lease
                 )
             for sub in taken:
+                self._owned.add(sub.id)
                 if sub.cancel_reason and sub.provider_batch_id and sub.id not in self._cancelled:
                     await self.clients[sub.target].cancel(sub.provider_batch_id)
                     self._cancelled.add(sub.id)
@@ -138,6 +145,35 @@ class BatchDriver:
             log.warning(
                 "could not cancel marked batches", extra={"run": self.run.id, "error": exc.message}
             )
+
+    async def _hand_over(self) -> None:
+        """On the way out: end the leases of the submissions still ours, so whoever comes next
+        (a worker, or the operator cancelling a deleted run's batches) takes them at once."""
+        try:
+            async with acquire(self.pool) as conn:
+                await batches.release_leases(conn, sorted(self._owned), worker=self.name)
+        except DatabaseError as exc:
+            log.warning(
+                "could not hand over batch submissions; their leases will expire",
+                extra={"run": self.run.id, "error": exc.message},
+            )
+        self._owned.clear()
+
+    async def drain(self, reason: str) -> int:
+        """One pass for a run that is going away (delete): mark every open submission for
+        cancelling (*reason*), claim nothing, and advance those it can take now: cancel at
+        the provider, ingest what ended (partial results), put the rest back unspent.
+        Returns how many submissions are still open; call again until none is."""
+        async with acquire(self.pool) as conn:
+            await batches.cancel_open(conn, self.run.id, reason)
+            taken = await batches.take(
+                conn, self.run.id, worker=self.name, lease_seconds=self.lease
+            )
+        for sub in taken:
+            self._owned.add(sub.id)
+            await self._advance(sub)
+        async with acquire(self.pool) as conn:
+            return len(await batches.open_batches(conn, self.run.id))
 
     async def round(self) -> bool:
         """One pass (take, advance, claim); True if it did anything."""
