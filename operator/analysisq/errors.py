@@ -119,6 +119,9 @@ class BatchesOpen(AnalysisqError):
     """The run still has open provider batches: deleting its rows now would leave them running,
     paid, with nobody to ingest them; cancel them first (``queue.batches.cancel_open``)."""
 
+    reason = "BatchesOpen"
+    retryable = True
+
 
 class BudgetExhausted(AnalysisqError):
     """The run's budget cannot cover the next request: the run is paused (BudgetExhausted);

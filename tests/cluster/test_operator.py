@@ -8,9 +8,11 @@ operator as the ``analysisq operator`` process.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
+import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -369,3 +371,58 @@ def test_a_batch_run_shows_its_provider_batches_and_completes(
     stats = provider.stats()
     assert stats["requests"] == 0 and stats["batch_requests"] == 200
     assert stats["prompts_completed_more_than_once"] == 0
+
+
+def test_deleting_a_batch_run_cancels_its_open_batches_and_ingests_partial_results(
+    operators: OperatorFactory,
+    namespace: str,
+    kubectl: Kubectl,
+    pod_runner: PodRunner,
+    db_url: str,
+    fake_providers: FakeProviders,
+) -> None:
+    seed_prompts(db_url, 100)
+    provider = fake_providers("--batch-seconds", "30")
+    operators([namespace])
+    target = {**fake_target(provider), "mode": "batch", "batch": {"pollSeconds": 0.5}}
+    for name, on_delete in (("kept", "Keep"), ("dropped", "Delete")):
+        run = analysis_run(name, workers=1, leaseSeconds=30, onDelete=on_delete, targets=[target])
+        apply(kubectl, namespace, run)
+
+    def in_flight() -> dict[str, str]:
+        ids = {}
+        for name in ("kept", "dropped"):
+            status = get_run(kubectl, namespace, name)["status"]
+            (batch,) = (status.get("batches") or {}).get("open") or [{}]
+            assert batch.get("providerBatchId"), status
+            ids[status["runId"]] = batch["providerBatchId"]
+        return ids
+
+    batch_ids = wait_for(in_flight, timeout=90)
+    time.sleep(4)  # part of each batch is answered
+    kubectl("delete", "analysisrun", "kept", "dropped", "--timeout=90s", namespace=namespace)
+    wait_for(lambda: pod_runner.pids(namespace) == {}, timeout=60)
+    kept_id, dropped_id = batch_ids
+    for batch_id in batch_ids.values():
+        seen = provider_batch(provider, batch_id)
+        assert seen["status"] == "cancelled", seen
+    # Keep: the partial results were ingested and the rest went back unspent, nothing open.
+    counts = queue_counts(db_url, kept_id)
+    assert 0 < counts.get("completed", 0) < 100 and counts.get("processing", 0) == 0, counts
+    assert counts["completed"] + counts["pending"] == 100
+    (outcome,) = sql(db_url, "SELECT state, outcome FROM batch_submissions WHERE run_id = $1",
+                     kept_id)  # fmt: skip
+    assert outcome["state"] == "done" and outcome["outcome"].startswith("cancelled:"), outcome
+    # Delete: the rows went only after the batch was closed.
+    assert sql(db_url, "SELECT id FROM analysis_runs WHERE id = $1", dropped_id) == []
+    (row,) = sql(db_url, "SELECT count(*) AS n, count(DISTINCT queue_id) AS d FROM"
+                 " analysis_results WHERE run_id = $1", kept_id)  # fmt: skip
+    assert row["n"] == row["d"] == counts["completed"]
+    # Both runs answer the same prompts: the provider's per-prompt count cannot tell here.
+    assert provider.stats()["batches_created"] == 2
+
+
+def provider_batch(provider: FakeProviderProcess, batch_id: str) -> dict[str, object]:
+    with urllib.request.urlopen(f"{provider.url}/batches/{batch_id}", timeout=10) as response:
+        body: dict[str, object] = json.loads(response.read())
+    return body

@@ -12,32 +12,41 @@ a retryable one (database, Secret, Kubernetes API) sets ``Degraded`` and raises
   then removes it;
 - timers on active runs only (a finished run matches no timer): ``reconcile`` every
   ``reconcile_seconds``, ``reset-stuck`` every ``stuck_reset_seconds``;
-- delete: ``delete-rows`` only for ``onDelete: Delete`` (so only those runs carry a
-  finalizer for it; the Deployment goes by garbage collection), ``forget`` for all.
+- delete: ``delete-rows`` for ``onDelete: Delete`` and ``cancel-batches`` for the other
+  runs with ``mode: batch`` targets (so only those runs carry a finalizer; the Deployment
+  goes by garbage collection) first close the run's open provider batches
+  (``kube.batch_cancel``: cancelled, partial results ingested), ``forget`` for all.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import timedelta
 from functools import partial
-from typing import Any
+from typing import Any, NoReturn
 
 import kopf
 
-from analysisq.errors import AnalysisqError, NotYet, SecretMissing, SpecError
+from analysisq.errors import AnalysisqError, ConfigError, NotYet, SecretMissing, SpecError
+from analysisq.kube.batch_cancel import describe, pass_seconds
 from analysisq.kube.deployment import RESUME_ANNOTATION, SCALE_FIELDS
 from analysisq.kube.ref import GROUP, PLURAL, VERSION, RunRef
 from analysisq.kube.report import Report, degraded_report, problem_of
 from analysisq.kube.retries import RETRY_ANNOTATION
 from analysisq.kube.service import RunService
 from analysisq.kube.status import FINISHED
+from analysisq.queue.batches import OpenBatch
 from analysisq.settings import Settings
 from analysisq.spec import AnalysisRunSpec, parse_spec
 
 log = logging.getLogger("analysisq.operator")
 
 Method = Callable[[RunRef, AnalysisRunSpec, Mapping[str, Any], str | None], Awaitable[Report]]
+
+#: How long a deleted run waits for its provider batches to be cancelled and ingested.
+BATCH_CANCEL_LIMIT = timedelta(hours=1)
+BATCHES_LEFT_OPEN = "BatchesLeftOpen"
 
 
 def backoff(retry: int) -> float:
@@ -51,6 +60,55 @@ def _active(status: Mapping[str, Any], **_: Any) -> bool:
 
 def _deletes_rows(spec: Mapping[str, Any], **_: Any) -> bool:
     return (spec or {}).get("onDelete") == "Delete"
+
+
+def _keeps_rows_with_batches(spec: Mapping[str, Any], **_: Any) -> bool:
+    targets = (spec or {}).get("targets") or []
+    return not _deletes_rows(spec) and any(
+        isinstance(t, Mapping) and t.get("mode") == "batch" for t in targets
+    )
+
+
+def _retry_or_give_up(
+    body: kopf.Body, exc: AnalysisqError, retry: int, what: str, gave_up: str
+) -> NoReturn:
+    """A deletion step failed: retry later, or give up with the *gave_up* Event when it
+    cannot succeed (a Secret gone with the run, a key the operator cannot use) or failed
+    ten times."""
+    if not exc.retryable and not isinstance(exc, ConfigError):
+        raise exc
+    problem = problem_of(exc)
+    message = f"{what}: {problem.message}"
+    if not exc.retryable or isinstance(exc, SecretMissing) or retry >= 10:
+        kopf.event(body, type="Warning", reason=gave_up, message=message)
+        raise kopf.PermanentError(message) from None
+    kopf.event(body, type="Warning", reason=problem.reason, message=message)
+    raise kopf.TemporaryError(message, delay=backoff(retry)) from None
+
+
+def _wait_for_batches(
+    body: kopf.Body,
+    ref: RunRef,
+    spec: AnalysisRunSpec,
+    still_open: list[OpenBatch],
+    retry: int,
+    runtime: timedelta,
+    kept: str,
+) -> NoReturn:
+    """Batches are being cancelled: come back for the next pass; after ``BATCH_CANCEL_LIMIT``
+    give up with an Event that names them (their rows stay in the database)."""
+    what = describe(still_open)
+    if runtime > BATCH_CANCEL_LIMIT:
+        message = (
+            f"{what} of {ref.run_id} still open after {runtime}: {kept}; cancel them at the "
+            "provider by hand"
+        )
+        kopf.event(body, type="Warning", reason=BATCHES_LEFT_OPEN, message=message)
+        raise kopf.PermanentError(message)
+    message = f"cancelling {what} and ingesting their partial results; {kept} until they end"
+    if retry == 0:
+        kopf.event(body, type="Normal", reason="CancellingBatches", message=message)
+    raise kopf.TemporaryError(message, delay=pass_seconds(spec))
 
 
 def _resume_token(body: Mapping[str, Any]) -> str | None:
@@ -204,23 +262,32 @@ def register(registry: kopf.OperatorRegistry, service: RunService, settings: Set
         write(body, patch, report)
 
     @kopf.on.delete(**on, id="delete-rows", when=_deletes_rows, registry=registry)
-    async def delete_rows(body: kopf.Body, retry: int, **_: Any) -> None:
+    async def delete_rows(body: kopf.Body, retry: int, runtime: timedelta, **_: Any) -> None:
         ref = RunRef.from_body(body)
         try:
-            await service.delete_rows(ref, _spec(body))
+            spec = _spec(body)
+            still_open = await service.delete_rows(ref, spec)
         except SpecError as exc:
             raise kopf.PermanentError(exc.message) from None
         except AnalysisqError as exc:
-            if not exc.retryable:
-                raise
-            problem = problem_of(exc)
-            message = f"cannot delete the queue rows of {ref.run_id} yet: {problem.message}"
-            # A Secret gone with the run will not come back: keep the rows, say so, stop.
-            if isinstance(exc, SecretMissing) or retry >= 10:
-                kopf.event(body, type="Warning", reason="RowsKept", message=message)
-                raise kopf.PermanentError(message) from None
-            kopf.event(body, type="Warning", reason=problem.reason, message=message)
-            raise kopf.TemporaryError(message, delay=backoff(retry)) from None
+            what = f"cannot delete the queue rows of {ref.run_id} yet"
+            _retry_or_give_up(body, exc, retry, what, "RowsKept")
+        if still_open:
+            _wait_for_batches(body, ref, spec, still_open, retry, runtime, "its rows are kept")
+
+    @kopf.on.delete(**on, id="cancel-batches", when=_keeps_rows_with_batches, registry=registry)
+    async def cancel_batches(body: kopf.Body, retry: int, runtime: timedelta, **_: Any) -> None:
+        ref = RunRef.from_body(body)
+        try:
+            spec = _spec(body)
+            still_open = await service.close_batches(ref, spec)
+        except SpecError as exc:
+            raise kopf.PermanentError(exc.message) from None
+        except AnalysisqError as exc:
+            what = f"cannot cancel the provider batches of {ref.run_id} yet"
+            _retry_or_give_up(body, exc, retry, what, BATCHES_LEFT_OPEN)
+        if still_open:
+            _wait_for_batches(body, ref, spec, still_open, retry, runtime, "the run is kept")
 
     @kopf.on.delete(**on, id="forget", optional=True, registry=registry)
     def forget(body: kopf.Body, **_: Any) -> None:

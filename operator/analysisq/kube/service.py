@@ -24,6 +24,7 @@ import asyncpg
 
 from analysisq.db.connect import acquire
 from analysisq.errors import AnalysisqError, ConfigError, KubeApiError, NotYet
+from analysisq.kube.batch_cancel import close_batches, has_batch_targets
 from analysisq.kube.databases import DatabasePools
 from analysisq.kube.deployment import database_ref, desired_replicas, worker_deployment
 from analysisq.kube.kubeapi import KubeApi
@@ -62,6 +63,7 @@ from analysisq.kube.status import (
     timestamp,
 )
 from analysisq.queue import batches, rescue, retries, runs
+from analysisq.queue.batches import OpenBatch
 from analysisq.queue.throughput import OPERATOR_WINDOW_SECONDS, RateMeter
 from analysisq.settings import Settings
 from analysisq.spec import AnalysisRunSpec
@@ -357,13 +359,25 @@ class RunService:
 
     # --- deletion --------------------------------------------------------------------------
 
-    async def delete_rows(self, ref: RunRef, spec: AnalysisRunSpec) -> None:
-        """``onDelete: Delete``: stop the workers, then remove the run's rows and results."""
-        await self.kube.scale_deployment(ref.namespace, ref.deployment_name, 0)
+    async def delete_rows(self, ref: RunRef, spec: AnalysisRunSpec) -> list[OpenBatch]:
+        """``onDelete: Delete``: stop the workers, close the run's provider batches, then
+        remove its rows and results. Returns the batches still open (rows kept until none)."""
         pool = await self._pool(ref, spec)
+        if has_batch_targets(spec):
+            still_open = await close_batches(self.kube, pool, ref, spec, self.settings)
+            if still_open:
+                return still_open
+        await self.kube.scale_deployment(ref.namespace, ref.deployment_name, 0)
         async with acquire(pool) as conn:
             await runs.delete_run(conn, ref.run_id)
         log.info("run rows deleted", extra={"run": ref.run_id})
+        return []
+
+    async def close_batches(self, ref: RunRef, spec: AnalysisRunSpec) -> list[OpenBatch]:
+        """``onDelete: Keep``: close the run's provider batches (``kube.batch_cancel``);
+        the batches still open."""
+        pool = await self._pool(ref, spec)
+        return await close_batches(self.kube, pool, ref, spec, self.settings)
 
     async def database_health(self) -> str:
         """For the liveness endpoint (``DatabasePools.health``)."""
