@@ -9,11 +9,11 @@ import json
 import asyncpg
 import pytest
 
+from analysisq.completion import Completion
 from analysisq.local.export import write_results
-from analysisq.providers.base import Completion
-from analysisq.providers.tokens import TokenEstimate
 from analysisq.queue import budget, dashboard, items, usage
 from analysisq.queue.items import Outcome
+from analysisq.tokens import TokenEstimate
 from support import add_prompts, new_run, spec
 
 pytestmark = pytest.mark.db

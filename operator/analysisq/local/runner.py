@@ -39,6 +39,7 @@ from analysisq.local.usage_text import usage_json, usage_lines
 from analysisq.local.workers import WorkerPool
 from analysisq.providers import api_key_variable
 from analysisq.queue import batches, budget, monitor, rescue, runs, usage
+from analysisq.queue.batches import BatchSummary
 from analysisq.queue.budget import BudgetState
 from analysisq.queue.runs import Run
 from analysisq.queue.states import Counts
@@ -77,6 +78,8 @@ class RunOutcome:
     retry: monitor.RetryReport | None = None
     usage: RunUsage | None = None
     budget: BudgetState | None = None
+    #: Runs with targets in mode batch: answers through provider batches, batches open.
+    batches: BatchSummary | None = None
 
     @property
     def within_allowance(self) -> bool:
@@ -180,6 +183,8 @@ class Supervisor:
             async with acquire(self.pool) as conn:
                 outcome.usage = await usage.run_usage(conn, self.run.id)
                 outcome.budget = await budget.state(conn, self.run.id)
+                if any(t.mode == "batch" for t in self.run.spec.targets):
+                    outcome.batches = await batches.summary(conn, self.run.id)
         return outcome
 
     def _on_signal(self) -> None:
@@ -323,6 +328,8 @@ def summary(outcome: RunOutcome, *, resume: str = "analysisq run --resume") -> l
         state = outcome.budget
         shown = None if state is None else {**vars(state), "exhausted": state.exhausted}
         lines.extend(usage_lines(usage_json(outcome.usage), shown))
+    if outcome.batches is not None:
+        lines.extend(_batch_lines(outcome.batches, f"{resume} {run.id}"))
     if outcome.results_path is not None:
         lines.append(f"Results: {outcome.results_path} ({outcome.results_written:,} rows).")
     for target, reason in outcome.paused.items():
@@ -349,6 +356,20 @@ def summary(outcome: RunOutcome, *, resume: str = "analysisq run --resume") -> l
         lines.append(
             f"Too many items failed for good; see `analysisq errors {run.id}` and "
             f"`analysisq failed {run.id}`."
+        )
+    return lines
+
+
+def _batch_lines(b: BatchSummary, then: str) -> list[str]:
+    share = 100 * b.answered_by_batch / b.answered if b.answered else 0.0
+    lines = [
+        f"Provider batches: {b.answered_by_batch:,} of {b.answered:,} answers ({share:.1f}%) "
+        "came through a batch (priced at the batch discount)."
+    ]
+    if b.open_batches:
+        lines.append(
+            f"{b.in_batches:,} items still wait in {b.open_batches} open provider batches; "
+            f"their answers are ingested when the run continues: {then}"
         )
     return lines
 
