@@ -828,12 +828,13 @@ ORDER BY q.id;
 -- name: batch_finish
 -- Submission $1 is done (fenced by owner $2), with outcome $3: every item still waiting in
 -- it goes back to pending unspent (not an attempt) after $4 seconds, with reason $5 if set.
+-- Returns the tokens it had reserved from the run's budget (to release them).
 WITH finished AS (
     UPDATE batch_submissions SET
         state = 'done', outcome = $3, finished_at = now(), updated_at = now(),
         lease_owner = NULL, lease_expires_at = NULL
     WHERE id = $1 AND lease_owner = $2 AND state <> 'done'
-    RETURNING id
+    RETURNING id, reserved_tokens_in, reserved_tokens_out
 ), released AS (
     UPDATE analysis_queue q SET
         status = 'pending', attempts = greatest(q.attempts - 1, 0),
@@ -847,7 +848,9 @@ WITH finished AS (
     RETURNING q.id
 )
 SELECT (SELECT count(*) FROM finished)::integer AS finished,
-       (SELECT count(*) FROM released)::integer AS released;
+       (SELECT count(*) FROM released)::integer AS released,
+       (SELECT reserved_tokens_in FROM finished) AS reserved_tokens_in,
+       (SELECT reserved_tokens_out FROM finished) AS reserved_tokens_out;
 
 -- name: batch_cancel_open
 -- Ask for the open submissions of run $1 (of target $2, or all with NULL) to be cancelled,
@@ -866,6 +869,20 @@ SELECT count(*)::integer FROM asked;
 -- worker (or the operator cancelling a deleted run's batches) takes them at once.
 UPDATE batch_submissions SET lease_expires_at = now(), updated_at = now()
 WHERE id = ANY ($1::bigint[]) AND lease_owner = $2 AND state <> 'done';
+
+-- name: batch_reservation
+-- Whether submission $1 (an intent of owner $2) still needs its budget reservation, its row
+-- locked until the reservation commits: false once it has one (a crash after it: an
+-- adopter sending the batch must not reserve again) or when it is no longer ours.
+SELECT reserved_tokens_in IS NULL AS needed FROM batch_submissions
+WHERE id = $1 AND lease_owner = $2 AND state = 'intent'
+FOR UPDATE;
+
+-- name: batch_reserved
+-- Submission $1 (owner $2) reserved $3 input + $4 output tokens of the run's budget.
+UPDATE batch_submissions SET reserved_tokens_in = $3, reserved_tokens_out = $4,
+                             updated_at = now()
+WHERE id = $1 AND lease_owner = $2 AND state = 'intent';
 
 -- name: batch_known_ids
 -- Provider batches the submissions of target $2 of run $1 already own (Anthropic's

@@ -117,6 +117,10 @@ CREATE TABLE batch_submissions (
     submitted_at      timestamptz,
     finished_at       timestamptz,
     updated_at        timestamptz NOT NULL DEFAULT now(),
+    -- tokens reserved from the run's budget for the batch (NULL: none yet, or no budget);
+    -- released when the submission is done
+    reserved_tokens_in  bigint    CHECK (reserved_tokens_in >= 0),
+    reserved_tokens_out bigint    CHECK (reserved_tokens_out >= 0),
     FOREIGN KEY (run_id, target) REFERENCES run_targets (run_id, target) ON DELETE CASCADE,
     CONSTRAINT intent_has_no_batch CHECK (state <> 'intent' OR provider_batch_id IS NULL),
     CONSTRAINT submitted_has_batch CHECK (state <> 'submitted' OR provider_batch_id IS NOT NULL),

@@ -3,6 +3,7 @@ price, wherever cost is shown or spent (usage, export, dashboard, budgets)."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 
@@ -78,3 +79,53 @@ async def test_a_budget_reserves_and_spends_a_batch_request_at_the_discount(
     state = await budget.state(db, "run-1")
     assert state is not None
     assert state.reserved_cost == pytest.approx(0) and state.spent_cost == pytest.approx(0.003)
+
+
+async def test_a_run_s_budget_covers_its_provider_batches(
+    db: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    """Each batch reserves its requests' estimate (at the discount) before it is sent, cut
+    to what fits; answers are spent as they are written; the run pauses for its budget when
+    not one more request fits, with every item left pending, none failed or lost."""
+    from test_batch_driver import driver, target
+
+    from analysisq.fake_provider import FakeConfig, FakeProvider
+    from analysisq.providers import make_http_client
+    from analysisq.queue import runs
+
+    http = make_http_client(trust_env=False)
+    async with FakeProvider(FakeConfig(batch_seconds=0.2)) as fake:
+        await add_prompts(db, 100)
+        batch = {
+            **target(fake, "openai"),
+            "params": {"max_tokens": 100},
+            "pricing": {"inputPerMillionTokens": 1000, "outputPerMillionTokens": 1000},
+        }
+        # About 0.11 a request in full, 0.055 through a batch: 2.0 covers ~36 batch requests.
+        await new_run(db, "run-1", spec(targets=[batch], budget={"maxCost": 2.0}))
+        run = await runs.get_run(db, "run-1")
+        d = driver(pool, run, http, "w1")
+        try:
+            for _ in range(400):
+                await d.round()
+                state = await budget.state(db, "run-1")
+                assert state is not None
+                if state.exhausted and not await db.fetchval(
+                    "SELECT count(*) FROM batch_submissions WHERE state <> 'done'"
+                ):
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await http.aclose()
+    assert state.exhausted
+    counts = await runs.counts(db, "run-1")
+    assert 0 < counts.completed < 100 and counts.failed == 0 and counts.processing == 0
+    assert counts.pending == 100 - counts.completed
+    unspent = "SELECT max(attempts) FROM analysis_queue WHERE status = 'pending'"
+    assert await db.fetchval(unspent) == 0
+    shown = (await usage.run_usage(db, "run-1")).cost
+    assert shown is not None and state.spent_cost == pytest.approx(shown)
+    assert state.spent_cost <= 2.0 and state.reserved_cost == pytest.approx(0)
+    assert state.reserved_tokens == 0
+    # At full price 2.0 would have covered about 18 answers: the discount was applied.
+    assert counts.completed > 25

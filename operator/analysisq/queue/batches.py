@@ -25,6 +25,7 @@ from analysisq.db.connect import translated
 from analysisq.db.sql import query
 from analysisq.db.text import db_text
 from analysisq.errors import redact
+from analysisq.providers.tokens import TokenEstimate
 from analysisq.queue.items import MAX_ERROR_CHARS, ClaimedItem, claimed_item
 
 
@@ -185,6 +186,14 @@ async def waiting_items(
     return [claimed_item(r) for r in rows]
 
 
+@dataclass(frozen=True)
+class Finished:
+    """A submission ``finish`` ended: items put back, and its budget reservation to release."""
+
+    released: int
+    reserved: TokenEstimate | None
+
+
 async def finish(
     conn: asyncpg.Connection,
     submission_id: int,
@@ -193,9 +202,9 @@ async def finish(
     outcome: str,
     release_in: float = 0.0,
     reason: str | None = None,
-) -> int | None:
+) -> Finished | None:
     """End the submission; items without an answer go back unspent after *release_in*
-    seconds. Returns how many went back, or ``None`` if the submission is no longer ours."""
+    seconds. ``None`` if the submission is no longer ours."""
     with translated(f"finishing batch submission {submission_id}"):
         row = await conn.fetchrow(
             query("batch_finish"),
@@ -205,7 +214,27 @@ async def finish(
             float(release_in),
             db_text(redact(reason, MAX_ERROR_CHARS), MAX_ERROR_CHARS) if reason else None,
         )
-    return int(row["released"]) if row and row["finished"] else None
+    if not row or not row["finished"]:
+        return None
+    reserved = None
+    if row["reserved_tokens_in"] is not None:
+        reserved = TokenEstimate(row["reserved_tokens_in"], row["reserved_tokens_out"])
+    return Finished(int(row["released"]), reserved)
+
+
+async def reservation_needed(conn: asyncpg.Connection, submission_id: int, *, worker: str) -> bool:
+    """Whether the intent still needs its budget reservation (its row locked until commit)."""
+    with translated(f"reading the budget reservation of batch submission {submission_id}"):
+        return bool(await conn.fetchval(query("batch_reservation"), submission_id, worker))
+
+
+async def record_reservation(
+    conn: asyncpg.Connection, submission_id: int, *, worker: str, reserved: TokenEstimate
+) -> None:
+    with translated(f"recording the budget reservation of batch submission {submission_id}"):
+        await conn.execute(
+            query("batch_reserved"), submission_id, worker, reserved.input, reserved.output
+        )
 
 
 async def cancel_open(

@@ -66,16 +66,24 @@ async def reserve(
     estimate: TokenEstimate,
     *,
     via_batch: bool = False,
+    pause: bool = True,
 ) -> bool:
     """Reserve one request's tokens and cost (at the batch discount if *via_batch*); False
-    (and the run paused) if they do not fit."""
+    if they do not fit, and then the run is paused (unless not *pause*: the batch driver
+    tries a smaller batch first)."""
     with translated(f"reserving budget of run {run_id}"):
         ok = await conn.fetchval(
             query("budget_reserve"), run_id, target, estimate.input, estimate.output, via_batch
         )
-        if ok is None:
-            await conn.execute(query("budget_exhaust"), run_id)
+    if ok is None and pause:
+        await exhaust(conn, run_id)
     return ok is not None
+
+
+async def exhaust(conn: asyncpg.Connection, run_id: str) -> None:
+    """Pause the run for its budget: a request did not fit (workers stop claiming)."""
+    with translated(f"pausing run {run_id} for its budget"):
+        await conn.execute(query("budget_exhaust"), run_id)
 
 
 async def settle(

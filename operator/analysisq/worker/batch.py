@@ -46,12 +46,13 @@ from analysisq.errors import (
     TransientError,
 )
 from analysisq.providers.batch import BatchClient
-from analysisq.queue import batches, items, runs
+from analysisq.queue import batches, budget, items, runs
 from analysisq.queue.batches import Submission
 from analysisq.queue.items import ClaimedItem
 from analysisq.queue.retry import RetryPolicy
 from analysisq.queue.runs import Run
 from analysisq.spec import Target
+from analysisq.worker import batch_budget
 from analysisq.worker.batch_plan import batch_targets, fit, past_margin, sync_targets_skipped
 from analysisq.worker.batch_results import IngestReport, fail_all, ingest
 
@@ -189,13 +190,21 @@ class BatchDriver:
             self._owned.add(sub.id)
             await self._advance(sub)
             busy = True
-        if not sync_targets_skipped(self.spec):
+        if not sync_targets_skipped(self.spec) or await self._budget_exhausted():
             return busy
         for target in batch_targets(self.spec):
             if time.monotonic() < self._hold_until.get(target.name, 0.0):
                 continue
             busy |= await self._claim_and_send(target)
         return busy
+
+    async def _budget_exhausted(self) -> bool:
+        """The run is paused for its budget: no new batch until the budget is raised."""
+        if self.spec.budget is None:
+            return False
+        async with acquire(self.pool) as conn:
+            state = await budget.state(conn, self.run.id)
+        return state is not None and state.exhausted
 
     # -- sending ------------------------------------------------------------------------------
 
@@ -227,8 +236,16 @@ class BatchDriver:
                 await items.release(conn, item)
         entries = plan.entries
         if not entries:
-            await self._finish(sub_id, "nothing to send")
+            await self._finish(sub_id, target.name, "nothing to send")
             return
+        if self.spec.budget is not None:
+            fits = await batch_budget.reserve(
+                self.pool, self.run.id, sub_id, worker=self.name, target=target, sent=plan.sent
+            )
+            if not fits:
+                await self._finish(sub_id, target.name, "not sent: the run's budget is exhausted")
+                return
+            entries = entries[:fits]
         await self._hook("before_post")
         try:
             provider_id = await client.submit(entries, self._metadata(sub_id))
@@ -236,7 +253,7 @@ class BatchDriver:
             await self._back_pressure(sub_id, target.name, exc)
             return
         except AuthError as exc:
-            await self._finish(sub_id, f"refused: {exc.message}")
+            await self._finish(sub_id, target.name, f"refused: {exc.message}")
             async with acquire(self.pool) as conn:
                 await runs.pause_target(conn, self.run.id, target.name, exc.message)
             return
@@ -255,7 +272,7 @@ class BatchDriver:
                 policy=self.policy,
                 rng=self._rng,
             )
-            await self._finish(sub_id, f"refused: {exc.message}; {report.line()}")
+            await self._finish(sub_id, target.name, f"refused: {exc.message}; {report.line()}")
             return
         await self._hook("after_post")
         async with acquire(self.pool) as conn:
@@ -283,7 +300,7 @@ class BatchDriver:
             "provider refused a batch: back-pressure",
             extra=self._extra(sub_id, error=exc.message, delay=delay),
         )
-        await self._finish(sub_id, f"back-pressure: {exc.message}", release_in=delay)
+        await self._finish(sub_id, target, f"back-pressure: {exc.message}", release_in=delay)
 
     # -- advancing a taken submission ---------------------------------------------------------
 
@@ -339,7 +356,7 @@ class BatchDriver:
                 policy=self.policy,
                 rng=self._rng,
             )
-            await self._finish(sub.id, f"failed: {failure.message}; {report.line()}")
+            await self._finish(sub.id, sub.target, f"failed: {failure.message}; {report.line()}")
             return
         await self._hook("ingesting")
         report = await ingest(
@@ -351,9 +368,10 @@ class BatchDriver:
             policy=self.policy,
             rng=self._rng,
             step=self._step,
+            budgeted=self.spec.budget is not None,
         )
         self.reports.append(report)
-        await self._finish(sub.id, f"{state.status}: {report.line()}")
+        await self._finish(sub.id, sub.target, f"{state.status}: {report.line()}")
 
     async def _reconcile(self, sub: Submission, target: Target, client: BatchClient) -> None:
         """An intent whose sender died (or timed out): adopt the batch it may have created,
@@ -378,7 +396,7 @@ class BatchDriver:
             log.info("adopted a batch sent before a crash", extra=self._extra(sub.id, batch=found))
             return
         if sub.cancel_reason:
-            await self._finish(sub.id, f"not sent: {sub.cancel_reason}")
+            await self._finish(sub.id, sub.target, f"not sent: {sub.cancel_reason}")
             return
         async with acquire(self.pool) as conn:
             waiting = await batches.waiting_items(conn, sub.id, with_text=True)
@@ -386,10 +404,14 @@ class BatchDriver:
 
     # -- leases -------------------------------------------------------------------------------
 
-    async def _finish(self, sub_id: int, outcome: str, *, release_in: float = 0.0) -> None:
+    async def _finish(
+        self, sub_id: int, target: str, outcome: str, *, release_in: float = 0.0
+    ) -> None:
+        """End the submission (its items without an answer back unspent) and give back its
+        budget reservation, in one transaction."""
         reason = outcome if release_in else None
-        async with acquire(self.pool) as conn:
-            released = await batches.finish(
+        async with acquire(self.pool) as conn, conn.transaction():
+            finished = await batches.finish(
                 conn,
                 sub_id,
                 worker=self.name,
@@ -397,11 +419,15 @@ class BatchDriver:
                 release_in=release_in,
                 reason=reason,
             )
+            if finished is not None:
+                await batch_budget.release(conn, self.run.id, target, finished.reserved)
         self._owned.discard(sub_id)
         self._touched.pop(sub_id, None)
         log.info(
             "batch submission finished",
-            extra=self._extra(sub_id, outcome=outcome, released=released),
+            extra=self._extra(
+                sub_id, outcome=outcome, released=finished.released if finished else None
+            ),
         )
 
     async def _touch_if_due(self, sub_id: int) -> None:

@@ -23,9 +23,11 @@ DEADLINE_MARGIN = timedelta(minutes=30)
 
 @dataclass
 class Plan:
-    """One batch's entries, the items that did not fit, and the items refused outright."""
+    """One batch's entries (and their items, in the same order), the items that did not
+    fit, and the items refused outright."""
 
     entries: list[BatchEntry] = field(default_factory=list)
+    sent: list[ClaimedItem] = field(default_factory=list)
     spill: list[ClaimedItem] = field(default_factory=list)
     refused: list[tuple[ClaimedItem, InvalidInput]] = field(default_factory=list)
 
@@ -53,6 +55,7 @@ def fit(client: BatchClient, target: Target, claimed: list[ClaimedItem]) -> Plan
         else:
             size += grows
             plan.entries.append(entry)
+            plan.sent.append(item)
     return plan
 
 

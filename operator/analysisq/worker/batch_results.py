@@ -29,6 +29,7 @@ from analysisq.queue import batches, decisions, items
 from analysisq.queue.decisions import Defer, Fail, Pause, Retry
 from analysisq.queue.items import ClaimedItem, Outcome
 from analysisq.queue.retry import PolicyDecision, RetryPolicy
+from analysisq.worker import batch_budget
 
 log = logging.getLogger("analysisq.worker.batch")
 
@@ -78,9 +79,11 @@ async def ingest(
     policy: RetryPolicy,
     rng: random.Random,
     step: Callable[[str], Awaitable[None]] | None = None,
+    budgeted: bool = False,
 ) -> IngestReport:
-    """Write every result of *state* for the items of *submission_id* still held; *step*
-    (tests) is called after each chunk written."""
+    """Write every result of *state* for the items of *submission_id* still held (and, for a
+    run with a budget, spend what they cost); *step* (tests) is called after each chunk
+    written."""
     report = IngestReport()
     async with acquire(pool) as conn:
         held = {i.id: i for i in await batches.waiting_items(conn, submission_id)}
@@ -112,7 +115,7 @@ async def ingest(
                 if len(buffer) >= WRITE_CHUNK:
                     if writing is not None:
                         await writing
-                    writing = asyncio.create_task(_write(pool, buffer, report))
+                    writing = asyncio.create_task(_write(pool, run_id, buffer, report, budgeted))
                     buffer = []
                     if step is not None:
                         await step("ingesting")
@@ -134,7 +137,7 @@ async def ingest(
             with contextlib.suppress(BaseException):
                 await writing
         raise
-    await _write(pool, buffer, report)
+    await _write(pool, run_id, buffer, report, budgeted)
     report.unspent += len(held)
     if report.unmatched_count:
         log.error(
@@ -150,11 +153,15 @@ async def ingest(
     return report
 
 
-async def _write(pool: asyncpg.Pool, buffer: list[Outcome], report: IngestReport) -> None:
+async def _write(
+    pool: asyncpg.Pool, run_id: str, buffer: list[Outcome], report: IngestReport, budgeted: bool
+) -> None:
     if not buffer:
         return
-    async with acquire(pool) as conn:
+    async with acquire(pool) as conn, conn.transaction():
         written = await items.complete(conn, buffer, via_batch=True)
+        if budgeted:
+            await batch_budget.spend(conn, run_id, [o for o in buffer if o.item.id in written])
     report.completed += len(written)
     report.lost += len(buffer) - len(written)
 
