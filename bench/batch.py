@@ -6,9 +6,10 @@
 ``--batch-seconds`` from create to completed for every batch. Reported: the wall time, the
 provider's own time (the union of every batch's ``[submitted, submitted + batch-seconds]``),
 the overhead (wall minus provider time: claiming, building and uploading the JSONL,
-polling, streaming and writing the results), database rows and row writes per item, and each
-worker's peak RSS (sampled, and the kernel's VmHWM) while it builds and ingests 50,000-line
-files (target < 150 MB).
+polling, streaming and writing the results), the CPU seconds of each worker and of the fake
+provider during the drain, database rows and row writes per item, and each worker's peak
+RSS (sampled, and the kernel's VmHWM) while it builds and ingests 50,000-line files (target
+< 150 MB).
 """
 
 from __future__ import annotations
@@ -46,13 +47,21 @@ async def _writes(conn: asyncpg.Connection) -> int:
     return sum(int(r["n"]) for r in rows)
 
 
-async def drain(url: str, workers: int, logdir: Path) -> dict[str, Any]:
-    """Start the workers, follow their memory until the run is done, and time it."""
+def _cpu_seconds(handle: Any) -> float:
+    times = handle.cpu_times()
+    return float(times.user + times.system)
+
+
+async def drain(url: str, workers: int, logdir: Path, fake_pid: int) -> dict[str, Any]:
+    """Start the workers, follow their memory and CPU until the run is done, and time it."""
     import psutil  # type: ignore[import-untyped]
 
     procs = spawn_workers(url, RUN, workers, logdir / "workers.log")
     peaks = [0.0] * workers
     hwm: list[float | None] = [None] * workers
+    cpu = [0.0] * workers
+    fake = psutil.Process(fake_pid)
+    fake_cpu_before = _cpu_seconds(fake)
     started = time.perf_counter()
     conn = await asyncpg.connect(url)
     try:
@@ -62,15 +71,21 @@ async def drain(url: str, workers: int, logdir: Path) -> dict[str, Any]:
                 with contextlib.suppress(psutil.Error):
                     peaks[i] = max(peaks[i], h.memory_info().rss / 2**20)
                     hwm[i] = vm_hwm_mb(h.pid) or hwm[i]
+                    cpu[i] = _cpu_seconds(h)
             await asyncio.sleep(0.05)
             if time.perf_counter() - started > 3600:
                 raise TimeoutError("the batch run did not finish within an hour")
         wall = time.perf_counter() - started
+        fake_cpu = _cpu_seconds(fake) - fake_cpu_before
     finally:
         await conn.close()
         stop_processes(procs)
     return {
         "wall_s": round(wall, 2),
+        # CPU seconds (user + system) of each worker (sampled until it exited: a lower
+        # bound) and of the fake provider during the drain; the machine has 2 cores
+        "worker_cpu_s": [round(c, 1) for c in cpu],
+        "fake_cpu_s": round(fake_cpu, 1),
         "peak_rss_mb": [round(p, 1) for p in peaks],
         "vm_hwm_mb": [None if h is None else round(h, 1) for h in hwm],
         "exit_codes": [p.returncode for p in procs],
@@ -118,7 +133,7 @@ async def main(args: argparse.Namespace, reporter: Reporter) -> None:
                 writes_before = await _writes(conn)
             finally:
                 await conn.close()
-            m = await drain(db.url, args.workers, logdir)
+            m = await drain(db.url, args.workers, logdir, fake.pid)
             stats = fake.stats()
         conn = await asyncpg.connect(db.url)
         try:
@@ -160,9 +175,11 @@ async def main(args: argparse.Namespace, reporter: Reporter) -> None:
         print(
             table(
                 ["items", "batches", "completed", "wall s", "provider s", "overhead s",
+                 "worker CPU s", "fake CPU s",
                  "rows/item", "row writes/item", "peak RSS MB", "VmHWM MB", "verdicts"],
                 [[items, m["batches"], m["completed"], m["wall_s"], m["provider_s"],
-                  m["overhead_s"], m["rows_per_item"], m["row_writes_per_item"],
+                  m["overhead_s"], "/".join(map(str, m["worker_cpu_s"])), m["fake_cpu_s"],
+                  m["rows_per_item"], m["row_writes_per_item"],
                   "/".join(map(str, m["peak_rss_mb"])), "/".join(map(str, m["vm_hwm_mb"])),
                   f"overhead {m['overhead_verdict']}, RSS {m['rss_verdict']}"]],
             )

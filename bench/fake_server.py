@@ -43,6 +43,11 @@ class FakeServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None, "the fake provider is not running"
+        return self._proc.pid
+
     def __enter__(self) -> FakeServer:
         log = open(self.log_path or "/dev/null", "ab")
         self._proc = subprocess.Popen(

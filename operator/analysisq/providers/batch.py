@@ -13,7 +13,7 @@ item goes back without an attempt) or ``problem`` (a line that cannot be read: l
 the item stays unanswered, so it goes back unspent when the batch is ingested).
 
 ``custom_id`` is ``<item id>-<claim token hex>``: the item and its claim, within Anthropic's
-``^[a-zA-Z0-9_-]{1,64}$``; ``parse_custom_id`` reads it back.
+``^[a-zA-Z0-9_-]{1,64}$``; results are matched to the claims still held by that string.
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ class BatchEntry:
 
     custom_id: str
     prompt: str
+    #: Its request as the client encodes it (``encode``), once it was sized: ``submit``
+    #: sends these bytes instead of encoding the request again.
+    encoded: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -76,8 +79,9 @@ class BatchClient(Protocol):
     @property
     def target(self) -> Target: ...
 
-    def entry_size(self, entry: BatchEntry) -> int:
-        """Bytes *entry* adds to a batch's input (for ``batch.maxBytes``)."""
+    def encode(self, entry: BatchEntry) -> bytes:
+        """The bytes *entry* adds to a batch's input (their length counts against
+        ``batch.maxBytes``). Raises ``InvalidInput`` for a prompt that cannot be sent."""
         ...
 
     async def submit(self, entries: Sequence[BatchEntry], metadata: Mapping[str, str]) -> str:
@@ -126,13 +130,16 @@ class BatchHttp:
     def target(self) -> Target:
         return self._sync.target
 
-    async def _call(self, method: str, url: str, **content: Any) -> tuple[Reply, Any]:
-        """*method* *url*; the reply and its JSON object body, or a ``ProviderError``."""
+    async def _call(
+        self, method: str, url: str, *, headers: Mapping[str, str] | None = None, **content: Any
+    ) -> tuple[Reply, Any]:
+        """*method* *url* (with *headers* beside the key's); the reply and its JSON object
+        body, or a ``ProviderError``."""
         reply = await send(
             self._client,
             method,
             url,
-            headers=self._sync.headers(),
+            headers={**self._sync.headers(), **(headers or {})},
             timeout_s=self._timeout,
             secrets=self._secrets,
             **content,
@@ -149,14 +156,3 @@ class BatchHttp:
 
 def custom_id(item_id: int, token: uuid.UUID) -> str:
     return f"{item_id}-{token.hex}"
-
-
-def parse_custom_id(value: str) -> tuple[int, uuid.UUID] | None:
-    """``(item id, claim token)`` of a ``custom_id`` we made, else ``None``."""
-    item, sep, token = value.partition("-")
-    if not sep or not item.isdigit() or len(token) != 32:
-        return None
-    try:
-        return int(item), uuid.UUID(hex=token)
-    except ValueError:
-        return None

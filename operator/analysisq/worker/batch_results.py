@@ -24,7 +24,7 @@ import asyncpg
 
 from analysisq.db.connect import acquire
 from analysisq.errors import ProviderError
-from analysisq.providers.batch import BatchClient, BatchState, parse_custom_id
+from analysisq.providers.batch import BatchClient, BatchState, custom_id
 from analysisq.queue import batches, decisions, items
 from analysisq.queue.decisions import Defer, Fail, Pause, Retry
 from analysisq.queue.items import ClaimedItem, Outcome
@@ -86,7 +86,9 @@ async def ingest(
     written."""
     report = IngestReport()
     async with acquire(pool) as conn:
-        held = {i.id: i for i in await batches.waiting_items(conn, submission_id)}
+        waiting = await batches.waiting_items(conn, submission_id)
+    # By custom_id (item and claim token): a line is matched without parsing its id.
+    held = {custom_id(i.id, i.token): i for i in waiting}
     buffer: list[Outcome] = []
     # One chunk is written while the next is read and parsed.
     writing: asyncio.Task[None] | None = None
@@ -99,15 +101,13 @@ async def ingest(
                     extra={"run": run_id, "submission": submission_id, "problem": result.problem},
                 )
                 continue
-            key = parse_custom_id(result.custom_id)
-            item = held.get(key[0]) if key else None
-            if key is None or item is None or item.token != key[1]:
+            # Popped: a second line for the same custom_id matches nothing.
+            item = held.pop(result.custom_id, None)
+            if item is None:
                 report.unmatched_count += 1
                 if len(report.unmatched) < EXAMPLES:
                     report.unmatched.append(result.custom_id)
                 continue
-            # Popped: a second line for the same custom_id matches nothing.
-            del held[item.id]
             if result.unspent:
                 report.unspent += 1
             elif result.completion is not None:
