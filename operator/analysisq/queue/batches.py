@@ -25,8 +25,8 @@ from analysisq.db.connect import translated
 from analysisq.db.sql import query
 from analysisq.db.text import db_text
 from analysisq.errors import redact
-from analysisq.providers.tokens import TokenEstimate
 from analysisq.queue.items import MAX_ERROR_CHARS, ClaimedItem, claimed_item
+from analysisq.tokens import TokenEstimate
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 at the end.
 
 ``reserve`` runs before a batch is sent, in one transaction: the estimates of its requests
-(``providers.tokens.estimate``, priced at the batch discount) are reserved from the run's
+(``analysisq.tokens.estimate``, priced at the batch discount) are reserved from the run's
 budget, for as many requests as fit (halving until they do; the requests cut go back
 unspent), and recorded on the submission, so an adopter that sends it after a crash does not
 reserve again. When not even one fits, the run is paused for its budget, as on the sync
@@ -20,10 +20,10 @@ from collections.abc import Sequence
 import asyncpg
 
 from analysisq.db.connect import acquire
-from analysisq.providers.tokens import TokenEstimate, estimate
 from analysisq.queue import batches, budget, items
 from analysisq.queue.items import ClaimedItem, Outcome
 from analysisq.spec import Target
+from analysisq.tokens import TokenEstimate, estimate
 
 
 def _total(estimates: Sequence[TokenEstimate]) -> TokenEstimate:
