@@ -119,7 +119,7 @@ async def test_a_run_s_budget_covers_its_provider_batches(
             await http.aclose()
     assert state.exhausted
     counts = await runs.counts(db, "run-1")
-    assert 0 < counts.completed < 100 and counts.failed == 0 and counts.processing == 0
+    assert 0 < counts.completed < 100 and counts.failed_for_good == 0 and counts.processing == 0
     assert counts.pending == 100 - counts.completed
     unspent = "SELECT max(attempts) FROM analysis_queue WHERE status = 'pending'"
     assert await db.fetchval(unspent) == 0

@@ -119,3 +119,50 @@ async def test_a_batch_sent_just_before_a_crash_is_found_and_cancelled(
     counts = await runs.counts(db, "run-1")
     assert counts.pending == 20 and counts.processing == 0
     await runs.delete_run(db, "run-1")
+
+
+async def test_a_near_deadline_cancels_the_open_batch_and_the_sync_path_finishes(
+    db: asyncpg.Connection, pool: asyncpg.Pool, http: httpx.AsyncClient
+) -> None:
+    """A batch still open when the run's deadline comes within 30 minutes is cancelled, its
+    partial results ingested, and the rest answered on the sync path, each item once."""
+    from datetime import UTC, datetime, timedelta
+
+    from analysisq.settings import Settings
+    from analysisq.worker.loops import Worker
+
+    async with FakeProvider(FakeConfig(batch_seconds=20)) as fake:
+        await add_prompts(db, 200)
+        later = (datetime.now(UTC) + timedelta(hours=2)).isoformat()
+        s = spec(targets=[target(fake, "openai")], deadline=later)
+        await new_run(db, "run-1", s)
+        run = await runs.get_run(db, "run-1")
+        stop = asyncio.Event()
+        early = asyncio.create_task(driver(pool, run, http, "w1").run_until(stop))
+        for _ in range(600):
+            if await db.fetchval("SELECT provider_batch_id FROM batch_submissions"):
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(4)  # part of the batch is answered
+        stop.set()
+        await early
+        # The run goes on until its deadline is 20 minutes away: inside the margin.
+        soon = (datetime.now(UTC) + timedelta(minutes=20)).isoformat()
+        await runs.create_run(db, "run-1", spec(targets=[target(fake, "openai")], deadline=soon))
+        run = await runs.get_run(db, "run-1")
+        settings = Settings(database_url="unused", poll_seconds=0.05, retry_base_seconds=0.05)
+        async with asyncio.timeout(90):
+            await Worker(pool, run, settings, name="w2", exit_when_done=True).run_until_stopped()
+        batch_id = await db.fetchval("SELECT provider_batch_id FROM batch_submissions")
+        async with httpx.AsyncClient(trust_env=False) as plain:
+            seen = (await plain.get(f"{fake.url}/batches/{batch_id}")).json()["status"]
+        stats = fake.stats()
+    assert seen == "cancelled" and stats.batches_created == 1
+    counts = await runs.counts(db, "run-1")
+    assert counts.completed == 200 and counts.done
+    by_path = dict(await db.fetch("SELECT via_batch, count(*) FROM analysis_results GROUP BY 1"))
+    assert by_path.get(True, 0) > 0 and by_path.get(False, 0) > 0, by_path
+    assert stats.requests == by_path[False]  # the rest went one request each
+    assert stats.prompts_completed_more_than_once == 0
+    (outcome,) = [r[0] for r in await db.fetch("SELECT outcome FROM batch_submissions")]
+    assert outcome.startswith("cancelled:"), outcome
