@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from test_batch_driver import driver, target
+from test_batch_driver import driver, target, until_sent
 
 from analysisq.errors import BatchesOpen
 from analysisq.fake_provider import FakeConfig, FakeProvider
@@ -53,10 +53,7 @@ async def test_deleting_a_run_cancels_its_batches_and_ingests_partial_results(
         run = await runs.get_run(db, "run-1")
         stop = asyncio.Event()
         worker = asyncio.create_task(driver(pool, run, http, "w1").run_until(stop))
-        for _ in range(600):
-            if await db.fetchval("SELECT provider_batch_id FROM batch_submissions"):
-                break
-            await asyncio.sleep(0.05)
+        await until_sent(db)
         await asyncio.sleep(2.5)  # part of the batch is answered
         with pytest.raises(BatchesOpen, match="1 open provider batches"):
             await runs.delete_run(db, "run-1")
@@ -139,10 +136,7 @@ async def test_a_near_deadline_cancels_the_open_batch_and_the_sync_path_finishes
         run = await runs.get_run(db, "run-1")
         stop = asyncio.Event()
         early = asyncio.create_task(driver(pool, run, http, "w1").run_until(stop))
-        for _ in range(600):
-            if await db.fetchval("SELECT provider_batch_id FROM batch_submissions"):
-                break
-            await asyncio.sleep(0.05)
+        await until_sent(db)
         await asyncio.sleep(4)  # part of the batch is answered
         stop.set()
         await early

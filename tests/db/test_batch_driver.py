@@ -9,6 +9,7 @@ provider's side.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -81,6 +82,15 @@ async def until_done(pool: asyncpg.Pool, drivers: list[BatchDriver], timeout: fl
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def until_sent(db: asyncpg.Connection, seconds: float = 30) -> None:
+    """Until the run's first submission has its provider batch."""
+    async with asyncio.timeout(seconds):
+        for _ in itertools.count():
+            if await db.fetchval("SELECT provider_batch_id FROM batch_submissions"):
+                return
+            await asyncio.sleep(0.05)
 
 
 async def check_invariants(db: asyncpg.Connection) -> runs.Counts:
@@ -309,10 +319,7 @@ async def test_a_stopping_driver_cancels_what_a_suspend_marked(
         run = await runs.get_run(db, "run-1")
         stop = asyncio.Event()
         running = asyncio.create_task(driver(pool, run, http, "w1").run_until(stop))
-        for _ in range(600):
-            if await db.fetchval("SELECT provider_batch_id FROM batch_submissions"):
-                break
-            await asyncio.sleep(0.05)
+        await until_sent(db)
         await asyncio.sleep(2.5)  # part of the batch is answered
         # What the operator does on suspend, then the scale-down stops the worker.
         assert await batches.cancel_open(db, "run-1", "suspend") == 1

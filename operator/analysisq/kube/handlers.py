@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
 from typing import Any, NoReturn
@@ -67,6 +68,32 @@ def _keeps_rows_with_batches(spec: Mapping[str, Any], **_: Any) -> bool:
     return not _deletes_rows(spec) and any(
         isinstance(t, Mapping) and t.get("mode") == "batch" for t in targets
     )
+
+
+@dataclass(frozen=True)
+class DeletionStep:
+    """One finalizer step of a deleted run: the service call, what it does (for messages),
+    the Event it gives up with, and what stays while batches are open."""
+
+    call: Callable[[RunRef, AnalysisRunSpec], Awaitable[list[OpenBatch]]]
+    does: str
+    gave_up: str
+    kept: str
+
+
+async def _delete_step(body: kopf.Body, retry: int, runtime: timedelta, step: DeletionStep) -> None:
+    """Run *step*; while the run's provider batches are still open, come back later."""
+    ref = RunRef.from_body(body)
+    try:
+        spec = _spec(body)
+        still_open = await step.call(ref, spec)
+    except SpecError as exc:
+        raise kopf.PermanentError(exc.message) from None
+    except AnalysisqError as exc:
+        what = f"cannot {step.does} of {ref.run_id} yet"
+        _retry_or_give_up(body, exc, retry, what, step.gave_up)
+    if still_open:
+        _wait_for_batches(body, ref, spec, still_open, retry, runtime, f"{step.kept} is kept")
 
 
 def _retry_or_give_up(
@@ -263,31 +290,15 @@ def register(registry: kopf.OperatorRegistry, service: RunService, settings: Set
 
     @kopf.on.delete(**on, id="delete-rows", when=_deletes_rows, registry=registry)
     async def delete_rows(body: kopf.Body, retry: int, runtime: timedelta, **_: Any) -> None:
-        ref = RunRef.from_body(body)
-        try:
-            spec = _spec(body)
-            still_open = await service.delete_rows(ref, spec)
-        except SpecError as exc:
-            raise kopf.PermanentError(exc.message) from None
-        except AnalysisqError as exc:
-            what = f"cannot delete the queue rows of {ref.run_id} yet"
-            _retry_or_give_up(body, exc, retry, what, "RowsKept")
-        if still_open:
-            _wait_for_batches(body, ref, spec, still_open, retry, runtime, "its rows are kept")
+        step = DeletionStep(service.delete_rows, "delete the queue rows", "RowsKept", "its rows")
+        await _delete_step(body, retry, runtime, step)
 
     @kopf.on.delete(**on, id="cancel-batches", when=_keeps_rows_with_batches, registry=registry)
     async def cancel_batches(body: kopf.Body, retry: int, runtime: timedelta, **_: Any) -> None:
-        ref = RunRef.from_body(body)
-        try:
-            spec = _spec(body)
-            still_open = await service.close_batches(ref, spec)
-        except SpecError as exc:
-            raise kopf.PermanentError(exc.message) from None
-        except AnalysisqError as exc:
-            what = f"cannot cancel the provider batches of {ref.run_id} yet"
-            _retry_or_give_up(body, exc, retry, what, BATCHES_LEFT_OPEN)
-        if still_open:
-            _wait_for_batches(body, ref, spec, still_open, retry, runtime, "the run is kept")
+        step = DeletionStep(
+            service.close_batches, "cancel the provider batches", BATCHES_LEFT_OPEN, "the run"
+        )
+        await _delete_step(body, retry, runtime, step)
 
     @kopf.on.delete(**on, id="forget", optional=True, registry=registry)
     def forget(body: kopf.Body, **_: Any) -> None:
