@@ -34,8 +34,7 @@ def test_fit_cuts_at_max_bytes_and_refuses_what_never_fits(provider: str) -> Non
     assert "more than one batch may hold (batch.maxBytes 4000)" in refused[1]
     assert "empty" in refused[2]
     assert plan.entries and plan.spill
-    assert sum(len(client.encode(e)) for e in plan.entries) <= 4000
-    assert all(e.encoded == client.encode(e) for e in plan.entries)  # sized once, sent as is
+    assert sum(client.entry_size(e) for e in plan.entries) <= 4000
     assert len(plan.entries) + len(plan.spill) + 2 == len(claimed)
 
 

@@ -51,19 +51,12 @@ class AnthropicBatchClient(BatchHttp):
     def request(self, entry: BatchEntry) -> dict[str, Any]:
         return {"custom_id": entry.custom_id, "params": self.provider.payload(entry.prompt)}
 
-    def encode(self, entry: BatchEntry) -> bytes:
-        # the request in the body's requests[], with its separator
-        return json.dumps(self.request(entry), ensure_ascii=False).encode() + b","
+    def entry_size(self, entry: BatchEntry) -> int:
+        return len(json.dumps(self.request(entry), ensure_ascii=False).encode()) + 1
 
     async def submit(self, entries: Sequence[BatchEntry], metadata: Mapping[str, str]) -> str:
-        # The body from the requests as they were sized: not encoded again.
-        joined = b"".join(e.encoded or self.encode(e) for e in entries).removesuffix(b",")
-        reply, body = await self._call(
-            "POST",
-            self._base,
-            headers={"content-type": "application/json"},
-            content=b'{"requests":[' + joined + b"]}",
-        )
+        payload = {"requests": [self.request(e) for e in entries]}
+        reply, body = await self._call("POST", self._base, json=payload)
         return str(dig(reply, body, "id", expect=str))
 
     async def find(

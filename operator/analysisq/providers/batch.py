@@ -42,9 +42,6 @@ class BatchEntry:
 
     custom_id: str
     prompt: str
-    #: Its request as the client encodes it (``encode``), once it was sized: ``submit``
-    #: sends these bytes instead of encoding the request again.
-    encoded: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -79,9 +76,8 @@ class BatchClient(Protocol):
     @property
     def target(self) -> Target: ...
 
-    def encode(self, entry: BatchEntry) -> bytes:
-        """The bytes *entry* adds to a batch's input (their length counts against
-        ``batch.maxBytes``). Raises ``InvalidInput`` for a prompt that cannot be sent."""
+    def entry_size(self, entry: BatchEntry) -> int:
+        """Bytes *entry* adds to a batch's input (for ``batch.maxBytes``)."""
         ...
 
     async def submit(self, entries: Sequence[BatchEntry], metadata: Mapping[str, str]) -> str:
@@ -130,16 +126,13 @@ class BatchHttp:
     def target(self) -> Target:
         return self._sync.target
 
-    async def _call(
-        self, method: str, url: str, *, headers: Mapping[str, str] | None = None, **content: Any
-    ) -> tuple[Reply, Any]:
-        """*method* *url* (with *headers* beside the key's); the reply and its JSON object
-        body, or a ``ProviderError``."""
+    async def _call(self, method: str, url: str, **content: Any) -> tuple[Reply, Any]:
+        """*method* *url*; the reply and its JSON object body, or a ``ProviderError``."""
         reply = await send(
             self._client,
             method,
             url,
-            headers={**self._sync.headers(), **(headers or {})},
+            headers=self._sync.headers(),
             timeout_s=self._timeout,
             secrets=self._secrets,
             **content,

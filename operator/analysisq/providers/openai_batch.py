@@ -52,14 +52,14 @@ class OpenAIBatchClient(BatchHttp):
         record = {"custom_id": entry.custom_id, "method": "POST", "url": ENDPOINT, "body": body}
         return json.dumps(record, ensure_ascii=False).encode() + b"\n"
 
-    def encode(self, entry: BatchEntry) -> bytes:
-        return self.line(entry)
+    def entry_size(self, entry: BatchEntry) -> int:
+        return len(self.line(entry))
 
     async def submit(self, entries: Sequence[BatchEntry], metadata: Mapping[str, str]) -> str:
         # Spooled to disk past 8 MB: a 200 MB input is streamed, not held (nor copied) whole.
         with tempfile.SpooledTemporaryFile(max_size=8 * 2**20) as spool:
             for entry in entries:
-                spool.write(entry.encoded or self.line(entry))
+                spool.write(self.line(entry))
             spool.seek(0)
             files = {"file": ("analysisq-batch.jsonl", spool, "application/jsonl")}
             upload = await self._call(

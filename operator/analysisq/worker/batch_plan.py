@@ -8,7 +8,7 @@ driver, until the run's deadline is near and the sync path takes over.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from analysisq.errors import InvalidInput
@@ -40,11 +40,10 @@ def fit(client: BatchClient, target: Target, claimed: list[ClaimedItem]) -> Plan
     for item in claimed:
         entry = BatchEntry(custom_id(item.id, item.token), item.text)
         try:
-            encoded = client.encode(entry)
+            grows = client.entry_size(entry)
         except InvalidInput as exc:
             plan.refused.append((item, exc))
             continue
-        grows = len(encoded)
         if grows > limit:
             message = (
                 f"the request is {grows} bytes, more than one batch may hold "
@@ -55,7 +54,7 @@ def fit(client: BatchClient, target: Target, claimed: list[ClaimedItem]) -> Plan
             plan.spill.append(item)
         else:
             size += grows
-            plan.entries.append(replace(entry, encoded=encoded))
+            plan.entries.append(entry)
             plan.sent.append(item)
     return plan
 
