@@ -30,8 +30,7 @@ def priced(name: str, **kw: object) -> dict[str, object]:
 async def answer_all(db: asyncpg.Connection, *, via_batch: set[str]) -> None:
     """Answer every item with 1,000 tokens in and out; targets in *via_batch* as if through
     a provider batch."""
-    claimed = await items.claim(db, "run-1", worker="w", limit=100, lease_seconds=60,
-                                max_attempts=3)  # fmt: skip
+    claimed = await items.claim(db, "run-1", worker="w", limit=100, lease_seconds=60)
     for target in {i.target for i in claimed}:
         done = [
             Outcome(i, Completion("ok", None, 1000, 1000, "m", 1.0))

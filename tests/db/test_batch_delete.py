@@ -34,6 +34,13 @@ async def http() -> Any:
     await client.aclose()
 
 
+async def provider_status(db: asyncpg.Connection, fake: FakeProvider) -> str:
+    """What the fake provider says of the run's (one) OpenAI batch."""
+    batch_id = await db.fetchval("SELECT provider_batch_id FROM batch_submissions")
+    async with httpx.AsyncClient(trust_env=False) as plain:
+        return str((await plain.get(f"{fake.url}/batches/{batch_id}")).json()["status"])
+
+
 async def drain_until_closed(d: BatchDriver, seconds: float = 20) -> None:
     deadline = time.monotonic() + seconds
     while await d.drain("delete"):
@@ -108,9 +115,7 @@ async def test_a_batch_sent_just_before_a_crash_is_found_and_cancelled(
         assert await db.fetchval("SELECT state FROM batch_submissions") == "intent"
         await db.execute("UPDATE batch_submissions SET lease_expires_at = now()")
         await drain_until_closed(driver(pool, run, http, "operator"))
-        batch_id = await db.fetchval("SELECT provider_batch_id FROM batch_submissions")
-        async with httpx.AsyncClient(trust_env=False) as plain:
-            seen = (await plain.get(f"{fake.url}/batches/{batch_id}")).json()["status"]
+        seen = await provider_status(db, fake)
         stats = fake.stats()
     assert seen == "cancelled" and stats.batches_created == 1
     counts = await runs.counts(db, "run-1")
@@ -147,9 +152,7 @@ async def test_a_near_deadline_cancels_the_open_batch_and_the_sync_path_finishes
         settings = Settings(database_url="unused", poll_seconds=0.05, retry_base_seconds=0.05)
         async with asyncio.timeout(90):
             await Worker(pool, run, settings, name="w2", exit_when_done=True).run_until_stopped()
-        batch_id = await db.fetchval("SELECT provider_batch_id FROM batch_submissions")
-        async with httpx.AsyncClient(trust_env=False) as plain:
-            seen = (await plain.get(f"{fake.url}/batches/{batch_id}")).json()["status"]
+        seen = await provider_status(db, fake)
         stats = fake.stats()
     assert seen == "cancelled" and stats.batches_created == 1
     counts = await runs.counts(db, "run-1")
