@@ -36,7 +36,13 @@ import httpx
 
 from analysisq.completion import Completion
 from analysisq.db.connect import acquire
-from analysisq.errors import BudgetExhausted, DatabaseError, ErrorClass, redact
+from analysisq.errors import (
+    BudgetExhausted,
+    DatabaseError,
+    DatabaseUnavailable,
+    ErrorClass,
+    redact,
+)
 from analysisq.providers import BatchClient, make_batch_client, make_provider, resolve_api_key
 from analysisq.providers.base import Provider
 from analysisq.providers.client import make_http_client
@@ -136,10 +142,17 @@ class Worker:
             self.pool, self.spec, providers, self.policy, rng=self._rng, clock=self._clock
         )
         try:
-            async with acquire(self.pool) as conn:
-                res = await rescue.rescue_stuck(conn, self.run.id, self.spec.stuck_after_seconds)
-            if res.reset or res.poisoned:
-                self._log(logging.WARNING, "reset stuck items at start", **vars(res))
+            try:
+                async with acquire(self.pool) as conn:
+                    res = await rescue.rescue_stuck(
+                        conn, self.run.id, self.spec.stuck_after_seconds
+                    )
+                if res.reset or res.poisoned:
+                    self._log(logging.WARNING, "reset stuck items at start", **vars(res))
+            except DatabaseUnavailable as exc:
+                # An outage as the worker starts is no reason to die: the housekeeping loop
+                # rescues on its own interval, and the claim loop waits for the database.
+                self._log(logging.WARNING, "stuck reset at start skipped", error=exc.message)
             self._log(logging.INFO, "worker started", batch_size=self.spec.batch_size)
             async with asyncio.TaskGroup() as tg:
                 claim = tg.create_task(self._claim_loop())

@@ -11,33 +11,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import asyncpg
 
 from analysisq.db.connect import acquire, create_pool
 from analysisq.db.migrate import check_schema
 from analysisq.errors import DatabaseUnavailable
-from analysisq.queue.runs import get_run
+from analysisq.queue.runs import Run, get_run
 from analysisq.settings import Settings
 from analysisq.worker.loops import Worker
 
 log = logging.getLogger("analysisq.worker")
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+T = TypeVar("T")
 
 
-async def _wait_for_pool(settings: Settings, url: str, stop: asyncio.Event) -> asyncpg.Pool | None:
-    """A pool once the database answers; None if told to stop first."""
+async def _through_outages(stop: asyncio.Event, step: Callable[[], Awaitable[T]]) -> T | None:
+    """``step()`` once the database answers it, retried with backoff through an outage;
+    None if told to stop first. A refusal (no such run, an old schema) is raised."""
     delay = 1.0
     while True:
         try:
-            return await create_pool(
-                url,
-                pooler=settings.database_pooler,
-                min_size=1,
-                max_size=settings.pool_size,
-                command_timeout=settings.database_command_timeout_seconds,
-            )
+            return await step()
         except DatabaseUnavailable as exc:
             log.warning("database unavailable; retrying", extra={"error": exc.message})
             try:
@@ -45,6 +43,22 @@ async def _wait_for_pool(settings: Settings, url: str, stop: asyncio.Event) -> a
                 return None
             except TimeoutError:
                 delay = min(delay * 2, 30.0)
+
+
+async def _new_pool(settings: Settings, url: str) -> asyncpg.Pool:
+    return await create_pool(
+        url,
+        pooler=settings.database_pooler,
+        min_size=1,
+        max_size=settings.pool_size,
+        command_timeout=settings.database_command_timeout_seconds,
+    )
+
+
+async def _read_run(pool: asyncpg.Pool, run_id: str) -> Run:
+    async with acquire(pool) as conn:
+        await check_schema(conn)
+        return await get_run(conn, run_id)
 
 
 async def serve(settings: Settings, url: str, run_id: str, *, exit_when_done: bool) -> int:
@@ -61,13 +75,14 @@ async def serve(settings: Settings, url: str, run_id: str, *, exit_when_done: bo
     for sig in _SIGNALS:
         loop.add_signal_handler(sig, on_signal)
     try:
-        pool = await _wait_for_pool(settings, url, stop)
+        pool = await _through_outages(stop, lambda: _new_pool(settings, url))
         if pool is None:
             return 0
         try:
-            async with acquire(pool) as conn:
-                await check_schema(conn)
-                run = await get_run(conn, run_id)
+            # A restart right after the pool connected is an outage too, not a crash.
+            run = await _through_outages(stop, lambda: _read_run(pool, run_id))
+            if run is None:
+                return 0
             worker = Worker(pool, run, settings, exit_when_done=exit_when_done)
             if stop.is_set():
                 worker.stop()
