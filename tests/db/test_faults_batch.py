@@ -103,10 +103,10 @@ async def test_batch_texts_from_the_provider_are_made_storable(db: asyncpg.Conne
     assert await batches.polled(
         db, sub, worker="w", status="in_progress \ud83d", counts={"total": 2}, poll_in=60
     )
-    released = await batches.finish(
+    finished = await batches.finish(
         db, sub, worker="w", outcome="refused: bad \ud83d\x00", reason="gateway said \ud83d"
     )
-    assert released == 2
+    assert finished.released == 2
     row = await db.fetchrow(
         "SELECT provider_status, outcome FROM batch_submissions WHERE id = $1", sub
     )
