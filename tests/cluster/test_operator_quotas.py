@@ -76,12 +76,16 @@ def test_two_namespaces_share_one_pool(
 
 
 def wide_cost(kubectl: Kubectl, namespace: str, name: str) -> str:
+    """The COST cell of ``-o wide``, cut at the header's column offsets: a cell that is empty
+    (or holds spaces) must not shift the columns after it."""
     lines = kubectl("get", "analysisruns", "-o", "wide", namespace=namespace).stdout.splitlines()
-    header = lines[0].split()
+    header = lines[0]
+    start = header.index("COST")
+    later = [header.index(h, start) for h in header[start:].split()[1:2]]
+    end = later[0] if later else None
     for line in lines[1:]:
-        cells = line.split()
-        if cells[0] == name:
-            return cells[header.index("COST")]
+        if line.split()[0] == name:
+            return line[start:end].strip()
     raise AssertionError(lines)
 
 
