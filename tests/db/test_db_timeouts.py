@@ -75,7 +75,9 @@ def _keepalive_ports() -> set[int]:
     return ports
 
 
-async def test_connections_keep_alive(db_url: str) -> None:
+async def test_connections_keep_alive(db_url: str, pg_admin_url: str) -> None:
+    # Straight to PostgreSQL: behind a pooler the server sees the pooler's own connections.
+    db_url = f"{pg_admin_url.rpartition('/')[0]}/{db_url.rpartition('/')[2]}"
     pool = await create_pool(db_url, min_size=2, max_size=2)
     try:
         async with acquire(pool) as conn:
