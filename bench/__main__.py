@@ -29,6 +29,7 @@ BENCHMARKS = (
     "connections",
     "batch",
     "dashboard",
+    "params",
 )
 
 

@@ -65,8 +65,10 @@ def run_spec(targets: int) -> AnalysisRunSpec:
 
 
 def fill_args(run_id: str, spec: AnalysisRunSpec) -> tuple[object, ...]:
+    """The parameters of ``fill_run`` for *spec*, in the order of its text."""
     sel = spec.prompts
-    return (run_id, [t.name for t in spec.targets], sel.tags, sel.ids)
+    targets = [t.name for t in spec.targets]
+    return query("fill_run").args(run_id=run_id, targets=targets, tags=sel.tags, ids=sel.ids)
 
 
 async def prepare(conn: asyncpg.Connection, case: Case) -> None:
@@ -85,7 +87,7 @@ async def timed_fill(
 ) -> tuple[float, int]:
     """Seconds of the fill statement alone, and the rows it inserted."""
     with stopwatch() as t:
-        status = await conn.execute(query("fill_run"), *fill_args(run_id, spec))
+        status = await conn.execute(query("fill_run").text, *fill_args(run_id, spec))
     return t[0], int(status.split()[-1])
 
 
@@ -111,7 +113,7 @@ async def explain(conn: asyncpg.Connection, case: Case) -> str:
     spec = run_spec(case.targets)
     await runs.create_run(conn, "bench-explain", spec)
     rows = await conn.fetch(
-        "EXPLAIN (ANALYZE, BUFFERS, VERBOSE OFF) " + query("fill_run"),
+        "EXPLAIN (ANALYZE, BUFFERS, VERBOSE OFF) " + query("fill_run").text,
         *fill_args("bench-explain", spec),
     )
     return "\n".join(r[0] for r in rows)
@@ -180,8 +182,8 @@ async def profile(conn: asyncpg.Connection, case: Case) -> list[tuple[str, float
     out: list[tuple[str, float]] = []
     spec = run_spec(case.targets)
     sql_by_kind = {
-        "fill_run": query("fill_run"),
-        "no_order": query("fill_run").replace("ORDER BY p.id, t.target\n", ""),
+        "fill_run": query("fill_run").text,
+        "no_order": query("fill_run").text.replace("ORDER BY p.id, t.target\n", ""),
     }
     for label, apply, kind in variants:
         await prepare(conn, case)

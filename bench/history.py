@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import importlib.util
 import statistics
 import sys
@@ -26,8 +27,8 @@ from typing import Any
 
 import asyncpg
 
+from analysisq.db import sql
 from analysisq.db.connect import create_pool
-from analysisq.db.sql import query
 from analysisq.queue import prune, runs
 from analysisq.settings import Settings
 from analysisq.spec import AnalysisRunSpec, parse_spec
@@ -81,13 +82,21 @@ async def add_day(conn: asyncpg.Connection, run_id: str, items: int, days_ago: f
     )
 
 
-async def timed_ms(conn: asyncpg.Connection, sql: str, *args: Any, repeat: int) -> float:
+async def timed_ms(conn: asyncpg.Connection, text: str, *args: Any, repeat: int) -> float:
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
-        await conn.fetch(sql, *args)
+        await conn.fetch(text, *args)
         times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
+
+
+async def timed_query_ms(
+    conn: asyncpg.Connection, name: str, /, *, repeat: int, **values: object
+) -> float:
+    """``timed_ms`` of the named block ``name`` with its parameters by name."""
+    q = sql.query(name)
+    return await timed_ms(conn, q.text, *q.args(**values), repeat=repeat)
 
 
 async def drain(url: str, run_id: str) -> float:
@@ -112,21 +121,21 @@ async def today(
     out: dict[str, float] = {}
     await runs.create_run(conn, run_id, SPEC)
     with stopwatch() as t:
-        await conn.execute(query("fill_run"), run_id, ["echo"], [], [])
+        await sql.execute(conn, "fill_run", run_id=run_id, targets=["echo"], tags=[], ids=[])
     out["fill_s"] = t[0]
     await conn.execute("ANALYZE analysis_queue")
     out["drain_items_per_s"] = n / await drain(url, run_id)
     await runs.mark_finished(conn, run_id)
-    out["reconcile_counts_ms"] = await timed_ms(conn, query("run_counts"), run_id, repeat=repeat)
-    out["reconcile_targets_ms"] = await timed_ms(conn, query("run_targets"), run_id,
-                                                 repeat=repeat)  # fmt: skip
-    out["reconcile_stuck_reset_ms"] = await timed_ms(
-        conn, query("rescue_stuck"), run_id, 900.0, repeat=repeat
+    timed = functools.partial(timed_query_ms, conn, repeat=repeat)
+    out["reconcile_counts_ms"] = await timed("run_counts", run_id=run_id)
+    out["reconcile_targets_ms"] = await timed("run_targets", run_id=run_id)
+    out["reconcile_stuck_reset_ms"] = await timed(
+        "rescue_stuck", run_id=run_id, stuck_after_seconds=900.0, live_tokens=[]
     )
-    out["status_run_ms"] = await timed_ms(conn, query("status_breakdown"), run_id, repeat=repeat)
-    out["status_all_ms"] = await timed_ms(conn, query("status_breakdown"), None, repeat=repeat)
-    for name, sql in seed_queries().items():
-        out[f"seed_{name}_ms"] = await timed_ms(conn, sql, repeat=repeat)
+    out["status_run_ms"] = await timed("status_breakdown", run_id=run_id)
+    out["status_all_ms"] = await timed("status_breakdown", run_id=None)
+    for name, text in seed_queries().items():
+        out[f"seed_{name}_ms"] = await timed_ms(conn, text, repeat=repeat)
     return out
 
 

@@ -1,6 +1,7 @@
 -- Every query analysisq runs, as named blocks. `-- name: X` starts a block; the loader
 -- (analysisq.db.sql) reads them once into a dict, and each has one typed wrapper in
--- analysisq.queue. Values are always bind parameters, never formatted into the text.
+-- analysisq.queue. Values are always bind parameters, never formatted into the text, and
+-- always named (`:run_id`, passed by keyword; the loader numbers them once, on load).
 
 -- name: upsert_prompt
 -- Import: insert prompts or update them in place by external id. Tags arrive as JSON arrays
@@ -8,7 +9,8 @@
 INSERT INTO prompts (external_id, text, tags, active, metadata)
 SELECT i.external_id, i.text, ARRAY(SELECT jsonb_array_elements_text(i.tags::jsonb)),
        i.active, i.metadata::jsonb
-FROM unnest($1::text[], $2::text[], $3::text[], $4::boolean[], $5::text[])
+FROM unnest(:external_ids::text[], :texts::text[], :tags::text[], :actives::boolean[],
+            :metadata::text[])
     AS i(external_id, text, tags, active, metadata)
 ON CONFLICT (external_id) DO UPDATE SET
     text = excluded.text, tags = excluded.tags, active = excluded.active,
@@ -20,29 +22,31 @@ RETURNING (xmax = 0) AS inserted;
 -- name: upsert_run
 -- Record a run (idempotent: the operator calls it on every resume).
 INSERT INTO analysis_runs (id, name, spec, max_attempts, max_lease_losses, lease_seconds)
-VALUES ($1, $2, $3::jsonb, $4, $5, $6)
+VALUES (:run_id, :name, :spec::jsonb, :max_attempts, :max_lease_losses, :lease_seconds)
 ON CONFLICT (id) DO UPDATE SET
     spec = excluded.spec, max_attempts = excluded.max_attempts,
     max_lease_losses = excluded.max_lease_losses, lease_seconds = excluded.lease_seconds
 RETURNING id, filled_at;
 
 -- name: run_max_attempts
-SELECT max_attempts FROM analysis_runs WHERE id = $1;
+SELECT max_attempts FROM analysis_runs WHERE id = :run_id;
 
 -- name: finalize_exhausted
 -- After maxAttempts was lowered: retrying items that have no attempt left fail for good, so
 -- "failed with a next attempt time" always means "will be retried".
 UPDATE analysis_queue q SET next_attempt_at = NULL, updated_at = now()
 FROM analysis_runs r
-WHERE r.id = $1 AND q.run_id = r.id AND q.status = 'failed'
+WHERE r.id = :run_id AND q.run_id = r.id AND q.status = 'failed'
   AND q.next_attempt_at IS NOT NULL AND q.attempts >= r.max_attempts;
 
 -- name: upsert_run_target
--- $5 = the target's rate pool (quotas: pool_lock first); $6-$8 its pricing (may be NULL);
--- $9 the circuit breaker's threshold (targetFaultThreshold).
+-- :pool = the target's rate pool (quotas: pool_lock first); :input_per_million-:batch_discount
+-- its pricing (may be NULL); :fault_threshold the circuit breaker's threshold
+-- (targetFaultThreshold).
 INSERT INTO run_targets (run_id, target, requests_per_second, tokens_per_minute, pool,
                          input_per_million, output_per_million, batch_discount, fault_threshold)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+VALUES (:run_id, :target, :requests_per_second, :tokens_per_minute, :pool,
+        :input_per_million, :output_per_million, :batch_discount, :fault_threshold)
 ON CONFLICT (run_id, target) DO UPDATE SET
     requests_per_second = excluded.requests_per_second,
     tokens_per_minute = excluded.tokens_per_minute,
@@ -55,18 +59,18 @@ ON CONFLICT (run_id, target) DO UPDATE SET
 -- name: get_run
 SELECT id, name, spec::text AS spec, max_attempts, max_lease_losses, lease_seconds,
        filled_at, finished_at, created_at
-FROM analysis_runs WHERE id = $1;
+FROM analysis_runs WHERE id = :run_id;
 
 -- name: find_run
 -- A run by id, or the newest run with that name.
 SELECT id, name, spec::text AS spec, max_attempts, max_lease_losses, lease_seconds,
        filled_at, finished_at, created_at
-FROM analysis_runs WHERE id = $1 OR name = $1
-ORDER BY (id = $1) DESC, created_at DESC LIMIT 1;
+FROM analysis_runs WHERE id = :id_or_name OR name = :id_or_name
+ORDER BY (id = :id_or_name) DESC, created_at DESC LIMIT 1;
 
 -- name: list_runs
 SELECT id, name, created_at, filled_at, finished_at FROM analysis_runs
-ORDER BY created_at DESC LIMIT $1;
+ORDER BY created_at DESC LIMIT :limit;
 
 -- name: delete_run
 -- The run with its targets and queue rows (ON DELETE CASCADE) and its results, which have no
@@ -74,11 +78,12 @@ ORDER BY created_at DESC LIMIT $1;
 -- while a provider batch of the run is open (it would run on, paid, known to nobody):
 -- returns how many are open, and deletes only when none is.
 WITH open_batches AS (
-    SELECT count(*)::integer AS n FROM batch_submissions WHERE run_id = $1 AND state <> 'done'
+    SELECT count(*)::integer AS n FROM batch_submissions
+    WHERE run_id = :run_id AND state <> 'done'
 ), results AS (
-    DELETE FROM analysis_results WHERE run_id = $1 AND (SELECT n FROM open_batches) = 0
+    DELETE FROM analysis_results WHERE run_id = :run_id AND (SELECT n FROM open_batches) = 0
 ), deleted AS (
-    DELETE FROM analysis_runs WHERE id = $1 AND (SELECT n FROM open_batches) = 0
+    DELETE FROM analysis_runs WHERE id = :run_id AND (SELECT n FROM open_batches) = 0
 )
 SELECT n FROM open_batches;
 
@@ -88,49 +93,50 @@ SELECT n FROM open_batches;
 -- Selection: explicit ids (active or not) when given; else every active prompt; tags, when
 -- given, keep the prompts having at least one of them.
 INSERT INTO analysis_queue (run_id, prompt_tracking_id, target)
-SELECT $1, p.id, t.target
+SELECT :run_id, p.id, t.target
 FROM prompts p
-CROSS JOIN unnest($2::text[]) AS t(target)
-WHERE (CASE WHEN cardinality($4::text[]) > 0 THEN p.external_id = ANY ($4::text[]) ELSE p.active END)
-  AND (cardinality($3::text[]) = 0 OR p.tags && $3::text[])
+CROSS JOIN unnest(:targets::text[]) AS t(target)
+WHERE (CASE WHEN cardinality(:ids::text[]) > 0 THEN p.external_id = ANY (:ids::text[])
+            ELSE p.active END)
+  AND (cardinality(:tags::text[]) = 0 OR p.tags && :tags::text[])
 ORDER BY p.id, t.target
 ON CONFLICT (run_id, prompt_tracking_id, target) DO NOTHING;
 
 -- name: mark_filled
-UPDATE analysis_runs SET filled_at = coalesce(filled_at, now()) WHERE id = $1;
+UPDATE analysis_runs SET filled_at = coalesce(filled_at, now()) WHERE id = :run_id;
 
 -- name: mark_finished
-UPDATE analysis_runs SET finished_at = coalesce(finished_at, now()) WHERE id = $1;
+UPDATE analysis_runs SET finished_at = coalesce(finished_at, now()) WHERE id = :run_id;
 
 -- name: missing_prompt_ids
 -- Explicit ids of a selector that match no stored prompt (reported, not fatal).
-SELECT i FROM unnest($1::text[]) AS i
+SELECT i FROM unnest(:ids::text[]) AS i
 WHERE NOT EXISTS (SELECT 1 FROM prompts p WHERE p.external_id = i);
 
 -- name: heartbeat
 -- Renew the leases still ours; the ids not returned were lost.
 UPDATE analysis_queue q SET
-    lease_expires_at = now() + make_interval(secs => $3),
+    lease_expires_at = now() + make_interval(secs => :lease_seconds),
     updated_at = now()
-FROM unnest($1::bigint[], $2::uuid[]) AS h(id, token)
+FROM unnest(:ids::bigint[], :tokens::uuid[]) AS h(id, token)
 WHERE q.id = h.id AND q.claim_token = h.token AND q.status = 'processing'
 RETURNING q.id;
 
 -- name: fail
--- Fenced failure. $5 = seconds until the retry, NULL = failed for good.
+-- Fenced failure. :retry_in = seconds until the retry, NULL = failed for good.
 UPDATE analysis_queue SET
-    status = 'failed', error_class = $3, error_message = $4,
-    next_attempt_at = CASE WHEN $5::double precision IS NULL THEN NULL
-                           ELSE now() + make_interval(secs => $5) END,
+    status = 'failed', error_class = :error_class, error_message = :error_message,
+    next_attempt_at = CASE WHEN :retry_in::double precision IS NULL THEN NULL
+                           ELSE now() + make_interval(secs => :retry_in) END,
     lease_owner = NULL, lease_expires_at = NULL, claim_token = NULL, submission_id = NULL,
     updated_at = now()
-WHERE id = $1 AND claim_token = $2 AND status = 'processing'
+WHERE id = :item_id AND claim_token = :token AND status = 'processing'
 RETURNING id;
 
 -- name: release
--- Fenced release back to pending that does not count as an attempt: shutdown, a 429
--- ($5 = 1 counts a deferral), a paused target ($7 = true parks it until the target resumes).
--- $3/$4 record why (may be NULL).
+-- Fenced release back to pending that does not count as an attempt: shutdown, a 429 (:deferral
+-- = 1 counts a deferral), a paused target (:park = true parks it until the target resumes).
+-- :error_class/:error_message record why (may be NULL).
 WITH target AS (
     -- Park only while the target is still paused. Read under a share lock: a resume that
     -- committed first is seen (the item is due at once), a resume that comes later waits
@@ -139,57 +145,60 @@ WITH target AS (
     -- every rate-limited request updates, unlocked.
     SELECT t.paused_at IS NOT NULL AS paused
     FROM analysis_queue q JOIN run_targets t ON t.run_id = q.run_id AND t.target = q.target
-    WHERE q.id = $1 AND $7::boolean
+    WHERE q.id = :item_id AND :park::boolean
     FOR SHARE OF t
 )
 UPDATE analysis_queue SET
     status = 'pending', attempts = greatest(attempts - 1, 0),
-    deferrals = deferrals + $5,
-    error_class = coalesce($3, error_class), error_message = coalesce($4, error_message),
-    next_attempt_at = CASE WHEN $7::boolean AND (SELECT paused FROM target) THEN 'infinity'
-                           ELSE now() + make_interval(secs => $6) END,
+    deferrals = deferrals + :deferral,
+    error_class = coalesce(:error_class, error_class),
+    error_message = coalesce(:error_message, error_message),
+    next_attempt_at = CASE WHEN :park::boolean AND (SELECT paused FROM target) THEN 'infinity'
+                           ELSE now() + make_interval(secs => :delay) END,
     lease_owner = NULL, lease_expires_at = NULL, claim_token = NULL, submission_id = NULL,
     updated_at = now()
-WHERE id = $1 AND claim_token = $2 AND status = 'processing'
+WHERE id = :item_id AND claim_token = :token AND status = 'processing'
 RETURNING id;
 
 -- name: rescue_stuck
--- $3: the claim tokens the caller still works on (never reset).
+-- :live_tokens: the claim tokens the caller still works on (never reset).
 SELECT reset_count, poisoned_count
-FROM cleanup_stuck_queue_items($1, make_interval(secs => $2), $3::uuid[]);
+FROM cleanup_stuck_queue_items(:run_id, make_interval(secs => :stuck_after_seconds),
+                               :live_tokens::uuid[]);
 
 -- name: pause_target
 -- Pause a target for the run (its provider refused our credentials) and park its waiting
 -- items at next_attempt_at = 'infinity': none is claimed, none burns an attempt.
 WITH paused AS (
-    UPDATE run_targets SET paused_at = now(), pause_reason = $3
-    WHERE run_id = $1 AND target = $2 AND paused_at IS NULL
+    UPDATE run_targets SET paused_at = now(), pause_reason = :reason
+    WHERE run_id = :run_id AND target = :target AND paused_at IS NULL
     RETURNING target
 ), parked AS (
     UPDATE analysis_queue SET next_attempt_at = 'infinity'
-    WHERE run_id = $1 AND target = $2 AND status IN ('pending', 'failed')
+    WHERE run_id = :run_id AND target = :target AND status IN ('pending', 'failed')
       AND next_attempt_at IS NOT NULL
 )
 SELECT target FROM paused;
 
 -- name: resume_target
--- Resume paused targets (one, or all of the run's with $2 NULL), their circuit breaker
+-- Resume paused targets (one, or all of the run's with :target NULL), their circuit breaker
 -- starting over. Then unpark_targets, as a second statement of the same transaction: it must
 -- see the items that a release parked while this one waited for its lock on the target.
 UPDATE run_targets SET paused_at = NULL, pause_reason = NULL,
     fault = NULL, fault_streak = 0, fault_items = '{}'
-WHERE run_id = $1 AND ($2::text IS NULL OR target = $2) AND paused_at IS NOT NULL
+WHERE run_id = :run_id AND (:target::text IS NULL OR target = :target)
+  AND paused_at IS NOT NULL
 RETURNING target;
 
 -- name: unpark_targets
--- The parked items of the resumed targets $2 are due now.
+-- The parked items of the resumed targets :targets are due now.
 UPDATE analysis_queue SET next_attempt_at = now()
-WHERE run_id = $1 AND target = ANY ($2::text[]) AND next_attempt_at = 'infinity';
+WHERE run_id = :run_id AND target = ANY (:targets::text[]) AND next_attempt_at = 'infinity';
 
 -- name: run_targets
 -- fault: the circuit breaker's current streak (while paused: the fault that paused it).
 SELECT target, requests_per_second, tokens_per_minute, pool, paused_at, pause_reason, fault
-FROM run_targets WHERE run_id = $1 ORDER BY target;
+FROM run_targets WHERE run_id = :run_id ORDER BY target;
 
 -- name: run_counts
 -- Counts for status: failed = failed for good, retrying = failed but will be retried,
@@ -201,14 +210,14 @@ SELECT count(*) AS total,
        count(*) FILTER (WHERE status = 'failed' AND next_attempt_at IS NULL) AS failed,
        count(*) FILTER (WHERE status = 'failed' AND next_attempt_at IS NOT NULL) AS retrying,
        count(*) FILTER (WHERE status = 'processing' AND lease_expires_at < now()) AS stuck
-FROM analysis_queue WHERE run_id = $1;
+FROM analysis_queue WHERE run_id = :run_id;
 
 -- name: status_breakdown
 -- The seed's first monitoring query, optionally for one run.
 SELECT status, count(*) AS cantidad,
        round(100.0 * count(*) / nullif(sum(count(*)) OVER (), 0), 2) AS porcentaje
 FROM analysis_queue
-WHERE $1::text IS NULL OR run_id = $1
+WHERE :run_id::text IS NULL OR run_id = :run_id
 GROUP BY status
 ORDER BY CASE status WHEN 'pending' THEN 1 WHEN 'processing' THEN 2
                      WHEN 'completed' THEN 3 WHEN 'failed' THEN 4 END;
@@ -219,30 +228,31 @@ SELECT count(*) AS stuck_items, min(updated_at) AS mas_antiguo,
        count(*) FILTER (WHERE lease_expires_at < now()) AS lease_expired
 FROM analysis_queue
 WHERE status = 'processing'
-  AND ($1::text IS NULL OR run_id = $1)
-  AND (updated_at < now() - make_interval(secs => $2) OR lease_expires_at < now());
+  AND (:run_id::text IS NULL OR run_id = :run_id)
+  AND (updated_at < now() - make_interval(secs => :older_than_seconds)
+       OR lease_expires_at < now());
 
 -- name: failed_items
 SELECT q.id, q.prompt_tracking_id, p.external_id, q.target, q.attempts, q.error_class,
        q.error_message, q.updated_at, q.next_attempt_at IS NOT NULL AS will_retry
 FROM analysis_queue q JOIN prompts p ON p.id = q.prompt_tracking_id
-WHERE q.status = 'failed' AND ($1::text IS NULL OR q.run_id = $1)
+WHERE q.status = 'failed' AND (:run_id::text IS NULL OR q.run_id = :run_id)
 ORDER BY q.updated_at DESC
-LIMIT $2;
+LIMIT :limit;
 
 -- name: error_summary
 SELECT error_class, error_message, count(*) AS count
 FROM analysis_queue
-WHERE status = 'failed' AND ($1::text IS NULL OR run_id = $1)
+WHERE status = 'failed' AND (:run_id::text IS NULL OR run_id = :run_id)
 GROUP BY error_class, error_message
 ORDER BY count(*) DESC, error_message
-LIMIT $2;
+LIMIT :limit;
 
 -- name: error_classes
 -- Errors by class across the run, including the last error of items now retrying or pending.
 SELECT error_class, count(*) AS count
 FROM analysis_queue
-WHERE run_id = $1 AND error_class IS NOT NULL
+WHERE run_id = :run_id AND error_class IS NOT NULL
 GROUP BY error_class ORDER BY count(*) DESC;
 
 -- name: results_page
@@ -254,13 +264,14 @@ SELECT r.id, r.queue_id, p.external_id, r.target, r.model, r.response_text, r.pa
                   CASE WHEN r.via_batch THEN t.batch_discount END) AS cost
 FROM analysis_results r JOIN prompts p ON p.id = r.prompt_tracking_id
 JOIN run_targets t ON t.run_id = r.run_id AND t.target = r.target
-WHERE r.run_id = $1 AND r.id > $2
-ORDER BY r.id LIMIT $3;
+WHERE r.run_id = :run_id AND r.id > :after_id
+ORDER BY r.id LIMIT :limit;
 
 -- name: throughput
--- Items completed in the last $2 seconds (for items/s and ETA).
+-- Items completed in the last :window_seconds seconds (for items/s and ETA).
 SELECT count(*) AS n FROM analysis_queue
-WHERE run_id = $1 AND status = 'completed' AND completed_at > now() - make_interval(secs => $2);
+WHERE run_id = :run_id AND status = 'completed'
+  AND completed_at > now() - make_interval(secs => :window_seconds);
 
 -- ---------------------------------------------------------------------------------------
 -- Local runs and the runbook commands (analysisq.queue.monitor)
@@ -274,7 +285,7 @@ SELECT target,
        count(*) FILTER (WHERE status = 'pending'
                            OR (status = 'failed' AND next_attempt_at IS NOT NULL)) AS waiting
 FROM analysis_queue
-WHERE run_id = $1 AND (status IN ('pending', 'processing')
+WHERE run_id = :run_id AND (status IN ('pending', 'processing')
                        OR (status = 'failed' AND next_attempt_at IS NOT NULL))
 GROUP BY target ORDER BY target;
 
@@ -282,7 +293,7 @@ GROUP BY target ORDER BY target;
 -- How many attempts the completed items of a run needed.
 SELECT attempts AS attempt, count(*) AS count
 FROM analysis_queue
-WHERE run_id = $1 AND status = 'completed'
+WHERE run_id = :run_id AND status = 'completed'
 GROUP BY attempts ORDER BY attempts;
 
 -- name: retry_totals
@@ -290,7 +301,7 @@ GROUP BY attempts ORDER BY attempts;
 SELECT coalesce(sum(deferrals), 0)::bigint AS deferrals,
        count(*) FILTER (WHERE deferrals > 0) AS deferred_items,
        count(*) FILTER (WHERE lease_losses > 0) AS lease_lost_items
-FROM analysis_queue WHERE run_id = $1;
+FROM analysis_queue WHERE run_id = :run_id;
 
 -- ---------------------------------------------------------------------------------------
 -- Quotas, cost and budgets: rate pools, token reservations, budgets, totals
@@ -298,122 +309,133 @@ FROM analysis_queue WHERE run_id = $1;
 -- ---------------------------------------------------------------------------------------
 
 -- name: pool_lock
--- Create the rate pool $1 with limits ($2, $3), or lock the existing row; returns its
--- limits as they are (a concurrent run creation waits here).
+-- Create the rate pool :pool with limits (:requests_per_second, :tokens_per_minute), or lock
+-- the existing row; returns its limits as they are (a concurrent run creation waits here).
 INSERT INTO rate_pools AS rp (name, requests_per_second, tokens_per_minute)
-VALUES ($1, $2, $3)
+VALUES (:pool, :requests_per_second, :tokens_per_minute)
 ON CONFLICT (name) DO UPDATE SET name = rp.name
 RETURNING requests_per_second, tokens_per_minute;
 
 -- name: pool_users
--- Targets of other unfinished runs than $2 that use pool $1: they hold its limits.
+-- Targets of other unfinished runs than :run_id that use pool :pool: they hold its limits.
 SELECT t.run_id, t.target
 FROM run_targets t JOIN analysis_runs r ON r.id = t.run_id
-WHERE t.pool = $1 AND t.run_id <> $2 AND r.finished_at IS NULL
+WHERE t.pool = :pool AND t.run_id <> :run_id AND r.finished_at IS NULL
 ORDER BY t.run_id, t.target LIMIT 5;
 
 -- name: pool_set_limits
-UPDATE rate_pools SET requests_per_second = $2, tokens_per_minute = $3 WHERE name = $1;
+UPDATE rate_pools
+SET requests_per_second = :requests_per_second, tokens_per_minute = :tokens_per_minute
+WHERE name = :pool;
 
 -- name: pool_forget_unused
 -- Pools no target refers to any more (their runs were deleted).
 DELETE FROM rate_pools p WHERE NOT EXISTS (SELECT 1 FROM run_targets t WHERE t.pool = p.name);
 
 -- name: pool_acquire
--- Reserve the next request slot of pool $1 across every worker of every run (GCRA without
--- burst): the theoretical arrival time moves by 1/rate per request and by $2 * 60 / tpm for
--- the request's estimated tokens, never from before blocked_until. Returns how long this
--- caller waits before sending: until its own slot starts, so no window of any length sees
--- more than its share plus one request.
+-- Reserve the next request slot of pool :pool across every worker of every run (GCRA without
+-- burst): the theoretical arrival time moves by 1/rate per request and by :tokens * 60 / tpm
+-- for the request's estimated tokens, never from before blocked_until. Returns how long this
+-- caller waits before sending: until its own slot starts, so no window of any length sees more
+-- than its share plus one request.
 UPDATE rate_pools SET
     rate_tat = CASE WHEN requests_per_second IS NULL THEN rate_tat
         ELSE greatest(rate_tat, clock_timestamp(), blocked_until)
              + make_interval(secs => 1.0 / requests_per_second) END,
     token_tat = CASE WHEN tokens_per_minute IS NULL THEN token_tat
         ELSE greatest(token_tat, clock_timestamp(), blocked_until)
-             + make_interval(secs => $2 * 60.0 / tokens_per_minute) END
-WHERE name = $1
+             + make_interval(secs => :tokens * 60.0 / tokens_per_minute) END
+WHERE name = :pool
 RETURNING greatest(0.0,
     extract(epoch FROM blocked_until - clock_timestamp()),
     CASE WHEN requests_per_second IS NULL THEN 0.0 ELSE extract(epoch FROM
         rate_tat - make_interval(secs => 1.0 / requests_per_second) - clock_timestamp()) END,
     CASE WHEN tokens_per_minute IS NULL THEN 0.0 ELSE extract(epoch FROM
-        token_tat - make_interval(secs => $2 * 60.0 / tokens_per_minute)
+        token_tat - make_interval(secs => :tokens * 60.0 / tokens_per_minute)
         - clock_timestamp()) END)::double precision
     AS wait_seconds,
     token_debt;
 
 -- name: pool_block
 -- A provider said wait (429 Retry-After, or rate-limit headers at zero): nobody sends to the
--- pool of run $1's target $2, from any run, for $3 seconds.
+-- pool of run :run_id's target :target, from any run, for :seconds seconds.
 UPDATE rate_pools
-SET blocked_until = greatest(blocked_until, clock_timestamp() + make_interval(secs => $3))
-WHERE name = (SELECT pool FROM run_targets WHERE run_id = $1 AND target = $2);
+SET blocked_until = greatest(blocked_until,
+                             clock_timestamp() + make_interval(secs => :seconds))
+WHERE name = (SELECT pool FROM run_targets WHERE run_id = :run_id AND target = :target);
 
 -- name: pool_settle_tokens
--- The answer's usage replaces the estimate: move token_tat by the difference ($2 tokens,
+-- The answer's usage replaces the estimate: move token_tat by the difference (:delta tokens,
 -- negative when the request cost less than reserved); an excess also adds to token_debt.
 UPDATE rate_pools SET
-    token_tat = token_tat + make_interval(secs => $2 * 60.0 / tokens_per_minute),
-    token_debt = token_debt + greatest($2, 0.0) * 60.0 / tokens_per_minute
-WHERE name = $1 AND tokens_per_minute IS NOT NULL AND token_tat > '-infinity';
+    token_tat = token_tat + make_interval(secs => :delta * 60.0 / tokens_per_minute),
+    token_debt = token_debt + greatest(:delta, 0.0) * 60.0 / tokens_per_minute
+WHERE name = :pool AND tokens_per_minute IS NOT NULL AND token_tat > '-infinity';
 
 -- name: pool_token_debt
-SELECT token_debt FROM rate_pools WHERE name = $1;
+SELECT token_debt FROM rate_pools WHERE name = :pool;
 
 -- name: budget_set
 -- The run's budget (NULL = none); a changed budget lifts a BudgetExhausted pause.
 UPDATE analysis_runs SET
-    budget_exhausted_at = CASE WHEN (max_cost, max_tokens) IS DISTINCT FROM ($2, $3)
+    budget_exhausted_at = CASE WHEN (max_cost, max_tokens)
+                                    IS DISTINCT FROM (:max_cost, :max_tokens)
                                THEN NULL ELSE budget_exhausted_at END,
-    max_cost = $2, max_tokens = $3
-WHERE id = $1;
+    max_cost = :max_cost, max_tokens = :max_tokens
+WHERE id = :run_id;
 
 -- name: budget_reserve
--- Reserve $3 input + $4 output tokens (and their cost at target $2's prices, less its batch
--- discount when $5: sent through a provider batch) for one request of run $1, only if what
--- is spent, what is in flight and this request fit the budget and the run is not paused
--- for its budget. No row: it does not fit.
+-- Reserve :tokens_in input + :tokens_out output tokens (and their cost at target :target's
+-- prices, less its batch discount when :via_batch: sent through a provider batch) for one
+-- request of run :run_id, only if what is spent, what is in flight and this request fit the
+-- budget and the run is not paused for its budget. No row: it does not fit.
 UPDATE analysis_runs r SET
-    reserved_tokens = r.reserved_tokens + $3 + $4,
-    reserved_cost = r.reserved_cost + coalesce(token_cost($3, $4, t.input_per_million,
-        t.output_per_million, CASE WHEN $5 THEN t.batch_discount END), 0)
+    reserved_tokens = r.reserved_tokens + :tokens_in + :tokens_out,
+    reserved_cost = r.reserved_cost + coalesce(token_cost(:tokens_in, :tokens_out,
+        t.input_per_million, t.output_per_million,
+        CASE WHEN :via_batch THEN t.batch_discount END), 0)
 FROM run_targets t
-WHERE r.id = $1 AND t.run_id = r.id AND t.target = $2 AND r.budget_exhausted_at IS NULL
-  AND (r.max_tokens IS NULL OR r.spent_tokens + r.reserved_tokens + $3 + $4 <= r.max_tokens)
+WHERE r.id = :run_id AND t.run_id = r.id AND t.target = :target
+  AND r.budget_exhausted_at IS NULL
+  AND (r.max_tokens IS NULL
+       OR r.spent_tokens + r.reserved_tokens + :tokens_in + :tokens_out <= r.max_tokens)
   AND (r.max_cost IS NULL OR r.spent_cost + r.reserved_cost
-       + coalesce(token_cost($3, $4, t.input_per_million, t.output_per_million,
-                             CASE WHEN $5 THEN t.batch_discount END), 0)
+       + coalesce(token_cost(:tokens_in, :tokens_out,
+                             t.input_per_million, t.output_per_million,
+                             CASE WHEN :via_batch THEN t.batch_discount END), 0)
        <= r.max_cost)
 RETURNING r.id;
 
 -- name: budget_exhaust
 -- A request did not fit: the run is paused for its budget (workers stop claiming).
 UPDATE analysis_runs SET budget_exhausted_at = coalesce(budget_exhausted_at, now())
-WHERE id = $1;
+WHERE id = :run_id;
 
 -- name: budget_settle
--- A request of run $1 to target $2 ended: its reservation ($3 in + $4 out tokens) is
--- released and what the provider charged ($5 in + $6 out tokens) is spent, both less the
--- target's batch discount when $7 (sent through a provider batch).
+-- A request of run :run_id to target :target ended: its reservation (:reserved_in in +
+-- :reserved_out out tokens) is released and what the provider charged (:spent_in in +
+-- :spent_out out tokens) is spent, both less the target's batch discount when :via_batch (sent
+-- through a provider batch).
 UPDATE analysis_runs r SET
-    reserved_tokens = greatest(r.reserved_tokens - $3 - $4, 0),
-    reserved_cost = greatest(r.reserved_cost - coalesce(token_cost($3, $4, t.input_per_million,
-        t.output_per_million, CASE WHEN $7 THEN t.batch_discount END), 0), 0),
-    spent_tokens = r.spent_tokens + $5 + $6,
-    spent_cost = r.spent_cost + coalesce(token_cost($5, $6, t.input_per_million,
-        t.output_per_million, CASE WHEN $7 THEN t.batch_discount END), 0)
+    reserved_tokens = greatest(r.reserved_tokens - :reserved_in - :reserved_out, 0),
+    reserved_cost = greatest(r.reserved_cost - coalesce(token_cost(:reserved_in, :reserved_out,
+        t.input_per_million, t.output_per_million,
+        CASE WHEN :via_batch THEN t.batch_discount END), 0), 0),
+    spent_tokens = r.spent_tokens + :spent_in + :spent_out,
+    spent_cost = r.spent_cost + coalesce(token_cost(:spent_in, :spent_out, t.input_per_million,
+        t.output_per_million, CASE WHEN :via_batch THEN t.batch_discount END), 0)
 FROM run_targets t
-WHERE r.id = $1 AND t.run_id = r.id AND t.target = $2;
+WHERE r.id = :run_id AND t.run_id = r.id AND t.target = :target;
 
 -- name: budget_state
 SELECT max_cost, max_tokens, spent_cost, spent_tokens, reserved_cost, reserved_tokens,
        budget_exhausted_at
-FROM analysis_runs WHERE id = $1;
+FROM analysis_runs WHERE id = :run_id;
 
 -- name: usage_by_target
--- Tokens and cost of the stored answers of run $1, per target (cost NULL without pricing):
--- answers through a provider batch at the target's batch discount, the others in full.
+-- Tokens and cost of the stored answers of run :run_id, per target (cost NULL without
+-- pricing): answers through a provider batch at the target's batch discount, the others in
+-- full.
 SELECT t.target, t.pool, count(r.id) AS answers,
        coalesce(sum(r.tokens_in), 0)::bigint AS tokens_in,
        coalesce(sum(r.tokens_out), 0)::bigint AS tokens_out,
@@ -425,7 +447,7 @@ SELECT t.target, t.pool, count(r.id) AS answers,
                     t.input_per_million, t.output_per_million, t.batch_discount) AS cost
 FROM run_targets t
 LEFT JOIN analysis_results r ON r.run_id = t.run_id AND r.target = t.target
-WHERE t.run_id = $1
+WHERE t.run_id = :run_id
 GROUP BY t.target, t.pool, t.input_per_million, t.output_per_million, t.batch_discount
 ORDER BY t.target;
 
@@ -434,32 +456,33 @@ ORDER BY t.target;
 -- ---------------------------------------------------------------------------------------
 
 -- name: target_has_results
--- Whether target $2 of run $1 has any result: then its model may no longer change.
-SELECT EXISTS (SELECT 1 FROM analysis_results WHERE run_id = $1 AND target = $2);
+-- Whether target :target of run :run_id has any result: then its model may no longer change.
+SELECT EXISTS (SELECT 1 FROM analysis_results WHERE run_id = :run_id AND target = :target);
 
 -- name: lock_retry_targets
--- Bulk retry takes the circuit breaker's lock order: the run's target rows (only target $2's
--- when given) before any queue row, so a retry racing a tripping breaker waits, not deadlocks.
+-- Bulk retry takes the circuit breaker's lock order: the run's target rows (only target
+-- :target's when given) before any queue row, so a retry racing a tripping breaker waits, not
+-- deadlocks.
 SELECT target FROM run_targets
-WHERE run_id = $1 AND ($2::text IS NULL OR target = $2::text)
+WHERE run_id = :run_id AND (:target::text IS NULL OR target = :target::text)
 ORDER BY target
 FOR UPDATE;
 
 -- name: retry_failed
 -- Bulk retry: put the run's failed-for-good items back in the queue, optionally only those of
--- error class $2, target $3, or whose message contains $4 (case-insensitive). Attempts,
--- deferrals and lease losses start again; the error that failed the item moves to last_error.
--- Items of a paused target are parked until it is resumed, like every waiting item of it. A
--- finished run that gets items back is no longer finished, and the circuit breaker of each
--- target touched starts over (someone fixed something).
+-- error class :error_class, target :target, or whose message contains :error
+-- (case-insensitive). Attempts, deferrals and lease losses start again; the error that failed
+-- the item moves to last_error. Items of a paused target are parked until it is resumed, like
+-- every waiting item of it. A finished run that gets items back is no longer finished, and the
+-- circuit breaker of each target touched starts over (someone fixed something).
 WITH chosen AS (
     SELECT q.id, t.paused_at IS NOT NULL AS paused
     FROM analysis_queue q
     JOIN run_targets t ON t.run_id = q.run_id AND t.target = q.target
-    WHERE q.run_id = $1 AND q.status = 'failed' AND q.next_attempt_at IS NULL
-      AND ($2::text IS NULL OR q.error_class = $2::text)
-      AND ($3::text IS NULL OR q.target = $3::text)
-      AND ($4::text IS NULL OR strpos(lower(q.error_message), lower($4::text)) > 0)
+    WHERE q.run_id = :run_id AND q.status = 'failed' AND q.next_attempt_at IS NULL
+      AND (:error_class::text IS NULL OR q.error_class = :error_class::text)
+      AND (:target::text IS NULL OR q.target = :target::text)
+      AND (:error::text IS NULL OR strpos(lower(q.error_message), lower(:error::text)) > 0)
     FOR UPDATE OF q
 ), retried AS (
     UPDATE analysis_queue q SET
@@ -474,28 +497,30 @@ WITH chosen AS (
     RETURNING q.target
 ), breaker AS (
     UPDATE run_targets SET fault = NULL, fault_streak = 0, fault_items = '{}'
-    WHERE run_id = $1 AND target IN (SELECT target FROM retried) AND fault IS NOT NULL
+    WHERE run_id = :run_id AND target IN (SELECT target FROM retried) AND fault IS NOT NULL
 ), reopened AS (
     UPDATE analysis_runs SET finished_at = NULL
-    WHERE id = $1 AND finished_at IS NOT NULL AND EXISTS (SELECT 1 FROM retried)
+    WHERE id = :run_id AND finished_at IS NOT NULL AND EXISTS (SELECT 1 FROM retried)
 )
 SELECT count(*)::integer FROM retried;
 
 -- name: lock_item_target
--- The circuit breaker serialises a target's faults: lock the target row of item $1 first.
+-- The circuit breaker serialises a target's faults: lock the target row of item :item_id
+-- first.
 SELECT t.run_id, t.paused_at IS NOT NULL AS paused
 FROM analysis_queue q JOIN run_targets t ON t.run_id = q.run_id AND t.target = q.target
-WHERE q.id = $1
+WHERE q.id = :item_id
 FOR UPDATE OF t;
 
 -- name: note_target_fault
--- Item $4 of target $2 failed for good with target fault $3: the streak grows when it is the
--- same fault, else starts again. Returns the streak and the threshold that pauses the target.
+-- Item :item_id of target :target failed for good with target fault :fault: the streak grows
+-- when it is the same fault, else starts again. Returns the streak and the threshold that
+-- pauses the target.
 UPDATE run_targets SET
-    fault_streak = CASE WHEN fault = $3 THEN fault_streak + 1 ELSE 1 END,
-    fault_items = CASE WHEN fault = $3 THEN fault_items ELSE '{}' END || $4::bigint,
-    fault = $3
-WHERE run_id = $1 AND target = $2
+    fault_streak = CASE WHEN fault = :fault THEN fault_streak + 1 ELSE 1 END,
+    fault_items = CASE WHEN fault = :fault THEN fault_items ELSE '{}' END || :item_id::bigint,
+    fault = :fault
+WHERE run_id = :run_id AND target = :target
 RETURNING fault_streak, fault_threshold;
 
 -- name: give_back_fault_items
@@ -505,8 +530,8 @@ UPDATE analysis_queue q SET
     status = 'pending', attempts = greatest(q.attempts - 1, 0),
     next_attempt_at = 'infinity', updated_at = now()
 FROM run_targets t
-WHERE t.run_id = $1 AND t.target = $2 AND q.id = ANY (t.fault_items)
-  AND q.run_id = $1 AND q.status = 'failed' AND q.next_attempt_at IS NULL
+WHERE t.run_id = :run_id AND t.target = :target AND q.id = ANY (t.fault_items)
+  AND q.run_id = :run_id AND q.status = 'failed' AND q.next_attempt_at IS NULL
   AND q.error_class = 'permanent';
 
 -- Throughput, history and retention (issue 15: analysisq.queue.items, analysisq.queue.prune)
@@ -514,21 +539,22 @@ WHERE t.run_id = $1 AND t.target = $2 AND q.id = ANY (t.fault_items)
 
 -- name: complete_and_claim
 -- The worker's one statement per batch: write a finished batch and claim the slots it frees,
--- in one round trip and one transaction. Either half may be empty: no answers = a plain
--- claim (``items.claim``), $11 = 0 = a plain completion (``items.complete``).
--- Completion ($1-$8 one array each, $9 answered through a provider batch): fenced, the status
--- flips and the result row is written only for claims that are still the writer's; UNIQUE
--- (queue_id) on results makes a second result for an item impossible.
--- Claim: up to $11 items of run $10 for worker $12 with a lease of $13 seconds, of which at
--- most $14 (NULL = any number) lost a lease before, skipping the targets $15 (those in mode
--- batch). The run's maxAttempts is read here, from the database, so a lowered maximum
--- applies at once to every worker, old or new.
--- Rows with written = true are the completed ids; the others are the new claims. The UPDATEs
--- of analysis_queue touch disjoint rows: `done` only items processing under the writer's
--- token, the claim's only waiting ones.
+-- in one round trip and one transaction. Either half may be empty: no answers = a plain claim
+-- (``items.claim``), :limit = 0 = a plain completion (``items.complete``). Completion
+-- (:ids-:latency_ms one array each, :via_batch answered through a provider batch): fenced, the
+-- status flips and the result row is written only for claims that are still the writer's;
+-- UNIQUE (queue_id) on results makes a second result for an item impossible. Claim: up to
+-- :limit items of run :run_id for worker :worker with a lease of :lease_seconds seconds, of
+-- which at most :max_suspects (NULL = any number) lost a lease before, skipping the targets
+-- :skip_targets (those in mode batch). The run's maxAttempts is read here, from the database,
+-- so a lowered maximum applies at once to every worker, old or new. Rows with written = true
+-- are the completed ids; the others are the new claims. The UPDATEs of analysis_queue touch
+-- disjoint rows: `done` only items processing under the writer's token, the claim's only
+-- waiting ones.
 WITH input AS (
-    SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::text[],
-                         $6::integer[], $7::integer[], $8::double precision[])
+    SELECT * FROM unnest(:ids::bigint[], :tokens::uuid[], :models::text[],
+                         :response_texts::text[], :parsed::text[], :tokens_in::integer[],
+                         :tokens_out::integer[], :latency_ms::double precision[])
         AS i(id, token, model, response_text, parsed, tokens_in, tokens_out, latency_ms)
 ), done AS (
     UPDATE analysis_queue q SET
@@ -549,7 +575,8 @@ WITH input AS (
                                   response_text, parsed, tokens_in, tokens_out, latency_ms,
                                   attempt, via_batch)
     SELECT d.id, d.run_id, d.prompt_tracking_id, d.target, i.model, i.response_text,
-           i.parsed::jsonb, i.tokens_in, i.tokens_out, i.latency_ms, d.attempts, $9::boolean
+           i.parsed::jsonb, i.tokens_in, i.tokens_out, i.latency_ms, d.attempts,
+           :via_batch::boolean
     FROM done d JOIN input i ON i.id = d.id
     RETURNING queue_id
 ), open AS (
@@ -561,32 +588,34 @@ WITH input AS (
     -- not run at all (rather than walk every due item of the blocked targets).
     SELECT EXISTS (
         SELECT 1 FROM run_targets t JOIN rate_pools rp ON rp.name = t.pool
-        WHERE t.run_id = $10 AND t.target <> ALL ($15::text[]) AND rp.blocked_until <= now()
+        WHERE t.run_id = :run_id AND t.target <> ALL (:skip_targets::text[])
+          AND rp.blocked_until <= now()
     ) AS targets_left
 ), suspects AS (
     -- Items that lost a lease: a worker holding one died or hung. A worker takes at most one
-    -- at a time (it passes $14 = 0 while it holds one), so a prompt that kills its worker
-    -- takes only fresh batch-mates down with it, once, and is poisoned alone. Few items are
-    -- suspects: analysis_queue_suspect_idx holds only them.
+    -- at a time (it passes :max_suspects = 0 while it holds one), so a prompt that kills its
+    -- worker takes only fresh batch-mates down with it, once, and is poisoned alone. Few items
+    -- are suspects: analysis_queue_suspect_idx holds only them.
     SELECT q.id, (q.status = 'failed') AS retry, q.next_attempt_at AS due, q.attempts
     FROM analysis_queue q
-    WHERE q.run_id = $10
+    WHERE q.run_id = :run_id
       AND q.status IN ('pending', 'failed')
       AND q.next_attempt_at IS NOT NULL
       AND q.next_attempt_at <= now()
       AND q.lease_losses > 0
-      -- the targets to serve, not `q.target <> ALL ($15)`: the planner rates that near 0
-      -- rows for a run of one or a few targets and, in a generic plan, trades the index's
-      -- order for a full scan and a sort
+      -- the targets to serve, not `q.target <> ALL (:skip_targets)`: the planner rates that
+      -- near 0 rows for a run of one or a few targets and, in a generic plan, trades the
+      -- index's order for a full scan and a sort
       AND q.target = ANY (ARRAY(SELECT t.target FROM run_targets t
-                                WHERE t.run_id = $10 AND t.target <> ALL ($15::text[])))
+                                WHERE t.run_id = :run_id
+                                  AND t.target <> ALL (:skip_targets::text[])))
       -- the item's pool is not blocked (see `open`); a scalar subquery, evaluated for the
       -- rows the index scan reaches, keeps the scan in index order up to the LIMIT
       AND (SELECT rp.blocked_until FROM run_targets t JOIN rate_pools rp ON rp.name = t.pool
            WHERE t.run_id = q.run_id AND t.target = q.target) <= now()
       AND (SELECT targets_left FROM open)
     ORDER BY (q.status = 'failed'), q.next_attempt_at
-    LIMIT least($11::bigint, $14::bigint)
+    LIMIT least(:limit::bigint, :max_suspects::bigint)
     FOR UPDATE OF q SKIP LOCKED
 ), fresh AS (
     -- pending items first, then failed items whose backoff elapsed; next_attempt_at also
@@ -595,33 +624,34 @@ WITH input AS (
     -- in order, stopping at the LIMIT.
     SELECT q.id, (q.status = 'failed') AS retry, q.next_attempt_at AS due, q.attempts
     FROM analysis_queue q
-    WHERE q.run_id = $10
+    WHERE q.run_id = :run_id
       AND q.status IN ('pending', 'failed')
       AND q.next_attempt_at IS NOT NULL
       AND q.next_attempt_at <= now()
       AND q.lease_losses = 0
-      -- the targets to serve, not `q.target <> ALL ($15)`: the planner rates that near 0
-      -- rows for a run of one or a few targets and, in a generic plan, trades the index's
-      -- order for a full scan and a sort
+      -- the targets to serve, not `q.target <> ALL (:skip_targets)`: the planner rates that
+      -- near 0 rows for a run of one or a few targets and, in a generic plan, trades the
+      -- index's order for a full scan and a sort
       AND q.target = ANY (ARRAY(SELECT t.target FROM run_targets t
-                                WHERE t.run_id = $10 AND t.target <> ALL ($15::text[])))
+                                WHERE t.run_id = :run_id
+                                  AND t.target <> ALL (:skip_targets::text[])))
       -- the item's pool is not blocked (see `open`); a scalar subquery, evaluated for the
       -- rows the index scan reaches, keeps the scan in index order up to the LIMIT
       AND (SELECT rp.blocked_until FROM run_targets t JOIN rate_pools rp ON rp.name = t.pool
            WHERE t.run_id = q.run_id AND t.target = q.target) <= now()
       AND (SELECT targets_left FROM open)
     ORDER BY (q.status = 'failed'), q.next_attempt_at
-    LIMIT $11::bigint - (SELECT count(*) FROM suspects)
+    LIMIT :limit::bigint - (SELECT count(*) FROM suspects)
     -- rows another worker is claiming are skipped, not waited for
     FOR UPDATE OF q SKIP LOCKED
 ), candidates AS (
-    -- the scans' own rows, not joined back to analysis_queue: LIMIT $11 - count(*) is no
+    -- the scans' own rows, not joined back to analysis_queue: LIMIT :limit - count(*) is no
     -- constant, the planner takes it for 10% of the queue and would hash a scan of it all
     SELECT c.id, c.n, c.retry, c.due, c.attempts >= r.max_attempts AS exhausted, r.max_attempts
     FROM (SELECT id, 0 AS n, retry, due, attempts FROM suspects
           UNION ALL SELECT id, 1, retry, due, attempts FROM fresh) c
     CROSS JOIN analysis_runs r
-    WHERE r.id = $10
+    WHERE r.id = :run_id
 ), exhausted AS (
     -- Waiting items with no attempt left (maxAttempts was lowered after they were last
     -- tried) end here, failed for good, instead of waiting for ever.
@@ -635,8 +665,8 @@ WITH input AS (
     UPDATE analysis_queue q SET
         status = 'processing',
         attempts = q.attempts + 1,
-        lease_owner = $12,
-        lease_expires_at = now() + make_interval(secs => $13),
+        lease_owner = :worker,
+        lease_expires_at = now() + make_interval(secs => :lease_seconds),
         -- the fence: every later write for this claim must present this token
         claim_token = gen_random_uuid(),
         next_attempt_at = NULL,
@@ -660,33 +690,34 @@ UNION ALL
  FROM claimed c JOIN candidates k ON k.id = c.id ORDER BY k.n, k.retry, k.due);
 
 -- name: prunable_runs
--- Runs finished more than $1 seconds ago whose queue rows are still there (or, with
--- $2 = true, whose results are too), oldest first.
+-- Runs finished more than :older_than_seconds seconds ago whose queue rows are still there
+-- (or, with :results = true, whose results are too), oldest first.
 SELECT r.id, r.finished_at
 FROM analysis_runs r
-WHERE r.finished_at < now() - make_interval(secs => $1)
+WHERE r.finished_at < now() - make_interval(secs => :older_than_seconds)
   AND (r.pruned_at IS NULL
-       OR ($2::boolean AND EXISTS (SELECT 1 FROM analysis_results x WHERE x.run_id = r.id)))
+       OR (:results::boolean
+           AND EXISTS (SELECT 1 FROM analysis_results x WHERE x.run_id = r.id)))
 ORDER BY r.finished_at, r.id;
 
 -- name: prune_queue_batch
--- Delete up to $2 terminal queue rows of finished run $1 in one short transaction. Only
--- completed and failed-for-good rows (a run retried after it finished keeps its open items),
--- and SKIP LOCKED: a row some transaction holds is left for the next pass, so a prune never
--- waits on (or blocks) a claim, a heartbeat or a completion.
+-- Delete up to :batch terminal queue rows of finished run :run_id in one short transaction.
+-- Only completed and failed-for-good rows (a run retried after it finished keeps its open
+-- items), and SKIP LOCKED: a row some transaction holds is left for the next pass, so a prune
+-- never waits on (or blocks) a claim, a heartbeat or a completion.
 WITH doomed AS (
     SELECT q.id FROM analysis_queue q
-    WHERE q.run_id = $1
+    WHERE q.run_id = :run_id
       AND (q.status = 'completed' OR (q.status = 'failed' AND q.next_attempt_at IS NULL))
-    LIMIT $2
+    LIMIT :batch
     FOR UPDATE SKIP LOCKED
 )
 DELETE FROM analysis_queue q USING doomed d WHERE q.id = d.id;
 
 -- name: prune_results_batch
--- Delete up to $2 results of run $1 (after an export when one was asked for).
+-- Delete up to :batch results of run :run_id (after an export when one was asked for).
 WITH doomed AS (
-    SELECT x.id FROM analysis_results x WHERE x.run_id = $1 ORDER BY x.id LIMIT $2
+    SELECT x.id FROM analysis_results x WHERE x.run_id = :run_id ORDER BY x.id LIMIT :batch
     FOR UPDATE SKIP LOCKED
 )
 DELETE FROM analysis_results x USING doomed d WHERE x.id = d.id;
@@ -694,28 +725,29 @@ DELETE FROM analysis_results x USING doomed d WHERE x.id = d.id;
 -- name: mark_pruned
 -- Record the prune once no queue row of the run is left; returns the run id if so.
 UPDATE analysis_runs SET pruned_at = coalesce(pruned_at, now())
-WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM analysis_queue q WHERE q.run_id = $1)
+WHERE id = :run_id AND NOT EXISTS (SELECT 1 FROM analysis_queue q WHERE q.run_id = :run_id)
 RETURNING id;
 -- Provider Batch APIs: submissions and their items (analysisq.queue.batches)
 -- ---------------------------------------------------------------------------------------
 
 -- name: batch_claim
--- Claim up to $3 items of target $2 of run $1 into a new submission, owned by worker $4 for
--- $5 seconds: the intent and its items commit together, before anything is sent. Items get
--- a claim (the fence of their results) and a lease of $6 seconds that the owner renews with
--- batch_touch_items while they wait inside the provider batch. maxAttempts is read from the
--- database, as in `complete_and_claim`.
+-- Claim up to :limit items of target :target of run :run_id into a new submission, owned by
+-- worker :worker for :lease_seconds seconds: the intent and its items commit together, before
+-- anything is sent. Items get a claim (the fence of their results) and a lease of
+-- :item_lease_seconds seconds that the owner renews with batch_touch_items while they wait
+-- inside the provider batch. maxAttempts is read from the database, as in
+-- `complete_and_claim`.
 WITH scanned AS (
     -- the sync claim's order and conditions, for one target
     SELECT q.id, q.attempts >= r.max_attempts AS exhausted
     FROM analysis_queue q JOIN analysis_runs r ON r.id = q.run_id
-    WHERE q.run_id = $1
+    WHERE q.run_id = :run_id
       AND q.status IN ('pending', 'failed')
       AND q.next_attempt_at IS NOT NULL
       AND q.next_attempt_at <= now()
-      AND q.target = $2
+      AND q.target = :target
     ORDER BY (q.status = 'failed'), q.next_attempt_at
-    LIMIT $3
+    LIMIT :limit
     FOR UPDATE OF q SKIP LOCKED
 ), exhausted AS (
     -- waiting items with no attempt left end here, as in `complete_and_claim`
@@ -731,15 +763,15 @@ WITH scanned AS (
 ), submission AS (
     -- HAVING: no row (and no submission) when nothing is claimable
     INSERT INTO batch_submissions (run_id, target, item_count, lease_owner, lease_expires_at)
-    SELECT $1, $2, count(*), $4, now() + make_interval(secs => $5)
+    SELECT :run_id, :target, count(*), :worker, now() + make_interval(secs => :lease_seconds)
     FROM candidates HAVING count(*) > 0
     RETURNING id
 )
 UPDATE analysis_queue q SET
     status = 'processing',
     attempts = q.attempts + 1,
-    lease_owner = $4,
-    lease_expires_at = now() + make_interval(secs => $6),
+    lease_owner = :worker,
+    lease_expires_at = now() + make_interval(secs => :item_lease_seconds),
     claim_token = gen_random_uuid(),
     next_attempt_at = NULL,
     submission_id = s.id,
@@ -751,69 +783,74 @@ RETURNING s.id AS submission_id, q.id, q.claim_token, q.run_id, q.prompt_trackin
           p.text;
 
 -- name: batch_take
--- Submissions of run $1 that worker $2 should work on now, leased to it for $3 seconds: its
--- own that are due for a poll, and anyone's whose lease expired (the owner died: adoption).
+-- Submissions of run :run_id that worker :worker should work on now, leased to it for
+-- :lease_seconds seconds: its own that are due for a poll, and anyone's whose lease expired
+-- (the owner died: adoption).
 WITH due AS (
     SELECT id FROM batch_submissions
-    WHERE run_id = $1 AND state <> 'done'
-      AND ((lease_owner = $2 AND poll_at <= now()) OR lease_expires_at < now())
+    WHERE run_id = :run_id AND state <> 'done'
+      AND ((lease_owner = :worker AND poll_at <= now()) OR lease_expires_at < now())
     ORDER BY id
-    LIMIT $4
+    LIMIT :limit
     FOR UPDATE SKIP LOCKED
 )
 UPDATE batch_submissions b SET
-    lease_owner = $2, lease_expires_at = now() + make_interval(secs => $3), updated_at = now()
+    lease_owner = :worker, lease_expires_at = now() + make_interval(secs => :lease_seconds),
+    updated_at = now()
 FROM due
 WHERE b.id = due.id
 RETURNING b.id, b.target, b.state, b.provider_batch_id, b.item_count, b.cancel_reason,
           b.created_at;
 
 -- name: batch_heartbeat
--- Renew worker $2's leases on submissions $1; the ids not returned were lost.
-UPDATE batch_submissions SET lease_expires_at = now() + make_interval(secs => $3),
+-- Renew worker :worker's leases on submissions :ids; the ids not returned were lost.
+UPDATE batch_submissions SET lease_expires_at = now() + make_interval(secs => :lease_seconds),
                              updated_at = now()
-WHERE id = ANY ($1::bigint[]) AND lease_owner = $2 AND state <> 'done'
+WHERE id = ANY (:ids::bigint[]) AND lease_owner = :worker AND state <> 'done'
 RETURNING id;
 
 -- name: batch_touch_items
--- The items of submission $1 are still waiting in its provider batch, watched by its owner
--- $2: their updated_at stays recent (so the seed's "stuck" query, processing and not updated
--- for 10 minutes, stays true) and their lease runs $3 seconds more.
+-- The items of submission :submission_id are still waiting in its provider batch, watched by
+-- its owner :worker: their updated_at stays recent (so the seed's "stuck" query, processing
+-- and not updated for 10 minutes, stays true) and their lease runs :lease_seconds seconds
+-- more.
 UPDATE analysis_queue q SET
-    lease_expires_at = now() + make_interval(secs => $3), updated_at = now()
+    lease_expires_at = now() + make_interval(secs => :lease_seconds), updated_at = now()
 FROM batch_submissions b
-WHERE b.id = $1 AND b.lease_owner = $2 AND b.state <> 'done'
+WHERE b.id = :submission_id AND b.lease_owner = :worker AND b.state <> 'done'
   AND q.submission_id = b.id AND q.status = 'processing';
 
 -- name: batch_submitted
--- The provider accepted submission $1 as batch $3 (fenced: only while $2 owns it); the first
--- poll after $4 seconds.
+-- The provider accepted submission :submission_id as batch :provider_batch_id (fenced: only
+-- while :worker owns it); the first poll after :poll_in seconds.
 UPDATE batch_submissions SET
-    state = 'submitted', provider_batch_id = $3, submitted_at = now(),
-    poll_at = CASE WHEN cancel_reason IS NULL THEN now() + make_interval(secs => $4)
+    state = 'submitted', provider_batch_id = :provider_batch_id, submitted_at = now(),
+    poll_at = CASE WHEN cancel_reason IS NULL THEN now() + make_interval(secs => :poll_in)
                    ELSE now() END,
     updated_at = now()
-WHERE id = $1 AND lease_owner = $2 AND state = 'intent'
+WHERE id = :submission_id AND lease_owner = :worker AND state = 'intent'
 RETURNING id;
 
 -- name: batch_polled
--- What the last poll of submission $1 said; next poll after $5 seconds (fenced by owner $2).
+-- What the last poll of submission :submission_id said; next poll after :poll_in seconds
+-- (fenced by owner :worker).
 UPDATE batch_submissions SET
-    provider_status = $3, request_counts = $4::jsonb,
+    provider_status = :provider_status, request_counts = :request_counts::jsonb,
     -- a cancel asked for while this poll was under way stays due at once
-    poll_at = CASE WHEN cancel_reason IS NULL THEN now() + make_interval(secs => $5)
+    poll_at = CASE WHEN cancel_reason IS NULL THEN now() + make_interval(secs => :poll_in)
                    ELSE now() END,
     updated_at = now()
-WHERE id = $1 AND lease_owner = $2 AND state <> 'done'
+WHERE id = :submission_id AND lease_owner = :worker AND state <> 'done'
 RETURNING id;
 
 -- name: batch_items
--- The claims of submission $1's items still waiting: what its results are matched against.
+-- The claims of submission :submission_id's items still waiting: what its results are matched
+-- against.
 SELECT q.id, q.claim_token, q.run_id, q.prompt_tracking_id, q.target, q.attempts,
        q.deferrals, q.lease_losses, r.max_attempts, p.external_id, ''::text AS text
 FROM analysis_queue q JOIN prompts p ON p.id = q.prompt_tracking_id
 JOIN analysis_runs r ON r.id = q.run_id
-WHERE q.submission_id = $1 AND q.status = 'processing'
+WHERE q.submission_id = :submission_id AND q.status = 'processing'
 ORDER BY q.id;
 
 -- name: batch_items_with_text
@@ -822,25 +859,26 @@ SELECT q.id, q.claim_token, q.run_id, q.prompt_tracking_id, q.target, q.attempts
        q.deferrals, q.lease_losses, r.max_attempts, p.external_id, p.text
 FROM analysis_queue q JOIN prompts p ON p.id = q.prompt_tracking_id
 JOIN analysis_runs r ON r.id = q.run_id
-WHERE q.submission_id = $1 AND q.status = 'processing'
+WHERE q.submission_id = :submission_id AND q.status = 'processing'
 ORDER BY q.id;
 
 -- name: batch_finish
--- Submission $1 is done (fenced by owner $2), with outcome $3: every item still waiting in
--- it goes back to pending unspent (not an attempt) after $4 seconds, with reason $5 if set.
--- Returns the tokens it had reserved from the run's budget (to release them).
+-- Submission :submission_id is done (fenced by owner :worker), with outcome :outcome: every
+-- item still waiting in it goes back to pending unspent (not an attempt) after :release_in
+-- seconds, with reason :reason if set. Returns the tokens it had reserved from the run's
+-- budget (to release them).
 WITH finished AS (
     UPDATE batch_submissions SET
-        state = 'done', outcome = $3, finished_at = now(), updated_at = now(),
+        state = 'done', outcome = :outcome, finished_at = now(), updated_at = now(),
         lease_owner = NULL, lease_expires_at = NULL
-    WHERE id = $1 AND lease_owner = $2 AND state <> 'done'
+    WHERE id = :submission_id AND lease_owner = :worker AND state <> 'done'
     RETURNING id, reserved_tokens_in, reserved_tokens_out
 ), released AS (
     UPDATE analysis_queue q SET
         status = 'pending', attempts = greatest(q.attempts - 1, 0),
-        error_class = CASE WHEN $5::text IS NULL THEN q.error_class ELSE 'transient' END,
-        error_message = coalesce($5, q.error_message),
-        next_attempt_at = now() + make_interval(secs => $4),
+        error_class = CASE WHEN :reason::text IS NULL THEN q.error_class ELSE 'transient' END,
+        error_message = coalesce(:reason, q.error_message),
+        next_attempt_at = now() + make_interval(secs => :release_in),
         lease_owner = NULL, lease_expires_at = NULL, claim_token = NULL, submission_id = NULL,
         updated_at = now()
     FROM finished f
@@ -853,63 +891,64 @@ SELECT (SELECT count(*) FROM finished)::integer AS finished,
        (SELECT reserved_tokens_out FROM finished) AS reserved_tokens_out;
 
 -- name: batch_cancel_open
--- Ask for the open submissions of run $1 (of target $2, or all with NULL) to be cancelled,
--- for reason $3 (suspend, delete, deadline); their owners cancel at the provider and ingest
--- what was answered. Returns how many were asked.
+-- Ask for the open submissions of run :run_id (of target :target, or all with NULL) to be
+-- cancelled, for reason :reason (suspend, delete, deadline); their owners cancel at the
+-- provider and ingest what was answered. Returns how many were asked.
 WITH asked AS (
-    UPDATE batch_submissions SET cancel_reason = $3, poll_at = now(), updated_at = now()
-    WHERE run_id = $1 AND ($2::text IS NULL OR target = $2) AND state <> 'done'
+    UPDATE batch_submissions SET cancel_reason = :reason, poll_at = now(), updated_at = now()
+    WHERE run_id = :run_id AND (:target::text IS NULL OR target = :target) AND state <> 'done'
       AND cancel_reason IS NULL
     RETURNING id
 )
 SELECT count(*)::integer FROM asked;
 
 -- name: batch_release_leases
--- A stopping worker $2 hands its open submissions $1 over: their leases end now, so another
--- worker (or the operator cancelling a deleted run's batches) takes them at once.
+-- A stopping worker :worker hands its open submissions :ids over: their leases end now, so
+-- another worker (or the operator cancelling a deleted run's batches) takes them at once.
 UPDATE batch_submissions SET lease_expires_at = now(), updated_at = now()
-WHERE id = ANY ($1::bigint[]) AND lease_owner = $2 AND state <> 'done';
+WHERE id = ANY (:ids::bigint[]) AND lease_owner = :worker AND state <> 'done';
 
 -- name: batch_reservation
--- Whether submission $1 (an intent of owner $2) still needs its budget reservation, its row
--- locked until the reservation commits: false once it has one (a crash after it: an
--- adopter sending the batch must not reserve again) or when it is no longer ours.
+-- Whether submission :submission_id (an intent of owner :worker) still needs its budget
+-- reservation, its row locked until the reservation commits: false once it has one (a crash
+-- after it: an adopter sending the batch must not reserve again) or when it is no longer ours.
 SELECT reserved_tokens_in IS NULL AS needed FROM batch_submissions
-WHERE id = $1 AND lease_owner = $2 AND state = 'intent'
+WHERE id = :submission_id AND lease_owner = :worker AND state = 'intent'
 FOR UPDATE;
 
 -- name: batch_reserved
--- Submission $1 (owner $2) reserved $3 input + $4 output tokens of the run's budget.
-UPDATE batch_submissions SET reserved_tokens_in = $3, reserved_tokens_out = $4,
-                             updated_at = now()
-WHERE id = $1 AND lease_owner = $2 AND state = 'intent';
+-- Submission :submission_id (owner :worker) reserved :tokens_in input + :tokens_out output
+-- tokens of the run's budget.
+UPDATE batch_submissions SET
+    reserved_tokens_in = :tokens_in, reserved_tokens_out = :tokens_out, updated_at = now()
+WHERE id = :submission_id AND lease_owner = :worker AND state = 'intent';
 
 -- name: batch_known_ids
--- Provider batches the submissions of target $2 of run $1 already own (Anthropic's
+-- Provider batches the submissions of target :target of run :run_id already own (Anthropic's
 -- reconciliation leaves these out).
 SELECT provider_batch_id FROM batch_submissions
-WHERE run_id = $1 AND target = $2 AND provider_batch_id IS NOT NULL;
+WHERE run_id = :run_id AND target = :target AND provider_batch_id IS NOT NULL;
 
 -- name: batch_open
--- The open submissions of run $1, for status and the live output.
+-- The open submissions of run :run_id, for status and the live output.
 SELECT id, target, state, provider_batch_id, provider_status, item_count,
        request_counts::text AS request_counts, created_at, submitted_at, cancel_reason,
        lease_owner
 FROM batch_submissions
-WHERE run_id = $1 AND state <> 'done'
+WHERE run_id = :run_id AND state <> 'done'
 ORDER BY id;
 
 -- name: batch_summary
--- Items of run $1 waiting in provider batches, open batches, and results answered through a
--- batch out of all results.
+-- Items of run :run_id waiting in provider batches, open batches, and results answered through
+-- a batch out of all results.
 SELECT
     (SELECT count(*) FROM analysis_queue
-     WHERE run_id = $1 AND submission_id IS NOT NULL)::integer AS in_batches,
+     WHERE run_id = :run_id AND submission_id IS NOT NULL)::integer AS in_batches,
     (SELECT count(*) FROM batch_submissions
-     WHERE run_id = $1 AND state <> 'done')::integer AS open_batches,
-    (SELECT count(*) FROM analysis_results WHERE run_id = $1 AND via_batch)::integer
+     WHERE run_id = :run_id AND state <> 'done')::integer AS open_batches,
+    (SELECT count(*) FROM analysis_results WHERE run_id = :run_id AND via_batch)::integer
         AS answered_by_batch,
-    (SELECT count(*) FROM analysis_results WHERE run_id = $1)::integer AS answered;
+    (SELECT count(*) FROM analysis_results WHERE run_id = :run_id)::integer AS answered;
 -- ---------------------------------------------------------------------------------------
 -- Dashboard and provider metrics (analysisq.queue.dashboard). One query per panel; each
 -- reads one run's rows through an index whose first column is run_id (docs/dashboard.md
@@ -917,11 +956,11 @@ SELECT
 -- ---------------------------------------------------------------------------------------
 
 -- name: dashboard_runs
--- Runs newest first with their counts, items completed in the last $2 seconds and paused
--- targets: one index range of analysis_queue (run_id, ...) per listed run, skipped for the
--- finished runs whose counts the caller already holds ($4 ids with their $5 finished_at:
--- a finished run's counts no longer change; a retry clears finished_at). Those rows come
--- back with counted = false and zero counts.
+-- Runs newest first with their counts, items completed in the last :window_seconds seconds and
+-- paused targets: one index range of analysis_queue (run_id, ...) per listed run, skipped for
+-- the finished runs whose counts the caller already holds (:known_ids ids with their
+-- :known_finished_at finished_at: a finished run's counts no longer change; a retry clears
+-- finished_at). Those rows come back with counted = false and zero counts.
 SELECT r.id, r.name, r.created_at, r.filled_at, r.finished_at,
        coalesce((r.spec ->> 'suspend')::boolean, false) AS suspended,
        coalesce((r.spec ->> 'maxFailedRatio')::double precision, 0.01) AS max_failed_ratio,
@@ -951,7 +990,8 @@ SELECT r.id, r.name, r.created_at, r.filled_at, r.finished_at,
 FROM analysis_runs r
 CROSS JOIN LATERAL (
     SELECT EXISTS (
-        SELECT 1 FROM unnest($4::text[], $5::timestamptz[]) AS h(id, finished_at)
+        SELECT 1 FROM unnest(:known_ids::text[], :known_finished_at::timestamptz[])
+            AS h(id, finished_at)
         WHERE h.id = r.id AND h.finished_at = r.finished_at
     ) AS known
 ) k
@@ -964,45 +1004,47 @@ CROSS JOIN LATERAL (
            count(*) FILTER (WHERE status = 'failed' AND next_attempt_at IS NOT NULL) AS retrying,
            count(*) FILTER (WHERE status = 'processing' AND lease_expires_at < now()) AS stuck,
            count(*) FILTER (WHERE status = 'completed'
-                              AND completed_at > now() - make_interval(secs => $2)) AS recent
+                              AND completed_at > now() - make_interval(secs => :window_seconds))
+               AS recent
     -- NOT k.known depends on the outer row only: a one-time filter, so no item is read
     FROM analysis_queue q WHERE q.run_id = r.id AND NOT k.known
 ) c
-WHERE $3::text IS NULL OR r.id = $3
+WHERE :run_id::text IS NULL OR r.id = :run_id
 ORDER BY r.created_at DESC, r.id
-LIMIT $1;
+LIMIT :limit;
 
 -- name: dashboard_run_exists
 -- A panel of an unknown run answers 404 (a primary-key lookup).
-SELECT EXISTS (SELECT 1 FROM analysis_runs WHERE id = $1);
+SELECT EXISTS (SELECT 1 FROM analysis_runs WHERE id = :run_id);
 
 -- name: dashboard_timeline
--- Completed and failed-for-good items over the run's life in $2 equal buckets (cumulative),
--- and those still open, from completed_at / updated_at: one pass over the run's items.
+-- Completed and failed-for-good items over the run's life in :buckets equal buckets
+-- (cumulative), and those still open, from completed_at / updated_at: one pass over the run's
+-- items.
 WITH span AS (
     SELECT extract(epoch FROM created_at) AS t0,
            greatest(extract(epoch FROM coalesce(finished_at, now())),
                     extract(epoch FROM created_at) + 1) AS t1
-    FROM analysis_runs WHERE id = $1
+    FROM analysis_runs WHERE id = :run_id
 ), items AS (
     SELECT status = 'completed' AS ok,
            status = 'failed' AND next_attempt_at IS NULL AS gave_up,
            extract(epoch FROM CASE WHEN status = 'completed' THEN completed_at
                                    ELSE updated_at END) AS at
-    FROM analysis_queue WHERE run_id = $1
+    FROM analysis_queue WHERE run_id = :run_id
 ), hist AS (
     -- events in [edge b-1, edge b) land in bucket b; clamped so late writes stay visible
-    SELECT least(greatest(width_bucket(i.at, s.t0, s.t1, $2), 1), $2) AS b,
+    SELECT least(greatest(width_bucket(i.at, s.t0, s.t1, :buckets), 1), :buckets) AS b,
            count(*) FILTER (WHERE i.ok) AS completed,
            count(*) FILTER (WHERE i.gave_up) AS failed
     FROM items i, span s WHERE i.ok OR i.gave_up GROUP BY 1
 ), total AS (
     SELECT count(*) AS n FROM items
 ), series AS (
-    SELECT g, to_timestamp(s.t0 + (s.t1 - s.t0) * g / $2) AS at,
+    SELECT g, to_timestamp(s.t0 + (s.t1 - s.t0) * g / :buckets) AS at,
            sum(coalesce(h.completed, 0)) OVER w AS completed,
            sum(coalesce(h.failed, 0)) OVER w AS failed
-    FROM span s CROSS JOIN generate_series(0, $2) g LEFT JOIN hist h ON h.b = g
+    FROM span s CROSS JOIN generate_series(0, :buckets) g LEFT JOIN hist h ON h.b = g
     WINDOW w AS (ORDER BY g)
 )
 SELECT series.at, series.completed::bigint AS completed, series.failed::bigint AS failed,
@@ -1010,9 +1052,9 @@ SELECT series.at, series.completed::bigint AS completed, series.failed::bigint A
 FROM series, total ORDER BY series.g;
 
 -- name: dashboard_targets
--- Per target of a run: counts, items completed in the last $2 seconds, latency percentiles
--- and tokens (and their cost) from the results, the pause. Two grouped passes (queue,
--- results) by run_id.
+-- Per target of a run: counts, items completed in the last :window_seconds seconds, latency
+-- percentiles and tokens (and their cost) from the results, the pause. Two grouped passes
+-- (queue, results) by run_id.
 SELECT t.target, t.requests_per_second, t.tokens_per_minute, t.paused_at, t.pause_reason,
        coalesce(q.total, 0) AS total, coalesce(q.pending, 0) AS pending,
        coalesce(q.processing, 0) AS processing, coalesce(q.completed, 0) AS completed,
@@ -1035,9 +1077,10 @@ LEFT JOIN (
            count(*) FILTER (WHERE status = 'failed' AND next_attempt_at IS NULL) AS failed,
            count(*) FILTER (WHERE status = 'failed' AND next_attempt_at IS NOT NULL) AS retrying,
            count(*) FILTER (WHERE status = 'completed'
-                              AND completed_at > now() - make_interval(secs => $2)) AS recent,
+                              AND completed_at > now() - make_interval(secs => :window_seconds))
+               AS recent,
            sum(deferrals)::bigint AS deferrals
-    FROM analysis_queue WHERE run_id = $1 GROUP BY target
+    FROM analysis_queue WHERE run_id = :run_id GROUP BY target
 ) q ON q.target = t.target
 LEFT JOIN (
     SELECT target,
@@ -1047,30 +1090,32 @@ LEFT JOIN (
            sum(tokens_in)::bigint AS tokens_in, sum(tokens_out)::bigint AS tokens_out,
            sum(tokens_in) FILTER (WHERE via_batch)::bigint AS batch_in,
            sum(tokens_out) FILTER (WHERE via_batch)::bigint AS batch_out
-    FROM analysis_results WHERE run_id = $1 GROUP BY target
+    FROM analysis_results WHERE run_id = :run_id GROUP BY target
 ) r ON r.target = t.target
-WHERE t.run_id = $1
+WHERE t.run_id = :run_id
 ORDER BY t.target;
 
 -- name: dashboard_failed_items
--- The newest failed items of a run with the first $3 characters of their prompt.
+-- The newest failed items of a run with the first :excerpt_chars characters of their prompt.
 SELECT q.id, p.external_id, q.target, q.attempts, q.error_class, q.error_message,
        q.updated_at, q.next_attempt_at IS NOT NULL AS will_retry,
-       left(p.text, $3) AS prompt_excerpt, length(p.text) AS prompt_chars
+       left(p.text, :excerpt_chars) AS prompt_excerpt, length(p.text) AS prompt_chars
 FROM analysis_queue q JOIN prompts p ON p.id = q.prompt_tracking_id
-WHERE q.run_id = $1 AND q.status = 'failed'
+WHERE q.run_id = :run_id AND q.status = 'failed'
 ORDER BY q.updated_at DESC, q.id DESC
-LIMIT $2;
+LIMIT :limit;
 
 -- name: dashboard_stuck_items
--- Processing items of a run whose lease expired or that were not updated for $2 seconds.
+-- Processing items of a run whose lease expired or that were not updated for
+-- :older_than_seconds seconds.
 SELECT q.id, p.external_id, q.target, q.attempts, q.lease_owner, q.lease_expires_at,
        q.updated_at
 FROM analysis_queue q JOIN prompts p ON p.id = q.prompt_tracking_id
-WHERE q.run_id = $1 AND q.status = 'processing'
-  AND (q.lease_expires_at < now() OR q.updated_at < now() - make_interval(secs => $2))
+WHERE q.run_id = :run_id AND q.status = 'processing'
+  AND (q.lease_expires_at < now()
+       OR q.updated_at < now() - make_interval(secs => :older_than_seconds))
 ORDER BY q.updated_at, q.id
-LIMIT $3;
+LIMIT :limit;
 
 -- name: provider_outcomes
 -- Items of a run per target by the outcome of their latest provider call: 'ok' for
@@ -1079,14 +1124,14 @@ SELECT target,
        CASE WHEN status = 'completed' THEN 'ok' ELSE error_class END AS outcome,
        count(*) AS items, coalesce(sum(deferrals), 0)::bigint AS deferrals
 FROM analysis_queue
-WHERE run_id = $1 AND (status = 'completed' OR error_class IS NOT NULL OR deferrals > 0)
+WHERE run_id = :run_id AND (status = 'completed' OR error_class IS NOT NULL OR deferrals > 0)
 GROUP BY 1, 2;
 
 -- name: provider_latency
--- Successful provider calls of a run per target and latency bucket ($2: upper bounds in
+-- Successful provider calls of a run per target and latency bucket (:bounds: upper bounds in
 -- seconds, ascending; bucket i counts latencies in [bound i-1, bound i)), with their sum.
-SELECT target, width_bucket(latency_ms / 1000.0, $2::double precision[]) AS bucket,
+SELECT target, width_bucket(latency_ms / 1000.0, :bounds::double precision[]) AS bucket,
        count(*) AS calls, sum(latency_ms) / 1000.0 AS seconds
 FROM analysis_results
-WHERE run_id = $1
+WHERE run_id = :run_id
 GROUP BY 1, 2;

@@ -75,7 +75,19 @@ async def test_backoff_and_max_attempts_are_respected(db: asyncpg.Connection) ->
 
 
 #: ``complete_and_claim`` with no answers: a plain claim of 5 items of run-1, 1 suspect at most.
-CLAIM_ONLY = ([], [], [], [], [], [], [], [], False, "run-1", 5, "w", 60.0, 1, [])
+CLAIM = query("complete_and_claim")
+RESULT_COLUMNS = ["ids", "tokens", "models", "response_texts", "parsed"]
+RESULT_COLUMNS += ["tokens_in", "tokens_out", "latency_ms"]
+CLAIM_ONLY = CLAIM.args(  # no result to write: a plain claim
+    **{column: [] for column in RESULT_COLUMNS},
+    via_batch=False,
+    run_id="run-1",
+    limit=5,
+    worker="w",
+    lease_seconds=60.0,
+    max_suspects=1,
+    skip_targets=[],
+)
 
 
 async def test_claim_uses_its_index(db: asyncpg.Connection) -> None:
@@ -83,13 +95,11 @@ async def test_claim_uses_its_index(db: asyncpg.Connection) -> None:
     await new_run(db)
     await db.execute("ANALYZE")
     await db.execute("SET enable_seqscan = off")  # the plan must not need a full scan
-    plan = await db.fetchval("EXPLAIN (FORMAT JSON) " + query("complete_and_claim"), *CLAIM_ONLY)
+    plan = await db.fetchval("EXPLAIN (FORMAT JSON) " + CLAIM.text, *CLAIM_ONLY)
     text = json.dumps(plan)
     assert "analysis_queue_claim_idx" in text, text
     await db.execute("RESET enable_seqscan")
-    plan = json.dumps(
-        await db.fetchval("EXPLAIN (FORMAT JSON) " + query("complete_and_claim"), *CLAIM_ONLY)
-    )
+    plan = json.dumps(await db.fetchval("EXPLAIN (FORMAT JSON) " + CLAIM.text, *CLAIM_ONLY))
     assert "analysis_queue_claim_idx" in plan, plan
     # looking for a suspect reads only suspects, never every due item
     assert "analysis_queue_suspect_idx" in plan, plan
@@ -220,7 +230,7 @@ async def test_claim_never_scans_the_whole_queue(db: asyncpg.Connection) -> None
     await new_run(db)
     await db.execute("ANALYZE")
     plan = await db.fetchval(
-        "EXPLAIN (FORMAT JSON) " + query("complete_and_claim"), *CLAIM_ONLY
+        "EXPLAIN (FORMAT JSON) " + CLAIM.text, *CLAIM_ONLY
     )  # fmt: skip
 
     def scans(node: dict[str, Any]) -> list[str]:

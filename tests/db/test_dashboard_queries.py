@@ -22,16 +22,17 @@ from support import add_prompts, spec
 
 pytestmark = [pytest.mark.db, pytest.mark.timeout(180)]
 
-PANELS: dict[str, tuple[object, ...]] = {
-    "dashboard_runs": (20, 60.0, None),  # + the finished run the dashboard already counted
-    "dashboard_timeline": ("small", 60),
-    "dashboard_targets": ("small", 60.0),
-    "dashboard_failed_items": ("small", 20, 160),
-    "dashboard_stuck_items": ("small", 900.0, 20),
-    "dashboard_run_exists": ("small",),
-    "error_summary": ("small", 20),
-    "provider_outcomes": ("small",),
-    "provider_latency": ("small", list(LATENCY_BOUNDS)),
+PANELS: dict[str, dict[str, object]] = {
+    # + the finished run the dashboard already counted
+    "dashboard_runs": {"limit": 20, "window_seconds": 60.0, "run_id": None},
+    "dashboard_timeline": {"run_id": "small", "buckets": 60},
+    "dashboard_targets": {"run_id": "small", "window_seconds": 60.0},
+    "dashboard_failed_items": {"run_id": "small", "limit": 20, "excerpt_chars": 160},
+    "dashboard_stuck_items": {"run_id": "small", "older_than_seconds": 900.0, "limit": 20},
+    "dashboard_run_exists": {"run_id": "small"},
+    "error_summary": {"run_id": "small", "limit": 20},
+    "provider_outcomes": {"run_id": "small"},
+    "provider_latency": {"run_id": "small", "bounds": list(LATENCY_BOUNDS)},
 }
 
 
@@ -82,18 +83,18 @@ async def test_panel_queries_read_one_run_through_an_index(db: asyncpg.Connectio
     await runs.mark_finished(db, "big")
     finished_at = await db.fetchval("SELECT finished_at FROM analysis_runs WHERE id = 'big'")
     await db.execute("ANALYZE")
-    for name, args in PANELS.items():
+    for name, values in PANELS.items():
         if name == "dashboard_runs":
             continue  # executed below: its per-run subplans run only when they apply
-        plan = json.loads(await db.fetchval("EXPLAIN (FORMAT JSON) " + query(name), *args))
+        q = query(name)
+        plan = json.loads(await db.fetchval("EXPLAIN (FORMAT JSON) " + q.text, *q.args(**values)))
         scanned = full_scans(plan) & {"analysis_queue", "analysis_results"}
         assert not scanned, f"{name} scans {scanned} in full: {json.dumps(plan)[:2000]}"
 
     # Executed: the runs list reads the 20 small runs' items, none of the big finished run's,
     # and no result at all (no target has pricing, so there is no cost to add up).
-    args = (*PANELS["dashboard_runs"], ["big"], [finished_at])
-    plan = json.loads(
-        await db.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + query("dashboard_runs"), *args)
-    )
+    q = query("dashboard_runs")
+    args = q.args(**PANELS["dashboard_runs"], known_ids=["big"], known_finished_at=[finished_at])
+    plan = json.loads(await db.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + q.text, *args))
     assert rows_read(plan, "analysis_queue") == 20 * 50
     assert rows_read(plan, "analysis_results") == 0

@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from analysisq.db.sql import query
+from analysisq.db import sql
 from analysisq.errors import ConfigError, ErrorClass, TargetFault
 from analysisq.queue import items, retries, runs
 from analysisq.queue.items import ClaimedItem
@@ -119,7 +119,7 @@ async def test_a_bulk_retry_racing_a_tripping_breaker_waits_instead_of_deadlocki
     try:
         async with breaker.transaction():
             # the breaker's first step for the second fault: lock the target row
-            await breaker.fetchrow(query("lock_item_target"), second.id)
+            await sql.fetchrow(breaker, "lock_item_target", item_id=second.id)
             retry = asyncio.create_task(retries.retry_failed(retrier, "run-1"))
             for _ in range(200):
                 # by database, not by pid: behind PgBouncer the client never learns the pid

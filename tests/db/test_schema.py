@@ -65,11 +65,13 @@ async def test_a_newer_database_is_refused(db: asyncpg.Connection) -> None:
 
 async def test_every_named_query_prepares(db: asyncpg.Connection) -> None:
     """Each block of queries.sql is valid SQL against the schema."""
-    for name, text in queries().items():
+    for name, q in queries().items():
         try:
-            await db.prepare(text)
+            statement = await db.prepare(q.text)
         except asyncpg.PostgresError as exc:  # pragma: no cover - the assertion message
             pytest.fail(f"query {name} does not prepare: {exc}")
+        # every named parameter is one bind parameter the server sees, none left over
+        assert len(statement.get_parameters()) == len(q.params), name
 
 
 @pytest.mark.parametrize(

@@ -21,8 +21,8 @@ from datetime import datetime
 
 import asyncpg
 
+from analysisq.db import sql
 from analysisq.db.connect import translated
-from analysisq.db.sql import query
 from analysisq.db.text import db_text
 from analysisq.errors import redact
 from analysisq.queue.items import MAX_ERROR_CHARS, ClaimedItem, claimed_item
@@ -80,14 +80,15 @@ async def claim(
     """A new submission of up to *limit* claimable items of *target*: ``(id, items)``, or
     ``(None, [])`` when nothing is claimable."""
     with translated(f"claiming a batch of {target}"):
-        rows = await conn.fetch(
-            query("batch_claim"),
-            run_id,
-            target,
-            limit,
-            worker,
-            float(lease_seconds),
-            float(item_lease_seconds),
+        rows = await sql.fetch(
+            conn,
+            "batch_claim",
+            run_id=run_id,
+            target=target,
+            limit=limit,
+            worker=worker,
+            lease_seconds=float(lease_seconds),
+            item_lease_seconds=float(item_lease_seconds),
         )
     if not rows:
         return None, []
@@ -98,7 +99,14 @@ async def take(
     conn: asyncpg.Connection, run_id: str, *, worker: str, lease_seconds: float, limit: int = 10
 ) -> list[Submission]:
     with translated("taking batch submissions"):
-        rows = await conn.fetch(query("batch_take"), run_id, worker, float(lease_seconds), limit)
+        rows = await sql.fetch(
+            conn,
+            "batch_take",
+            run_id=run_id,
+            worker=worker,
+            lease_seconds=float(lease_seconds),
+            limit=limit,
+        )
     return [
         Submission(
             id=r["id"],
@@ -120,7 +128,13 @@ async def heartbeat(
     if not ids:
         return set()
     with translated("renewing batch submission leases"):
-        rows = await conn.fetch(query("batch_heartbeat"), list(ids), worker, float(lease_seconds))
+        rows = await sql.fetch(
+            conn,
+            "batch_heartbeat",
+            ids=list(ids),
+            worker=worker,
+            lease_seconds=float(lease_seconds),
+        )
     return {r[0] for r in rows}
 
 
@@ -129,14 +143,20 @@ async def release_leases(conn: asyncpg.Connection, ids: Sequence[int], *, worker
     if not ids:
         return
     with translated("handing over batch submissions"):
-        await conn.execute(query("batch_release_leases"), list(ids), worker)
+        await sql.execute(conn, "batch_release_leases", ids=list(ids), worker=worker)
 
 
 async def touch_items(
     conn: asyncpg.Connection, submission_id: int, *, worker: str, lease_seconds: float
 ) -> None:
     with translated(f"touching the items of batch submission {submission_id}"):
-        await conn.execute(query("batch_touch_items"), submission_id, worker, float(lease_seconds))
+        await sql.execute(
+            conn,
+            "batch_touch_items",
+            submission_id=submission_id,
+            worker=worker,
+            lease_seconds=float(lease_seconds),
+        )
 
 
 async def submitted(
@@ -149,8 +169,13 @@ async def submitted(
 ) -> bool:
     """Record the provider's batch id; False if the submission is no longer ours."""
     with translated(f"recording batch submission {submission_id}"):
-        row = await conn.fetchval(
-            query("batch_submitted"), submission_id, worker, provider_batch_id, float(poll_in)
+        row = await sql.fetchval(
+            conn,
+            "batch_submitted",
+            submission_id=submission_id,
+            worker=worker,
+            provider_batch_id=provider_batch_id,
+            poll_in=float(poll_in),
         )
     return row is not None
 
@@ -165,13 +190,14 @@ async def polled(
     poll_in: float,
 ) -> bool:
     with translated(f"recording a poll of batch submission {submission_id}"):
-        row = await conn.fetchval(
-            query("batch_polled"),
-            submission_id,
-            worker,
-            db_text(status, MAX_ERROR_CHARS),
-            json.dumps(dict(counts)),
-            float(poll_in),
+        row = await sql.fetchval(
+            conn,
+            "batch_polled",
+            submission_id=submission_id,
+            worker=worker,
+            provider_status=db_text(status, MAX_ERROR_CHARS),
+            request_counts=json.dumps(dict(counts)),
+            poll_in=float(poll_in),
         )
     return row is not None
 
@@ -182,7 +208,7 @@ async def waiting_items(
     """The items still waiting in the submission (their prompts only if *with_text*)."""
     name = "batch_items_with_text" if with_text else "batch_items"
     with translated(f"reading the items of batch submission {submission_id}"):
-        rows = await conn.fetch(query(name), submission_id)
+        rows = await sql.fetch(conn, name, submission_id=submission_id)
     return [claimed_item(r) for r in rows]
 
 
@@ -206,13 +232,14 @@ async def finish(
     """End the submission; items without an answer go back unspent after *release_in*
     seconds. ``None`` if the submission is no longer ours."""
     with translated(f"finishing batch submission {submission_id}"):
-        row = await conn.fetchrow(
-            query("batch_finish"),
-            submission_id,
-            worker,
-            db_text(redact(outcome, MAX_ERROR_CHARS), MAX_ERROR_CHARS),
-            float(release_in),
-            db_text(redact(reason, MAX_ERROR_CHARS), MAX_ERROR_CHARS) if reason else None,
+        row = await sql.fetchrow(
+            conn,
+            "batch_finish",
+            submission_id=submission_id,
+            worker=worker,
+            outcome=db_text(redact(outcome, MAX_ERROR_CHARS), MAX_ERROR_CHARS),
+            release_in=float(release_in),
+            reason=db_text(redact(reason, MAX_ERROR_CHARS), MAX_ERROR_CHARS) if reason else None,
         )
     if not row or not row["finished"]:
         return None
@@ -225,15 +252,24 @@ async def finish(
 async def reservation_needed(conn: asyncpg.Connection, submission_id: int, *, worker: str) -> bool:
     """Whether the intent still needs its budget reservation (its row locked until commit)."""
     with translated(f"reading the budget reservation of batch submission {submission_id}"):
-        return bool(await conn.fetchval(query("batch_reservation"), submission_id, worker))
+        return bool(
+            await sql.fetchval(
+                conn, "batch_reservation", submission_id=submission_id, worker=worker
+            )
+        )
 
 
 async def record_reservation(
     conn: asyncpg.Connection, submission_id: int, *, worker: str, reserved: TokenEstimate
 ) -> None:
     with translated(f"recording the budget reservation of batch submission {submission_id}"):
-        await conn.execute(
-            query("batch_reserved"), submission_id, worker, reserved.input, reserved.output
+        await sql.execute(
+            conn,
+            "batch_reserved",
+            submission_id=submission_id,
+            worker=worker,
+            tokens_in=reserved.input,
+            tokens_out=reserved.output,
         )
 
 
@@ -242,18 +278,22 @@ async def cancel_open(
 ) -> int:
     """Ask for the run's open submissions to be cancelled (suspend, delete, deadline)."""
     with translated(f"cancelling the open batches of run {run_id}"):
-        return int(await conn.fetchval(query("batch_cancel_open"), run_id, target, reason))
+        return int(
+            await sql.fetchval(
+                conn, "batch_cancel_open", run_id=run_id, target=target, reason=reason
+            )
+        )
 
 
 async def known_ids(conn: asyncpg.Connection, run_id: str, target: str) -> set[str]:
     with translated("reading known provider batches"):
-        rows = await conn.fetch(query("batch_known_ids"), run_id, target)
+        rows = await sql.fetch(conn, "batch_known_ids", run_id=run_id, target=target)
     return {r[0] for r in rows}
 
 
 async def open_batches(conn: asyncpg.Connection, run_id: str) -> list[OpenBatch]:
     with translated(f"reading the open batches of run {run_id}"):
-        rows = await conn.fetch(query("batch_open"), run_id)
+        rows = await sql.fetch(conn, "batch_open", run_id=run_id)
     return [
         OpenBatch(
             id=r["id"],
@@ -274,5 +314,6 @@ async def open_batches(conn: asyncpg.Connection, run_id: str) -> list[OpenBatch]
 
 async def summary(conn: asyncpg.Connection, run_id: str) -> BatchSummary:
     with translated(f"reading the batch summary of run {run_id}"):
-        r = await conn.fetchrow(query("batch_summary"), run_id)
+        r = await sql.fetchrow(conn, "batch_summary", run_id=run_id)
+    assert r is not None  # an aggregate: always one row
     return BatchSummary(r["in_batches"], r["open_batches"], r["answered_by_batch"], r["answered"])

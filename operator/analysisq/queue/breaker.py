@@ -17,8 +17,8 @@ import uuid
 
 import asyncpg
 
+from analysisq.db import sql
 from analysisq.db.connect import translated
-from analysisq.db.sql import query
 from analysisq.errors import ErrorClass, TargetFault
 
 _FIX = {
@@ -51,27 +51,48 @@ async def fail_on_target_fault(
     target are counted one after the other and none slips past a pause."""
     with translated(f"failing item {item_id} on a target fault"):
         async with conn.transaction():
-            row = await conn.fetchrow(query("lock_item_target"), item_id)
+            row = await sql.fetchrow(conn, "lock_item_target", item_id=item_id)
             if row is None:
                 return False
             run_id = row["run_id"]
             if row["paused"]:
                 # Paused (by this fault or another): the answer says nothing about the item.
-                parked = await conn.fetchval(
-                    query("release"), item_id, token, str(error_class), message, 0, 0.0, True
+                parked = await sql.fetchval(
+                    conn,
+                    "release",
+                    item_id=item_id,
+                    token=token,
+                    error_class=str(error_class),
+                    error_message=message,
+                    deferral=0,
+                    delay=0.0,
+                    park=True,
                 )
                 return parked is not None
-            failed = await conn.fetchval(
-                query("fail"), item_id, token, str(error_class), message, None
+            failed = await sql.fetchval(
+                conn,
+                "fail",
+                item_id=item_id,
+                token=token,
+                error_class=str(error_class),
+                error_message=message,
+                retry_in=None,
             )
             if failed is None:
                 return False
-            counted = await conn.fetchrow(
-                query("note_target_fault"), run_id, target, fault.fault, item_id
+            counted = await sql.fetchrow(
+                conn,
+                "note_target_fault",
+                run_id=run_id,
+                target=target,
+                fault=fault.fault,
+                item_id=item_id,
             )
             assert counted is not None
             if counted["fault_streak"] >= counted["fault_threshold"]:
                 reason = pause_reason(target, fault, counted["fault_streak"], message)
-                await conn.fetchval(query("pause_target"), run_id, target, reason)
-                await conn.execute(query("give_back_fault_items"), run_id, target)
+                await sql.fetchval(
+                    conn, "pause_target", run_id=run_id, target=target, reason=reason
+                )
+                await sql.execute(conn, "give_back_fault_items", run_id=run_id, target=target)
     return True

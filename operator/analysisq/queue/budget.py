@@ -21,8 +21,8 @@ from datetime import datetime
 
 import asyncpg
 
+from analysisq.db import sql
 from analysisq.db.connect import translated
-from analysisq.db.sql import query
 from analysisq.spec import Budget
 from analysisq.tokens import TokenEstimate
 
@@ -56,7 +56,9 @@ async def set_budget(conn: asyncpg.Connection, run_id: str, budget: Budget | Non
     max_cost = budget.max_cost if budget else None
     max_tokens = budget.max_tokens if budget else None
     with translated(f"setting the budget of run {run_id}"):
-        await conn.execute(query("budget_set"), run_id, max_cost, max_tokens)
+        await sql.execute(
+            conn, "budget_set", run_id=run_id, max_cost=max_cost, max_tokens=max_tokens
+        )
 
 
 async def reserve(
@@ -72,8 +74,14 @@ async def reserve(
     if they do not fit, and then the run is paused (unless not *pause*: the batch driver
     tries a smaller batch first)."""
     with translated(f"reserving budget of run {run_id}"):
-        ok = await conn.fetchval(
-            query("budget_reserve"), run_id, target, estimate.input, estimate.output, via_batch
+        ok = await sql.fetchval(
+            conn,
+            "budget_reserve",
+            run_id=run_id,
+            target=target,
+            tokens_in=estimate.input,
+            tokens_out=estimate.output,
+            via_batch=via_batch,
         )
     if ok is None and pause:
         await exhaust(conn, run_id)
@@ -83,7 +91,7 @@ async def reserve(
 async def exhaust(conn: asyncpg.Connection, run_id: str) -> None:
     """Pause the run for its budget: a request did not fit (workers stop claiming)."""
     with translated(f"pausing run {run_id} for its budget"):
-        await conn.execute(query("budget_exhaust"), run_id)
+        await sql.execute(conn, "budget_exhaust", run_id=run_id)
 
 
 async def settle(
@@ -99,22 +107,23 @@ async def settle(
     """Release a request's reservation and spend what the provider charged (both at the
     batch discount if *via_batch*)."""
     with translated(f"settling budget of run {run_id}"):
-        await conn.execute(
-            query("budget_settle"),
-            run_id,
-            target,
-            estimate.input,
-            estimate.output,
-            tokens_in,
-            tokens_out,
-            via_batch,
+        await sql.execute(
+            conn,
+            "budget_settle",
+            run_id=run_id,
+            target=target,
+            reserved_in=estimate.input,
+            reserved_out=estimate.output,
+            spent_in=tokens_in,
+            spent_out=tokens_out,
+            via_batch=via_batch,
         )
 
 
 async def state(conn: asyncpg.Connection, run_id: str) -> BudgetState | None:
     """The run's budget and spending; ``None`` for a run without a budget."""
     with translated(f"reading the budget of run {run_id}"):
-        row = await conn.fetchrow(query("budget_state"), run_id)
+        row = await sql.fetchrow(conn, "budget_state", run_id=run_id)
     if row is None or (row["max_cost"] is None and row["max_tokens"] is None):
         return None
     return BudgetState(**dict(row))

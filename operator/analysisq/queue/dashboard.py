@@ -16,8 +16,8 @@ from typing import Any
 
 import asyncpg
 
+from analysisq.db import sql
 from analysisq.db.connect import translated
-from analysisq.db.sql import query
 from analysisq.queue.states import Counts
 from analysisq.queue.throughput import THROUGHPUT_WINDOW_SECONDS
 
@@ -109,13 +109,14 @@ async def run_summaries(
     snapshot = finished.snapshot()
     held = [s for s in snapshot.values() if s.finished_at is not None]
     with translated("listing runs"):
-        rows = await conn.fetch(
-            query("dashboard_runs"),
-            limit,
-            THROUGHPUT_WINDOW_SECONDS,
-            None,
-            [s.id for s in held],
-            [s.finished_at for s in held],
+        rows = await sql.fetch(
+            conn,
+            "dashboard_runs",
+            limit=limit,
+            window_seconds=THROUGHPUT_WINDOW_SECONDS,
+            run_id=None,
+            known_ids=[s.id for s in held],
+            known_finished_at=[s.finished_at for s in held],
         )
     return finished.resolve(rows, snapshot)
 
@@ -123,15 +124,21 @@ async def run_summaries(
 async def run_summary(conn: asyncpg.Connection, run_id: str) -> RunSummary | None:
     """One run's summary by exact id, or None."""
     with translated(f"reading run {run_id}"):
-        row = await conn.fetchrow(
-            query("dashboard_runs"), 1, THROUGHPUT_WINDOW_SECONDS, run_id, [], []
+        row = await sql.fetchrow(
+            conn,
+            "dashboard_runs",
+            limit=1,
+            window_seconds=THROUGHPUT_WINDOW_SECONDS,
+            run_id=run_id,
+            known_ids=[],
+            known_finished_at=[],
         )
     return None if row is None else _summary(row)
 
 
 async def run_exists(conn: asyncpg.Connection, run_id: str) -> bool:
     with translated(f"reading run {run_id}"):
-        return bool(await conn.fetchval(query("dashboard_run_exists"), run_id))
+        return bool(await sql.fetchval(conn, "dashboard_run_exists", run_id=run_id))
 
 
 def _dicts(rows: Sequence[asyncpg.Record]) -> list[dict[str, Any]]:
@@ -142,14 +149,16 @@ async def timeline(conn: asyncpg.Connection, run_id: str, buckets: int) -> list[
     """Cumulative completed / failed-for-good and open items at *buckets* + 1 instants from
     the run's creation to its end (or now)."""
     with translated(f"reading the timeline of run {run_id}"):
-        return _dicts(await conn.fetch(query("dashboard_timeline"), run_id, buckets))
+        return _dicts(await sql.fetch(conn, "dashboard_timeline", run_id=run_id, buckets=buckets))
 
 
 async def target_stats(conn: asyncpg.Connection, run_id: str) -> list[dict[str, Any]]:
     """Per target: counts, throughput, latency percentiles, tokens, cost and pause."""
     with translated(f"reading the targets of run {run_id}"):
         rows = _dicts(
-            await conn.fetch(query("dashboard_targets"), run_id, THROUGHPUT_WINDOW_SECONDS)
+            await sql.fetch(
+                conn, "dashboard_targets", run_id=run_id, window_seconds=THROUGHPUT_WINDOW_SECONDS
+            )
         )
     for row in rows:
         row["throughput"] = row.pop("recent") / THROUGHPUT_WINDOW_SECONDS
@@ -162,7 +171,13 @@ async def failed_items(
     """The newest failed items (retrying or for good) with a prompt excerpt."""
     with translated(f"reading failed items of run {run_id}"):
         return _dicts(
-            await conn.fetch(query("dashboard_failed_items"), run_id, limit, excerpt_chars)
+            await sql.fetch(
+                conn,
+                "dashboard_failed_items",
+                run_id=run_id,
+                limit=limit,
+                excerpt_chars=excerpt_chars,
+            )
         )
 
 
@@ -172,8 +187,12 @@ async def stuck_items(
     """Processing items with an expired lease or no update for *older_than_seconds*."""
     with translated(f"reading stuck items of run {run_id}"):
         return _dicts(
-            await conn.fetch(
-                query("dashboard_stuck_items"), run_id, float(older_than_seconds), limit
+            await sql.fetch(
+                conn,
+                "dashboard_stuck_items",
+                run_id=run_id,
+                older_than_seconds=float(older_than_seconds),
+                limit=limit,
             )
         )
 
@@ -200,8 +219,8 @@ async def provider_calls(
     *bounds* (seconds, ascending), from the queue and the results (tokens and cost are
     ``queue.usage``'s)."""
     with translated(f"reading provider calls of run {run_id}"):
-        outcomes = await conn.fetch(query("provider_outcomes"), run_id)
-        latency = await conn.fetch(query("provider_latency"), run_id, list(bounds))
+        outcomes = await sql.fetch(conn, "provider_outcomes", run_id=run_id)
+        latency = await sql.fetch(conn, "provider_latency", run_id=run_id, bounds=list(bounds))
     out: dict[str, TargetCalls] = {}
     for r in outcomes:
         calls = out.setdefault(r["target"], TargetCalls())

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import asyncpg
 
 from analysisq.completion import Completion
+from analysisq.db import sql
 from analysisq.db.connect import translated
-from analysisq.db.sql import query
 from analysisq.db.text import db_int, db_json, db_text
 from analysisq.errors import ErrorClass, TargetFault, redact
 from analysisq.queue import breaker
@@ -111,29 +111,29 @@ async def heartbeat(
     if not items:
         return set()
     with translated("renewing leases"):
-        rows = await conn.fetch(
-            query("heartbeat"),
-            [i.id for i in items],
-            [i.token for i in items],
-            float(lease_seconds),
-            timeout=timeout,
+        q = sql.query("heartbeat")
+        args = q.args(
+            ids=[i.id for i in items],
+            tokens=[i.token for i in items],
+            lease_seconds=float(lease_seconds),
         )
+        rows = await conn.fetch(q.text, *args, timeout=timeout)
     return {r[0] for r in rows}
 
 
-def _result_columns(outcomes: Sequence[Outcome]) -> tuple[list[object], ...]:
-    """The parameters $1-$8 of ``complete`` and ``complete_and_claim``, one array each,
-    made storable: an answer is kept even when its parsed JSON or token counts cannot be."""
-    return (
-        [o.item.id for o in outcomes],
-        [o.item.token for o in outcomes],
-        [db_text(o.completion.model, MAX_MODEL_CHARS) for o in outcomes],
-        [db_text(o.completion.text) for o in outcomes],
-        [db_json(o.completion.parsed) for o in outcomes],
-        [db_int(o.completion.tokens_in) for o in outcomes],
-        [db_int(o.completion.tokens_out) for o in outcomes],
-        [max(0.0, float(o.completion.latency_ms)) for o in outcomes],
-    )
+def _result_columns(outcomes: Sequence[Outcome]) -> dict[str, list[object]]:
+    """The result parameters of ``complete_and_claim``, one array each, made storable: an
+    answer is kept even when its parsed JSON or token counts cannot be."""
+    return {
+        "ids": [o.item.id for o in outcomes],
+        "tokens": [o.item.token for o in outcomes],
+        "models": [db_text(o.completion.model, MAX_MODEL_CHARS) for o in outcomes],
+        "response_texts": [db_text(o.completion.text) for o in outcomes],
+        "parsed": [db_json(o.completion.parsed) for o in outcomes],
+        "tokens_in": [db_int(o.completion.tokens_in) for o in outcomes],
+        "tokens_out": [db_int(o.completion.tokens_out) for o in outcomes],
+        "latency_ms": [max(0.0, float(o.completion.latency_ms)) for o in outcomes],
+    }
 
 
 async def complete(
@@ -172,16 +172,17 @@ async def complete_and_claim(
         "completing items" if outcomes else "claiming items"
     )  # fmt: skip
     with translated(what):
-        rows = await conn.fetch(
-            query("complete_and_claim"),
-            *_result_columns(outcomes),
-            via_batch,
-            run_id,
-            limit,
-            worker,
-            float(lease_seconds),
-            max_suspects,
-            list(skip_targets),
+        rows = await sql.fetch(
+            conn,
+            "complete_and_claim",
+            **_result_columns(outcomes),
+            via_batch=via_batch,
+            run_id=run_id,
+            limit=limit,
+            worker=worker,
+            lease_seconds=float(lease_seconds),
+            max_suspects=max_suspects,
+            skip_targets=list(skip_targets),
         )
     written = {r["id"] for r in rows if r["written"]}
     return written, [claimed_item(r) for r in rows if not r["written"]]
@@ -206,8 +207,14 @@ async def fail(
             conn, item.id, item.token, item.target, error_class, text, fault
         )
     with translated(f"failing item {item.id}"):
-        row = await conn.fetchval(
-            query("fail"), item.id, item.token, str(error_class), text, retry_in
+        row = await sql.fetchval(
+            conn,
+            "fail",
+            item_id=item.id,
+            token=item.token,
+            error_class=str(error_class),
+            error_message=text,
+            retry_in=retry_in,
         )
     return row is not None
 
@@ -226,14 +233,17 @@ async def release(
 
     ``park`` keeps it waiting until its target is resumed (a paused target)."""
     with translated(f"releasing item {item.id}"):
-        row = await conn.fetchval(
-            query("release"),
-            item.id,
-            item.token,
-            str(error_class) if error_class else None,
-            db_text(redact(message, MAX_ERROR_CHARS), MAX_ERROR_CHARS) if message else None,
-            1 if deferral else 0,
-            float(delay),
-            park,
+        row = await sql.fetchval(
+            conn,
+            "release",
+            item_id=item.id,
+            token=item.token,
+            error_class=str(error_class) if error_class else None,
+            error_message=db_text(redact(message, MAX_ERROR_CHARS), MAX_ERROR_CHARS)
+            if message
+            else None,
+            deferral=1 if deferral else 0,
+            delay=float(delay),
+            park=park,
         )
     return row is not None

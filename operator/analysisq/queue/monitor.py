@@ -14,8 +14,8 @@ from typing import Any
 
 import asyncpg
 
+from analysisq.db import sql
 from analysisq.db.connect import translated
-from analysisq.db.sql import query
 from analysisq.queue.throughput import THROUGHPUT_WINDOW_SECONDS
 
 
@@ -26,7 +26,7 @@ def _dicts(rows: list[asyncpg.Record]) -> list[dict[str, Any]]:
 async def status_breakdown(conn: asyncpg.Connection, run_id: str | None) -> list[dict[str, Any]]:
     """The seed's first query: count and percentage per status (``cantidad``, ``porcentaje``)."""
     with translated("reading the queue status"):
-        return _dicts(await conn.fetch(query("status_breakdown"), run_id))
+        return _dicts(await sql.fetch(conn, "status_breakdown", run_id=run_id))
 
 
 async def stuck_items(
@@ -34,7 +34,9 @@ async def stuck_items(
 ) -> dict[str, Any]:
     """The seed's stuck query: processing items not updated for a while or with a dead lease."""
     with translated("reading stuck items"):
-        row = await conn.fetchrow(query("stuck_items"), run_id, float(older_than_seconds))
+        row = await sql.fetchrow(
+            conn, "stuck_items", run_id=run_id, older_than_seconds=float(older_than_seconds)
+        )
     assert row is not None
     return dict(row)
 
@@ -44,7 +46,7 @@ async def failed_items(
 ) -> list[dict[str, Any]]:
     """The newest failed items, retrying or for good (``will_retry``)."""
     with translated("reading failed items"):
-        return _dicts(await conn.fetch(query("failed_items"), run_id, limit))
+        return _dicts(await sql.fetch(conn, "failed_items", run_id=run_id, limit=limit))
 
 
 async def error_summary(
@@ -52,14 +54,14 @@ async def error_summary(
 ) -> list[dict[str, Any]]:
     """Failed items grouped by class and message, most frequent first."""
     with translated("reading errors"):
-        return _dicts(await conn.fetch(query("error_summary"), run_id, limit))
+        return _dicts(await sql.fetch(conn, "error_summary", run_id=run_id, limit=limit))
 
 
 async def error_classes(conn: asyncpg.Connection, run_id: str) -> dict[str, int]:
     """Items by the class of their last error (a completion clears it): failed, retrying,
     and pending items released after a 429, an auth failure or a lost lease."""
     with translated("reading error classes"):
-        rows = await conn.fetch(query("error_classes"), run_id)
+        rows = await sql.fetch(conn, "error_classes", run_id=run_id)
     return {r["error_class"]: r["count"] for r in rows}
 
 
@@ -68,7 +70,9 @@ async def throughput(
 ) -> float:
     """Items per second completed over the last *window_seconds* (``queue.throughput``)."""
     with translated("reading throughput"):
-        n = await conn.fetchval(query("throughput"), run_id, float(window_seconds))
+        n = await sql.fetchval(
+            conn, "throughput", run_id=run_id, window_seconds=float(window_seconds)
+        )
     return float(n) / window_seconds
 
 
@@ -83,7 +87,7 @@ class Backlog:
 
 async def target_backlog(conn: asyncpg.Connection, run_id: str) -> list[Backlog]:
     with translated("reading the backlog per target"):
-        rows = await conn.fetch(query("target_backlog"), run_id)
+        rows = await sql.fetch(conn, "target_backlog", run_id=run_id)
     return [Backlog(**dict(r)) for r in rows]
 
 
@@ -104,8 +108,8 @@ class RetryReport:
 
 async def retry_report(conn: asyncpg.Connection, run_id: str) -> RetryReport:
     with translated("reading retry statistics"):
-        rows = await conn.fetch(query("completed_by_attempt"), run_id)
-        totals = await conn.fetchrow(query("retry_totals"), run_id)
+        rows = await sql.fetch(conn, "completed_by_attempt", run_id=run_id)
+        totals = await sql.fetchrow(conn, "retry_totals", run_id=run_id)
     assert totals is not None
     return RetryReport(
         completed_by_attempt={r["attempt"]: r["count"] for r in rows},
@@ -120,4 +124,6 @@ async def results_page(
 ) -> list[dict[str, Any]]:
     """Results with ``id > after_id``, in id order (keyset paging)."""
     with translated("reading results"):
-        return _dicts(await conn.fetch(query("results_page"), run_id, after_id, limit))
+        return _dicts(
+            await sql.fetch(conn, "results_page", run_id=run_id, after_id=after_id, limit=limit)
+        )

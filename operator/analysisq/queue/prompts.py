@@ -15,8 +15,8 @@ from typing import Any
 
 import asyncpg
 
+from analysisq.db import sql
 from analysisq.db.connect import translated
-from analysisq.db.sql import query
 
 
 @dataclass(frozen=True)
@@ -35,13 +35,14 @@ async def upsert(conn: asyncpg.Connection, prompts: Sequence[Prompt]) -> tuple[i
     if not prompts:
         return 0, 0
     with translated(f"storing {len(prompts)} prompts"):
-        written = await conn.fetch(
-            query("upsert_prompt"),
-            [p.external_id for p in prompts],
-            [p.text for p in prompts],
-            [json.dumps(list(p.tags)) for p in prompts],
-            [p.active for p in prompts],
-            [json.dumps(p.metadata) for p in prompts],
+        written = await sql.fetch(
+            conn,
+            "upsert_prompt",
+            external_ids=[p.external_id for p in prompts],
+            texts=[p.text for p in prompts],
+            tags=[json.dumps(list(p.tags)) for p in prompts],
+            actives=[p.active for p in prompts],
+            metadata=[json.dumps(p.metadata) for p in prompts],
         )
     inserted = sum(1 for w in written if w["inserted"])
     return inserted, len(written) - inserted

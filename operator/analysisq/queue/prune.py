@@ -16,8 +16,8 @@ from datetime import datetime
 
 import asyncpg
 
+from analysisq.db import sql
 from analysisq.db.connect import translated
-from analysisq.db.sql import query
 
 #: Rows per delete statement: small enough that each transaction is short (milliseconds) and
 #: its WAL and lock footprint bounded, large enough that 1M rows take few round trips.
@@ -45,7 +45,9 @@ async def prunable_runs(
     conn: asyncpg.Connection, older_than_seconds: float, *, results: bool
 ) -> list[PrunableRun]:
     with translated("listing runs to prune"):
-        rows = await conn.fetch(query("prunable_runs"), float(older_than_seconds), results)
+        rows = await sql.fetch(
+            conn, "prunable_runs", older_than_seconds=float(older_than_seconds), results=results
+        )
     return [PrunableRun(r["id"], r["finished_at"]) for r in rows]
 
 
@@ -53,7 +55,7 @@ async def _delete_batches(conn: asyncpg.Connection, name: str, run_id: str, batc
     total = 0
     while True:
         with translated(f"pruning run {run_id}"):
-            status = await conn.execute(query(name), run_id, batch)
+            status = await sql.execute(conn, name, run_id=run_id, batch=batch)
         deleted = int(status.rsplit(" ", 1)[1])
         total += deleted
         if deleted < batch:
@@ -81,6 +83,6 @@ async def prune(
                 report.exported += await export(conn, run.id)
             report.results += await _delete_batches(conn, "prune_results_batch", run.id, batch)
         with translated(f"pruning run {run.id}"):
-            marked = await conn.fetchval(query("mark_pruned"), run.id)
+            marked = await sql.fetchval(conn, "mark_pruned", run_id=run.id)
         (report.runs if marked is not None else report.incomplete).append(run.id)
     return report

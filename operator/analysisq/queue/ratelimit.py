@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from analysisq.db import sql
 from analysisq.db.connect import translated
-from analysisq.db.sql import query
 from analysisq.errors import SpecError
 from analysisq.spec import Target
 
@@ -53,11 +53,13 @@ async def register(conn: asyncpg.Connection, run_id: str, index: int, target: Ta
     rps = rl.requests_per_second if rl else None
     tpm = rl.tokens_per_minute if rl else None
     with translated(f"registering rate pool {name}"):
-        current = await conn.fetchrow(query("pool_lock"), name, rps, tpm)
+        current = await sql.fetchrow(
+            conn, "pool_lock", pool=name, requests_per_second=rps, tokens_per_minute=tpm
+        )
         assert current is not None
         if (current["requests_per_second"], current["tokens_per_minute"]) == (rps, tpm):
             return name
-        users = await conn.fetch(query("pool_users"), name, run_id)
+        users = await sql.fetch(conn, "pool_users", pool=name, run_id=run_id)
         if users:
             held = ", ".join(f"{u['run_id']} ({u['target']})" for u in users)
             raise SpecError(
@@ -66,7 +68,9 @@ async def register(conn: asyncpg.Connection, run_id: str, index: int, target: Ta
                 f"tokensPerMinute={_show(current['tokens_per_minute'])}; state the same limits "
                 f"(this run asks requestsPerSecond={_show(rps)}, tokensPerMinute={_show(tpm)})"
             )
-        await conn.execute(query("pool_set_limits"), name, rps, tpm)
+        await sql.execute(
+            conn, "pool_set_limits", pool=name, requests_per_second=rps, tokens_per_minute=tpm
+        )
     return name
 
 
@@ -85,7 +89,7 @@ class Slot:
 async def acquire(conn: asyncpg.Connection, pool: str, tokens: int) -> Slot:
     """Reserve a request slot costing *tokens*."""
     with translated(f"rate limiting pool {pool}"):
-        row = await conn.fetchrow(query("pool_acquire"), pool, float(tokens))
+        row = await sql.fetchrow(conn, "pool_acquire", pool=pool, tokens=float(tokens))
     assert row is not None, f"rate pool {pool} is missing"
     return Slot(float(row["wait_seconds"]), float(row["token_debt"]))
 
@@ -97,24 +101,24 @@ async def token_debt(conn: asyncpg.Connection, pool: str) -> float:
     more: the correction reaches requests already scheduled, not only the next ones.
     """
     with translated(f"reading the token debt of pool {pool}"):
-        return float(await conn.fetchval(query("pool_token_debt"), pool))
+        return float(await sql.fetchval(conn, "pool_token_debt", pool=pool))
 
 
 async def backoff(conn: asyncpg.Connection, run_id: str, target: str, seconds: float) -> None:
     """No worker of any run sends to the pool of *run_id*'s *target* for *seconds* (the
     provider's Retry-After), whether the target has a limit or not."""
     with translated(f"backing off target {target}"):
-        await conn.execute(query("pool_block"), run_id, target, float(seconds))
+        await sql.execute(conn, "pool_block", run_id=run_id, target=target, seconds=float(seconds))
 
 
 async def settle_tokens(conn: asyncpg.Connection, pool: str, delta: int) -> None:
     """Correct the pool's token reservation by *delta* tokens (used minus estimated)."""
     if delta:
         with translated(f"settling tokens of pool {pool}"):
-            await conn.execute(query("pool_settle_tokens"), pool, float(delta))
+            await sql.execute(conn, "pool_settle_tokens", pool=pool, delta=float(delta))
 
 
 async def forget_unused(conn: asyncpg.Connection) -> None:
     """Drop pools no run refers to any more."""
     with translated("dropping unused rate pools"):
-        await conn.execute(query("pool_forget_unused"))
+        await sql.execute(conn, "pool_forget_unused")

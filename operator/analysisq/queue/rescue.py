@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from analysisq.db import sql
 from analysisq.db.connect import translated
-from analysisq.db.sql import query
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,12 @@ async def rescue_stuck(
     """Requeue items whose lease expired (or stale for ``stuck_after_seconds``), except the
     claims in *live_tokens* (the caller's own, still being worked on)."""
     with translated("resetting stuck items"):
-        row = await conn.fetchrow(
-            query("rescue_stuck"), run_id, float(stuck_after_seconds), list(live_tokens)
+        row = await sql.fetchrow(
+            conn,
+            "rescue_stuck",
+            run_id=run_id,
+            stuck_after_seconds=float(stuck_after_seconds),
+            live_tokens=list(live_tokens),
         )
     assert row is not None
     return RescueResult(reset=row["reset_count"], poisoned=row["poisoned_count"])

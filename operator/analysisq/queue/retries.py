@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncpg
 
+from analysisq.db import sql
 from analysisq.db.connect import translated
-from analysisq.db.sql import query
 from analysisq.errors import ConfigError, ErrorClass
 
 
@@ -33,8 +33,13 @@ async def retry_failed(
         raise ConfigError(f"unknown error class {error_class!r}; one of: {known}")
     with translated(f"retrying failed items of run {run_id}"):
         async with conn.transaction():
-            await conn.execute(query("lock_retry_targets"), run_id, target)
-            count: int = await conn.fetchval(
-                query("retry_failed"), run_id, error_class, target, error or None
+            await sql.execute(conn, "lock_retry_targets", run_id=run_id, target=target)
+            count: int = await sql.fetchval(
+                conn,
+                "retry_failed",
+                run_id=run_id,
+                error_class=error_class,
+                target=target,
+                error=error or None,
             )
     return count

@@ -13,8 +13,8 @@ from datetime import datetime
 
 import asyncpg
 
+from analysisq.db import sql
 from analysisq.db.connect import translated
-from analysisq.db.sql import query
 from analysisq.db.text import db_text
 from analysisq.errors import BatchesOpen, RunNotFound, SpecError
 from analysisq.queue import budget, ratelimit
@@ -60,32 +60,34 @@ async def create_run(
     with translated(f"recording run {run_id}"):
         async with conn.transaction():
             await _check_models(conn, run_id, spec)
-            before = await conn.fetchval(query("run_max_attempts"), run_id)
-            await conn.execute(
-                query("upsert_run"),
-                run_id,
-                name or run_id,
-                json.dumps(spec.to_json()),
-                spec.max_attempts,
-                spec.max_lease_losses,
-                spec.lease_seconds,
+            before = await sql.fetchval(conn, "run_max_attempts", run_id=run_id)
+            await sql.execute(
+                conn,
+                "upsert_run",
+                run_id=run_id,
+                name=name or run_id,
+                spec=json.dumps(spec.to_json()),
+                max_attempts=spec.max_attempts,
+                max_lease_losses=spec.max_lease_losses,
+                lease_seconds=spec.lease_seconds,
             )
             if before is not None and spec.max_attempts < before:
                 # Only a lowered maxAttempts touches the queue (a fill may hold its lock).
-                await conn.execute(query("finalize_exhausted"), run_id)
+                await sql.execute(conn, "finalize_exhausted", run_id=run_id)
             for i, t in enumerate(spec.targets):
                 rl, price = t.rate_limit, t.pricing
-                await conn.execute(
-                    query("upsert_run_target"),
-                    run_id,
-                    t.name,
-                    rl.requests_per_second if rl else None,
-                    rl.tokens_per_minute if rl else None,
-                    await ratelimit.register(conn, run_id, i, t),
-                    price.input_per_million_tokens if price else None,
-                    price.output_per_million_tokens if price else None,
-                    price.batch_discount if price else None,
-                    spec.target_fault_threshold,
+                await sql.execute(
+                    conn,
+                    "upsert_run_target",
+                    run_id=run_id,
+                    target=t.name,
+                    requests_per_second=rl.requests_per_second if rl else None,
+                    tokens_per_minute=rl.tokens_per_minute if rl else None,
+                    pool=await ratelimit.register(conn, run_id, i, t),
+                    input_per_million=price.input_per_million_tokens if price else None,
+                    output_per_million=price.output_per_million_tokens if price else None,
+                    batch_discount=price.batch_discount if price else None,
+                    fault_threshold=spec.target_fault_threshold,
                 )
             await budget.set_budget(conn, run_id, spec.budget)
 
@@ -94,7 +96,7 @@ async def _check_models(conn: asyncpg.Connection, run_id: str, spec: AnalysisRun
     """A target's provider and model may change only while it has no result: a misspelt
     model can be fixed (the circuit breaker paused it before any answer), but results of two
     models never mix in one target."""
-    row = await conn.fetchrow(query("get_run"), run_id)
+    row = await sql.fetchrow(conn, "get_run", run_id=run_id)
     if row is None:
         return
     old = {t.name: t for t in parse_spec(json.loads(row["spec"]), source=f"run {run_id}").targets}
@@ -102,7 +104,7 @@ async def _check_models(conn: asyncpg.Connection, run_id: str, spec: AnalysisRun
         was = old.get(t.name)
         if was is None or (was.provider, was.model) == (t.provider, t.model):
             continue
-        if await conn.fetchval(query("target_has_results"), run_id, t.name):
+        if await sql.fetchval(conn, "target_has_results", run_id=run_id, target=t.name):
             raise SpecError(
                 f"targets[{t.name}]: the provider and model cannot change from "
                 f"{was.provider}:{was.model} to {t.provider}:{t.model}, the target has results "
@@ -114,12 +116,17 @@ async def fill(conn: asyncpg.Connection, run_id: str, spec: AnalysisRunSpec) -> 
     """Enqueue the selected prompts x targets; safe to repeat after any crash."""
     sel = spec.prompts
     with translated(f"filling run {run_id}"):
-        status = await conn.execute(
-            query("fill_run"), run_id, [t.name for t in spec.targets], sel.tags, sel.ids
+        status = await sql.execute(
+            conn,
+            "fill_run",
+            run_id=run_id,
+            targets=[t.name for t in spec.targets],
+            tags=sel.tags,
+            ids=sel.ids,
         )
-        await conn.execute(query("mark_filled"), run_id)
+        await sql.execute(conn, "mark_filled", run_id=run_id)
         missing = (
-            [r[0] for r in await conn.fetch(query("missing_prompt_ids"), sel.ids)]
+            [r[0] for r in await sql.fetch(conn, "missing_prompt_ids", ids=sel.ids)]
             if sel.ids
             else []
         )
@@ -129,7 +136,7 @@ async def fill(conn: asyncpg.Connection, run_id: str, spec: AnalysisRunSpec) -> 
 async def get_run(conn: asyncpg.Connection, run_id: str) -> Run:
     """The run with this id, or the newest run with this name."""
     with translated(f"reading run {run_id}"):
-        row = await conn.fetchrow(query("find_run"), run_id)
+        row = await sql.fetchrow(conn, "find_run", id_or_name=run_id)
     if row is None:
         raise RunNotFound(f"no run {run_id!r}; `analysisq runs` lists them")
     return _run(row)
@@ -137,26 +144,26 @@ async def get_run(conn: asyncpg.Connection, run_id: str) -> Run:
 
 async def list_runs(conn: asyncpg.Connection, limit: int = 20) -> list[asyncpg.Record]:
     with translated("listing runs"):
-        return list(await conn.fetch(query("list_runs"), limit))
+        return list(await sql.fetch(conn, "list_runs", limit=limit))
 
 
 async def counts(conn: asyncpg.Connection, run_id: str) -> Counts:
     with translated(f"counting run {run_id}"):
-        row = await conn.fetchrow(query("run_counts"), run_id)
+        row = await sql.fetchrow(conn, "run_counts", run_id=run_id)
     assert row is not None
     return Counts.from_row(row)
 
 
 async def mark_finished(conn: asyncpg.Connection, run_id: str) -> None:
     with translated(f"finishing run {run_id}"):
-        await conn.execute(query("mark_finished"), run_id)
+        await sql.execute(conn, "mark_finished", run_id=run_id)
 
 
 async def delete_run(conn: asyncpg.Connection, run_id: str) -> None:
     """Remove the run, its queue rows and results; ``BatchesOpen`` (nothing removed) while
     one of its provider batches is open."""
     with translated(f"deleting run {run_id}"):
-        still_open = await conn.fetchval(query("delete_run"), run_id)
+        still_open = await sql.fetchval(conn, "delete_run", run_id=run_id)
     if still_open:
         raise BatchesOpen(
             f"run {run_id} has {still_open} open provider batches: its rows are kept until "
@@ -180,14 +187,16 @@ class TargetState:
 
 async def targets(conn: asyncpg.Connection, run_id: str) -> list[TargetState]:
     with translated(f"reading targets of run {run_id}"):
-        rows = await conn.fetch(query("run_targets"), run_id)
+        rows = await sql.fetch(conn, "run_targets", run_id=run_id)
     return [TargetState(**dict(r)) for r in rows]
 
 
 async def pause_target(conn: asyncpg.Connection, run_id: str, target: str, reason: str) -> bool:
     """Pause a target for the run (auth failure, the breaker); True if this call paused it."""
     with translated(f"pausing target {target}"):
-        row = await conn.fetchval(query("pause_target"), run_id, target, db_text(reason, 2000))
+        row = await sql.fetchval(
+            conn, "pause_target", run_id=run_id, target=target, reason=db_text(reason, 2000)
+        )
         return row is not None
 
 
@@ -197,7 +206,9 @@ async def resume_targets(
     """Resume one paused target, or all of the run's; returns those resumed."""
     with translated(f"resuming targets of run {run_id}"):
         async with conn.transaction():
-            resumed = [r[0] for r in await conn.fetch(query("resume_target"), run_id, target)]
+            resumed = [
+                r[0] for r in await sql.fetch(conn, "resume_target", run_id=run_id, target=target)
+            ]
             if resumed:
-                await conn.execute(query("unpark_targets"), run_id, resumed)
+                await sql.execute(conn, "unpark_targets", run_id=run_id, targets=resumed)
     return resumed

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from analysisq.db import sql
 from analysisq.db.connect import translated
-from analysisq.db.sql import query
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class RunUsage:
 
 async def run_usage(conn: asyncpg.Connection, run_id: str) -> RunUsage:
     with translated(f"reading the usage of run {run_id}"):
-        rows = await conn.fetch(query("usage_by_target"), run_id)
+        rows = await sql.fetch(conn, "usage_by_target", run_id=run_id)
     return RunUsage([TargetUsage(**dict(r)) for r in rows])
 
 
