@@ -54,7 +54,7 @@ def _cpu_seconds(handle: Any) -> float:
 
 async def drain(url: str, workers: int, logdir: Path, fake_pid: int) -> dict[str, Any]:
     """Start the workers, follow their memory and CPU until the run is done, and time it."""
-    import psutil  # type: ignore[import-untyped]
+    import psutil
 
     procs = spawn_workers(url, RUN, workers, logdir / "workers.log")
     peaks = [0.0] * workers

@@ -92,7 +92,7 @@ class PostgresCpu:
         if db.data_dir is None:
             return
         with contextlib.suppress(Exception):
-            import psutil  # type: ignore[import-untyped]
+            import psutil
 
             pid = int((db.data_dir / "pgdata" / "postmaster.pid").read_text().split()[0])
             self._proc = psutil.Process(pid)

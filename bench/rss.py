@@ -39,7 +39,7 @@ def vm_hwm_mb(pid: int) -> float | None:
 
 async def sample(url: str, run_id: str, logdir: Path) -> dict[str, Any]:
     """Run one worker process on *run_id* and follow its memory until it exits."""
-    import psutil  # type: ignore[import-untyped]
+    import psutil
 
     (proc,) = spawn_workers(url, run_id, 1, logdir / f"{run_id}.log")
     peak = 0.0
