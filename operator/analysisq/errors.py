@@ -71,12 +71,40 @@ class DatabaseError(AnalysisqError):
 
     reason = "DatabaseError"
     retryable = True
+    #: What happened, in the words logs and notes use ("deadlock; retrying").
+    summary: ClassVar[str] = "database error"
 
 
-class DatabaseUnavailable(DatabaseError):
+class DatabaseTransient(DatabaseError):
+    """The database did not do it this time; the same statement succeeds when run again.
+
+    Callers that retry catch this (an outage or a conflict alike); what to report is in the
+    subclass: its ``reason`` and its message, which names the statement."""
+
+    reason = "DatabaseTransient"
+
+
+class DatabaseUnavailable(DatabaseTransient):
     """The database cannot be reached."""
 
     reason = "DatabaseUnavailable"
+    summary = "database unavailable"
+
+
+class Deadlock(DatabaseTransient):
+    """PostgreSQL aborted this transaction to break a lock cycle with another (40P01); it
+    is retried. The database is up: this is no outage."""
+
+    reason = "Deadlock"
+    summary = "deadlock"
+
+
+class SerializationFailure(DatabaseTransient):
+    """PostgreSQL aborted this transaction because it conflicted with a concurrent one
+    (40001); it is retried. The database is up: this is no outage."""
+
+    reason = "SerializationFailure"
+    summary = "serialization failure"
 
 
 class SchemaMismatch(DatabaseError):

@@ -9,9 +9,11 @@ import pytest
 
 from analysisq.errors import (
     DatabaseUnavailable,
+    Deadlock,
     KubeApiError,
     SchemaMismatch,
     SecretMissing,
+    SerializationFailure,
     SpecError,
 )
 from analysisq.kube.handlers import _changed_fields, backoff
@@ -139,6 +141,10 @@ def test_eta_is_coarse_so_status_does_not_churn() -> None:
 
 def test_problems_name_their_reason_and_warn_once() -> None:
     assert problem_of(DatabaseUnavailable("down")).reason == "DatabaseUnavailable"
+    # a conflict between transactions is retried like an outage but reported as itself
+    assert problem_of(Deadlock("x")).reason == "Deadlock" and Deadlock.retryable
+    assert problem_of(SerializationFailure("x")).reason == "SerializationFailure"
+    assert SerializationFailure.retryable
     assert problem_of(SchemaMismatch()).reason == "SchemaMismatch"
     assert problem_of(SecretMissing("gone")).reason == "SecretMissing"
     assert problem_of(KubeApiError("503")).reason == "KubernetesApiError"

@@ -16,7 +16,7 @@ from analysisq.dashboard.app import start
 from analysisq.dashboard.context import DashboardContext
 from analysisq.dashboard.guard import LOOPBACK_HOSTS, Guard
 from analysisq.db.migrate import check_schema, migrate
-from analysisq.errors import DatabaseUnavailable
+from analysisq.errors import DatabaseTransient
 
 log = logging.getLogger("analysisq.dashboard")
 
@@ -36,8 +36,8 @@ async def _prepare_schema(ctx: DashboardContext, embedded: bool) -> None:
     try:
         async with ctx.connection() as conn:
             await (migrate(conn) if embedded else check_schema(conn))
-    except DatabaseUnavailable as exc:
-        log.warning("database unavailable; serving anyway", extra={"error": exc.message})
+    except DatabaseTransient as exc:
+        log.warning("%s; serving anyway", exc.summary, extra={"error": exc.message})
 
 
 async def _serve(ctx: DashboardContext, host: str, port: int, embedded: bool) -> None:

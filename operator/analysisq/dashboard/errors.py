@@ -17,9 +17,11 @@ from analysisq.errors import (
     AnalysisqError,
     ConfigError,
     DatabaseUnavailable,
+    Deadlock,
     InputError,
     RunNotFound,
     SchemaMismatch,
+    SerializationFailure,
     redact,
 )
 
@@ -41,6 +43,9 @@ _STATUS: list[tuple[type[AnalysisqError], int, str]] = [
     (InputError, 400, "bad_request"),
     (ConfigError, 400, "bad_request"),
     (DatabaseUnavailable, 503, "database_unavailable"),
+    # a conflict with another transaction: the same request succeeds when sent again
+    (Deadlock, 503, "deadlock"),
+    (SerializationFailure, 503, "serialization_failure"),
     (SchemaMismatch, 503, "schema_mismatch"),
     (ActionUnavailable, 409, "action_unavailable"),
 ]

@@ -1,8 +1,9 @@
 """Connections to PostgreSQL, with asyncpg errors translated at this boundary.
 
-Callers use ``pool()`` / ``connect()`` and the ``translated()`` context manager; they see
-``DatabaseUnavailable`` (retry later) or ``DatabaseError`` (a bug or a constraint), never an
-asyncpg exception, and never the password of the URL.
+Callers use ``pool()`` / ``connect()`` and the ``translated()`` context manager; they see a
+``DatabaseTransient`` (retry later: ``DatabaseUnavailable`` for an outage, ``Deadlock`` or
+``SerializationFailure`` for a conflict with another transaction) or a ``DatabaseError`` (a
+bug or a constraint), never an asyncpg exception, and never the password of the URL.
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ from typing import Any, Literal
 
 import asyncpg
 
-from analysisq.errors import DatabaseError, DatabaseUnavailable, redact
+from analysisq.errors import (
+    DatabaseError,
+    DatabaseTransient,
+    DatabaseUnavailable,
+    Deadlock,
+    SerializationFailure,
+    redact,
+)
 
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,
@@ -29,8 +37,13 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     # a failover left us on a read-only standby; a statement_timeout cancelled us
     asyncpg.ReadOnlySQLTransactionError,
     asyncpg.QueryCanceledError,
-    # a deadlock or serialization failure: the same statement succeeds when run again
-    asyncpg.TransactionRollbackError,
+)
+
+#: Conflicts between transactions: the server is up and the same statement succeeds when run
+#: again, so they are reported as what they are, not as an outage.
+_CONFLICTS: tuple[tuple[type[asyncpg.PostgresError], type[DatabaseTransient]], ...] = (
+    (asyncpg.DeadlockDetectedError, Deadlock),
+    (asyncpg.SerializationError, SerializationFailure),
 )
 
 
@@ -53,6 +66,12 @@ def translated(what: str) -> Iterator[None]:
             # asyncpg could not encode an argument (a lone surrogate, an integer out of
             # range): the same write fails every time, it is no outage
             raise DatabaseError(f"{what}: invalid value: {redact(str(exc))}") from None
+        raise DatabaseUnavailable(f"{what}: database unavailable: {redact(str(exc))}") from None
+    except asyncpg.TransactionRollbackError as exc:
+        for kind, error in _CONFLICTS:
+            if isinstance(exc, kind):
+                raise error(f"{what}: {error.summary}, retried: {redact(str(exc))}") from None
+        # the rest of class 40 (40003: the connection broke as the commit went out)
         raise DatabaseUnavailable(f"{what}: database unavailable: {redact(str(exc))}") from None
     except _UNAVAILABLE as exc:
         raise DatabaseUnavailable(f"{what}: database unavailable: {redact(str(exc))}") from None

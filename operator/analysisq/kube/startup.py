@@ -27,7 +27,7 @@ import threading
 
 import kopf
 
-from analysisq.errors import ConfigError, DatabaseUnavailable
+from analysisq.errors import ConfigError, DatabaseTransient
 from analysisq.kube import dashboard, handlers
 from analysisq.kube.databases import DatabasePools
 from analysisq.kube.kubeapi import KubeApi, load_client
@@ -107,8 +107,8 @@ async def run_operator(
     pools = DatabasePools(pooler=settings.database_pooler)
     try:
         await pools.get(settings.database_url)
-    except DatabaseUnavailable as exc:
-        log.warning("database unavailable at start; runs wait for it", extra={"error": exc.message})
+    except DatabaseTransient as exc:
+        log.warning("%s at start; runs wait for it", exc.summary, extra={"error": exc.message})
     kube = KubeApi(load_client())
     metrics = Metrics(settings.provider_metrics_seconds)
     server = metrics.serve(settings.metrics_port) if settings.metrics_port else None

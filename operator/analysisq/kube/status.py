@@ -15,7 +15,8 @@ Conditions (``kubectl wait --for=condition=Complete`` works):
 - ``Failed``: more items failed for good than ``maxFailedRatio`` allows.
 - ``Paused``: True with reason ``BudgetExhausted`` when the next request could exceed
   ``spec.budget`` (phase ``Paused``; every item kept); raising the budget lifts it.
-- ``Degraded``: something needs a person: ``DatabaseUnavailable``, ``SchemaMismatch``,
+- ``Degraded``: something needs a person: ``DatabaseUnavailable`` (``Deadlock`` and
+  ``SerializationFailure``: a conflict, cleared by the next reconcile), ``SchemaMismatch``,
   ``SecretMissing``, ``TargetPaused``, ``DeadlineExceeded``, ``InvalidSpec``, ``WorkersFailing``
   (a worker pod cannot pull its image, start or stay up: see ``podhealth``),
   ``KubernetesApiError``. The run keeps its items; the operator retries with backoff.

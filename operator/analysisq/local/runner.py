@@ -32,7 +32,7 @@ import asyncpg
 from rich.console import Console
 
 from analysisq.db.connect import acquire
-from analysisq.errors import DatabaseUnavailable, InputError
+from analysisq.errors import DatabaseTransient, InputError
 from analysisq.local.export import export_results
 from analysisq.local.progress import Display, Snapshot, duration
 from analysisq.local.usage_text import usage_json, usage_lines
@@ -179,7 +179,7 @@ class Supervisor:
         )
         if ending is Ending.FINISHED:
             await self._finish(outcome)
-        with contextlib.suppress(DatabaseUnavailable):
+        with contextlib.suppress(DatabaseTransient):
             async with acquire(self.pool) as conn:
                 outcome.usage = await usage.run_usage(conn, self.run.id)
                 outcome.budget = await budget.state(conn, self.run.id)
@@ -203,8 +203,8 @@ class Supervisor:
         while True:
             try:
                 snap = await self._snapshot()
-            except DatabaseUnavailable as exc:
-                self.display.note(f"database unavailable, retrying: {exc.message}")
+            except DatabaseTransient as exc:
+                self.display.note(f"{exc.summary}, retrying: {exc.message}")
                 await self._pause(TICK_SECONDS * 4)
                 continue
             self.display.update(snap)
@@ -277,7 +277,7 @@ class Supervisor:
                 res = await rescue.rescue_stuck(
                     conn, self.run.id, self.run.spec.stuck_after_seconds
                 )
-        except DatabaseUnavailable:
+        except DatabaseTransient:
             return
         if res.reset or res.poisoned:
             self.display.note(f"reset {res.reset} stuck items ({res.poisoned} failed as poison)")
@@ -286,7 +286,7 @@ class Supervisor:
         try:
             async with acquire(self.pool) as conn:
                 return (await runs.counts(conn, self.run.id)).done
-        except DatabaseUnavailable:
+        except DatabaseTransient:
             return False
 
     async def _stop_workers(self) -> None:

@@ -39,7 +39,7 @@ from analysisq.db.connect import acquire
 from analysisq.errors import (
     BudgetExhausted,
     DatabaseError,
-    DatabaseUnavailable,
+    DatabaseTransient,
     ErrorClass,
     redact,
 )
@@ -149,7 +149,7 @@ class Worker:
                     )
                 if res.reset or res.poisoned:
                     self._log(logging.WARNING, "reset stuck items at start", **vars(res))
-            except DatabaseUnavailable as exc:
+            except DatabaseTransient as exc:
                 # An outage as the worker starts is no reason to die: the housekeeping loop
                 # rescues on its own interval, and the claim loop waits for the database.
                 self._log(logging.WARNING, "stuck reset at start skipped", error=exc.message)
@@ -269,7 +269,7 @@ class Worker:
                         skip_targets=sync_targets_skipped(self.spec),
                     )
             except DatabaseError as exc:
-                self._log(logging.WARNING, "claim failed; database error", error=exc.message)
+                self._log(logging.WARNING, f"claim failed; {exc.summary}", error=exc.message)
                 await self._sleep(self._poll_delay() * 4)
                 continue
             if not claimed:
@@ -322,7 +322,7 @@ class Worker:
                 verdict: Completion | Decision = await self.attempts.run(item)
             except DatabaseError as exc:
                 # The database failed us, not the item: give it back unspent once we can.
-                self._log(logging.WARNING, "database error; releasing item", item,
+                self._log(logging.WARNING, f"{exc.summary}; releasing item", item,
                           error=exc.message)  # fmt: skip
                 verdict = Release("released after a database error")
             except BudgetExhausted as exc:

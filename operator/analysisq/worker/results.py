@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 import asyncpg
 
 from analysisq.db.connect import acquire
-from analysisq.errors import DatabaseError, DatabaseUnavailable
+from analysisq.errors import DatabaseError, DatabaseTransient
 from analysisq.queue import items
 from analysisq.queue.items import ClaimedItem, Outcome
 
@@ -91,7 +91,7 @@ class ResultBuffer:
         try:
             async with acquire(pool) as conn:
                 done = await self._complete(conn, batch)
-        except DatabaseUnavailable as exc:
+        except DatabaseTransient as exc:
             self.put_back(batch)
             report.kept, report.unavailable = batch, exc.message
             return report
@@ -122,7 +122,7 @@ class ResultBuffer:
             try:
                 async with acquire(pool) as conn:
                     done = await items.complete(conn, [o])
-            except DatabaseUnavailable as exc:
+            except DatabaseTransient as exc:
                 self.put_back([o])
                 report.kept.append(o)
                 report.unavailable = exc.message
@@ -143,7 +143,7 @@ class ResultBuffer:
         try:
             async with acquire(pool) as conn:
                 return await items.complete(conn, [Outcome(o.item, bare)])
-        except DatabaseUnavailable as exc:
+        except DatabaseTransient as exc:
             self.put_back([o])
             report.kept.append(o)
             report.unavailable = exc.message

@@ -1,10 +1,11 @@
 """What happens to a claim once its attempt has a verdict other than an answer.
 
 ``Settler.settle`` hands the ``Decision`` to ``queue.decisions.apply`` and keeps trying while
-the database is away (the claim stays held, so the heartbeat keeps renewing its lease); a
-write the database refuses deterministically fails the item for good with the database's
-reason instead of looping. ``forget``, ``after_write`` and ``abandon`` end a claim's record in
-``inflight`` and free its slot; ``WorkerStats`` counts what happened.
+the database is away or its transaction lost a conflict (the claim stays held, so the
+heartbeat keeps renewing its lease); a write the database refuses deterministically fails the
+item for good with the database's reason instead of looping. ``forget``, ``after_write`` and
+``abandon`` end a claim's record in ``inflight`` and free its slot; ``WorkerStats`` counts what
+happened.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Protocol, assert_never
 import asyncpg
 
 from analysisq.db.connect import acquire
-from analysisq.errors import DatabaseError, DatabaseUnavailable, ErrorClass
+from analysisq.errors import DatabaseError, DatabaseTransient, ErrorClass
 from analysisq.queue.decisions import (
     Applied,
     Decision,
@@ -74,8 +75,8 @@ class Settler:
     async def settle(
         self, record: InFlightClaim, decision: Decision, *, wait_for_db: bool = True
     ) -> None:
-        """Apply *decision* to the claim: retried while the database is away (the claim stays
-        held, so the heartbeat keeps its lease); a refusal fails the item, saying why."""
+        """Apply *decision* to the claim: retried through an outage or a conflict (the claim
+        stays held, so the heartbeat keeps its lease); a refusal fails the item, saying why."""
         item = record.item
         self._log(logging.INFO, f"item {decision.action}", item,
                   error_class=str(getattr(decision, "error_class", "")),
@@ -86,7 +87,7 @@ class Settler:
             try:
                 async with acquire(self.pool) as conn:
                     applied = await apply(conn, item, decision)
-            except DatabaseUnavailable as exc:
+            except DatabaseTransient as exc:
                 if not wait_for_db:
                     # Nothing is lost: the lease expires and the rescuer requeues the item.
                     self._log(logging.WARNING, "could not release; left to its lease", item)

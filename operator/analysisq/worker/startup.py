@@ -18,7 +18,7 @@ import asyncpg
 
 from analysisq.db.connect import acquire, create_pool
 from analysisq.db.migrate import check_schema
-from analysisq.errors import DatabaseUnavailable
+from analysisq.errors import DatabaseTransient
 from analysisq.queue.runs import Run, get_run
 from analysisq.settings import Settings
 from analysisq.worker.loops import Worker
@@ -36,8 +36,8 @@ async def _through_outages(stop: asyncio.Event, step: Callable[[], Awaitable[T]]
     while True:
         try:
             return await step()
-        except DatabaseUnavailable as exc:
-            log.warning("database unavailable; retrying", extra={"error": exc.message})
+        except DatabaseTransient as exc:
+            log.warning("%s; retrying", exc.summary, extra={"error": exc.message})
             try:
                 await asyncio.wait_for(stop.wait(), timeout=delay)
                 return None
