@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
 .PHONY: demo test constraints lint typecheck unit db db-pooler cluster browser chaos node controlplane node-tools \
-	helm tools system-packages bench image \
+	helm tools wheels system-packages bench image \
 	image-buildah deploy-manifests clean
 
 $(STAMP): pyproject.toml constraints.txt
@@ -46,6 +46,12 @@ helm:
 
 tools: controlplane node-tools helm
 
+# The image's dependencies as wheels under ~/.cache/analysisq/wheels, keyed by constraints.txt
+# and pyproject.toml: the builder-stage test (tests/cluster/test_chart_image.py) installs
+# from them offline. Filled from PyPI once per machine, before any test's timeout starts.
+wheels: $(STAMP)
+	$(BIN)/python tests/wheelhouse.py
+
 # Debian packages the real tiers run (pgbouncer, chromium, containerd, runc, CNI, buildah).
 system-packages:
 	bash tests/tools/system-packages.sh
@@ -70,7 +76,7 @@ db: $(STAMP)
 db-pooler: $(STAMP) system-packages
 	$(BIN)/pytest -m db --pooler pgbouncer
 
-cluster: $(STAMP) tools
+cluster: $(STAMP) tools wheels
 	ANALYSISQ_CONTROLPLANE_BIN="$$(bash tests/controlplane/build.sh | tail -1)" \
 	ANALYSISQ_HELM="$$(bash tests/tools/build-helm.sh | tail -1)" $(BIN)/pytest -m cluster
 
@@ -89,7 +95,7 @@ node: $(STAMP) system-packages tools
 
 # Every tier, then the db tier through PgBouncer; a tier that cannot run fails
 # (tests/conftest.py refuses to skip).
-test: $(STAMP) system-packages tools lint typecheck
+test: $(STAMP) system-packages tools wheels lint typecheck
 	ANALYSISQ_CONTROLPLANE_BIN="$$(bash tests/controlplane/build.sh | tail -1)" \
 	ANALYSISQ_NODE_BIN="$$(bash tests/controlplane/build.sh node | tail -1)" \
 	ANALYSISQ_HELM="$$(bash tests/tools/build-helm.sh | tail -1)" $(BIN)/pytest
