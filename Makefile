@@ -88,7 +88,7 @@ browser: $(STAMP)
 	$(BIN)/pytest -m browser
 
 # The image (built here with buildah) and the chart on a real kubelet + containerd + runc node.
-node: $(STAMP) system-packages tools
+node: $(STAMP) system-packages tools wheels
 	ANALYSISQ_CONTROLPLANE_BIN="$$(bash tests/controlplane/build.sh | tail -1)" \
 	ANALYSISQ_NODE_BIN="$$(bash tests/controlplane/build.sh node | tail -1)" \
 	ANALYSISQ_HELM="$$(bash tests/tools/build-helm.sh | tail -1)" $(BIN)/pytest -m node

@@ -35,9 +35,14 @@ def key(src: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def house_path(src: Path) -> Path:
+    """Where the wheelhouse of the project in *src* is (or will be)."""
+    return cache_dir() / "wheels" / key(src)
+
+
 def wheelhouse(python: str, src: Path, env: dict[str, str]) -> Path:
     """The wheelhouse for the project in *src*, filled with *python*'s pip when missing."""
-    house = cache_dir() / "wheels" / key(src)
+    house = house_path(src)
     if house.is_dir():
         return house
     house.parent.mkdir(parents=True, exist_ok=True)

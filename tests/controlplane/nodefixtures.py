@@ -32,6 +32,7 @@ from controlplane.harness import ControlPlane, ControlPlaneError
 from controlplane.node import Node, NodeError, NodeNetwork
 from controlplane.processes import Child, Reaper
 from tools.helm import ROOT
+from wheelhouse import house_path
 
 BUILD_IMAGE = ROOT / "tests" / "tools" / "build-image.sh"
 IMAGE_TIMEOUT = 1800.0
@@ -92,6 +93,8 @@ def _build_image(workdir: Path) -> tuple[Child, Path]:
         return Child("image", ["test", "-f", given], workdir / "logs" / "image.log"), Path(given)
     archive = workdir / "analysisq-image.tar"
     env = {**os.environ, "IMAGE_ARCHIVE": str(archive), "IMAGE_TAG": IMAGE}
+    if (house := house_path(ROOT)).is_dir():  # `make wheels`: pip installs offline from it
+        env["WHEELHOUSE"] = str(house)
     child = Child("build-image", ["bash", str(BUILD_IMAGE)], workdir / "logs" / "build-image.log",
                   env=env)  # fmt: skip
     return child, archive

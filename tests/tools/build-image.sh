@@ -14,6 +14,9 @@
 # The base (python3, python3-venv, python3-pip; apt lists and docs removed) is cached in
 # buildah's storage as localhost/debian-python:bookworm. If PIP_CERT names a CA bundle (a
 # TLS-intercepting proxy), it is mounted for the RUN steps only, never stored in the image.
+# If WHEELHOUSE names a directory of wheels (tests/wheelhouse.py: the node tier passes
+# ~/.cache/analysisq/wheels/<key> when `make wheels` made it), pip installs from it offline,
+# mounted for the RUN steps only too: a rebuild then downloads nothing.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -43,10 +46,20 @@ if ! "${b[@]}" inspect --type image "$base" >/dev/null 2>&1; then
 fi
 
 mounts=()
+settings=()
 if [[ -n "${PIP_CERT:-}" && -f "$PIP_CERT" ]]; then
+  settings+=("cert = /etc/pip-build-ca.pem")
+  mounts+=(--volume "$PIP_CERT:/etc/pip-build-ca.pem:ro")
+fi
+if [[ -n "${WHEELHOUSE:-}" && -d "$WHEELHOUSE" ]]; then
+  settings+=("no-index = true" "find-links = /wheelhouse")
+  mounts+=(--volume "$WHEELHOUSE:/wheelhouse:ro")
+  log "installing from the wheelhouse $WHEELHOUSE (offline)"
+fi
+if [[ ${#settings[@]} -gt 0 ]]; then
   conf="$(mktemp)"
-  printf '[global]\ncert = /etc/pip-build-ca.pem\n' >"$conf"
-  mounts=(--volume "$PIP_CERT:/etc/pip-build-ca.pem:ro" --volume "$conf:/etc/pip.conf:ro")
+  printf '%s\n' "[global]" "${settings[@]}" >"$conf"
+  mounts+=(--volume "$conf:/etc/pip.conf:ro")
 fi
 
 log "building $tag"
