@@ -296,7 +296,8 @@ async def run_round(
 async def _print_statements(conn: asyncpg.Connection, system: str) -> None:
     """The statements that took the server's time during the round (pg_stat_statements)."""
     rows = await conn.fetch(
-        "SELECT calls, round(total_exec_time::numeric, 1) AS total_ms,"
+        "SELECT calls, plans, round(total_plan_time::numeric, 1) AS plan_ms,"
+        " round(total_exec_time::numeric, 1) AS total_ms,"
         " round(mean_exec_time::numeric, 3) AS mean_ms, rows,"
         " regexp_replace(left(query, 90), '\\s+', ' ', 'g') AS query"
         " FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database"
@@ -306,9 +307,17 @@ async def _print_statements(conn: asyncpg.Connection, system: str) -> None:
     print(f"    {system}: top statements by server time")
     print(
         table(
-            ["calls", "total ms", "mean ms", "rows", "query"],
+            ["calls", "plans", "planning ms", "exec ms", "mean exec ms", "rows", "query"],
             [
-                [r["calls"], float(r["total_ms"]), float(r["mean_ms"]), r["rows"], r["query"]]
+                [
+                    r["calls"],
+                    r["plans"],
+                    float(r["plan_ms"]),
+                    float(r["total_ms"]),
+                    float(r["mean_ms"]),
+                    r["rows"],
+                    r["query"],
+                ]
                 for r in rows
             ],
         )
@@ -337,6 +346,9 @@ async def main(args: argparse.Namespace, reporter: Reporter) -> None:
             await install(db, conn, args.items)
             if args.pg_stats:
                 await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+                # plans next to calls: a statement planned on every execution shows it here
+                await conn.execute("ALTER SYSTEM SET pg_stat_statements.track_planning = on")
+                await conn.execute("SELECT pg_reload_conf()")
             for name in args.schema_whatif or []:
                 # what-if on this scratch database only: the schema in sql/ is unchanged
                 await conn.execute(SCHEMA_WHATIFS[name])

@@ -10,7 +10,6 @@ import asyncpg
 import pytest
 
 from analysisq.completion import Completion
-from analysisq.db.sql import query
 from analysisq.errors import ErrorClass
 from analysisq.queue import items, rescue, runs
 from analysisq.queue.items import ClaimedItem, Outcome
@@ -74,20 +73,31 @@ async def test_backoff_and_max_attempts_are_respected(db: asyncpg.Connection) ->
     assert await claim(db, 5) == []  # attempts exhausted
 
 
-#: ``complete_and_claim`` with no answers: a plain claim of 5 items of run-1, 1 suspect at most.
-CLAIM = query("complete_and_claim")
-RESULT_COLUMNS = ["ids", "tokens", "models", "response_texts", "parsed"]
-RESULT_COLUMNS += ["tokens_in", "tokens_out", "latency_ms"]
-CLAIM_ONLY = CLAIM.args(  # no result to write: a plain claim
-    **{column: [] for column in RESULT_COLUMNS},
-    via_batch=False,
-    run_id="run-1",
-    limit=5,
-    worker="w",
-    lease_seconds=60.0,
-    max_suspects=1,
-    skip_targets=[],
-)
+async def claim_plan(db: asyncpg.Connection) -> str:
+    """The plan ``analysisq_complete_and_claim`` runs its statement with: the generic plan
+    (the function forces it), made for no values in particular.
+
+    The statement is taken from the function's body, prepared with the function's argument
+    types and explained under ``plan_cache_mode = force_generic_plan``, so the arguments given
+    (NULLs) play no part in it."""
+    row = await db.fetchrow(
+        "SELECT prosrc, proargnames, proargtypes::oid[]::regtype[]::text[] AS types, pronargs"
+        " FROM pg_proc WHERE proname = 'analysisq_complete_and_claim'"
+    )
+    assert row is not None
+    body = row["prosrc"].split("RETURN QUERY", 1)[1].rsplit(";", 1)[0]
+    names = row["proargnames"][: row["pronargs"]]
+    # longest names first: p_tokens must not eat the start of p_tokens_in
+    for n, name in sorted(enumerate(names, 1), key=lambda x: -len(x[1])):
+        body = body.replace(name, f"${n}")
+    await db.execute(f"PREPARE claim_stmt ({', '.join(row['types'])}) AS {body}")
+    try:
+        await db.execute("SET plan_cache_mode = force_generic_plan")
+        nulls = ", ".join(["NULL"] * row["pronargs"])
+        return str(await db.fetchval(f"EXPLAIN (FORMAT JSON) EXECUTE claim_stmt ({nulls})"))
+    finally:
+        await db.execute("RESET plan_cache_mode")
+        await db.execute("DEALLOCATE claim_stmt")
 
 
 async def test_claim_uses_its_index(db: asyncpg.Connection) -> None:
@@ -95,11 +105,10 @@ async def test_claim_uses_its_index(db: asyncpg.Connection) -> None:
     await new_run(db)
     await db.execute("ANALYZE")
     await db.execute("SET enable_seqscan = off")  # the plan must not need a full scan
-    plan = await db.fetchval("EXPLAIN (FORMAT JSON) " + CLAIM.text, *CLAIM_ONLY)
-    text = json.dumps(plan)
+    text = await claim_plan(db)
     assert "analysis_queue_claim_idx" in text, text
     await db.execute("RESET enable_seqscan")
-    plan = json.dumps(await db.fetchval("EXPLAIN (FORMAT JSON) " + CLAIM.text, *CLAIM_ONLY))
+    plan = await claim_plan(db)
     assert "analysis_queue_claim_idx" in plan, plan
     # looking for a suspect reads only suspects, never every due item
     assert "analysis_queue_suspect_idx" in plan, plan
@@ -229,9 +238,7 @@ async def test_claim_never_scans_the_whole_queue(db: asyncpg.Connection) -> None
     await add_prompts(db, 3000)
     await new_run(db)
     await db.execute("ANALYZE")
-    plan = await db.fetchval(
-        "EXPLAIN (FORMAT JSON) " + CLAIM.text, *CLAIM_ONLY
-    )  # fmt: skip
+    plan = await claim_plan(db)
 
     def scans(node: dict[str, Any]) -> list[str]:
         own = [node["Node Type"]] if node.get("Relation Name") == "analysis_queue" else []
