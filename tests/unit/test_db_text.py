@@ -29,6 +29,14 @@ def test_json_keeps_literals_and_repairs_strings() -> None:
     assert db_json({"x": float("nan")}) is None and db_json({"x": object()}) is None
 
 
+def test_json_repairs_each_unstorable_kind_alone() -> None:
+    # one kind at a time: text with nothing to repair is stored as json.dumps wrote it
+    assert db_json({"nul": "a\x00"}) == '{"nul": "a\ufffd"}'
+    assert db_json({"k\x00": 1}) == '{"k\ufffd": 1}'
+    assert db_json(["\ud83d"]) == '["\ufffd"]'
+    assert db_json({"lit": "\\u0000", 1: (2, "é")}) == '{"lit": "\\\\u0000", "1": [2, "é"]}'
+
+
 def test_counts_outside_an_integer_column_are_null() -> None:
     assert [db_int(v) for v in (0, 7, MAX_INT4)] == [0, 7, MAX_INT4]
     assert [db_int(v) for v in (None, -1, MAX_INT4 + 1, True)] == [None] * 4

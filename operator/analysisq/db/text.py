@@ -34,6 +34,12 @@ def db_json(value: Any) -> str | None:
     if value is None:
         return None
     try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False)
+        # Usually nothing needs repair: json.dumps escapes NUL (as \u0000, which jsonb refuses)
+        # and leaves lone surrogates as they are, so the text shows both. Repairing first would
+        # walk every answer's every string on the worker's hot path.
+        if "\\u0000" not in text and _UNSTORABLE.search(text) is None:
+            return text
         return json.dumps(_repaired(value), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError, RecursionError):
         return None

@@ -25,6 +25,9 @@ from analysisq.queue import budget, ratelimit
 from analysisq.spec import AnalysisRunSpec, Target
 from analysisq.tokens import TokenEstimate, estimate
 
+#: The estimate of a request that reserves nothing (no rate limit, no budget).
+NOTHING = TokenEstimate(0, 0)
+
 
 @dataclass(frozen=True)
 class Grant:
@@ -55,16 +58,18 @@ async def reserve(
 ) -> Grant:
     """Reserve a request of *prompt* to *target* (a Retry-After block kept the claim from
     handing out the item at all, so an unlimited target needs no round trip here)."""
+    budgeted = spec.budget is not None
+    limited = ratelimit.is_limited(target)
     grant = Grant(
         run_id=run_id,
         target=target,
         pool=ratelimit.pool_name(run_id, target),
-        estimate=estimate(target, prompt),
+        # nothing to reserve, nothing to estimate (``settle`` has nothing to correct either)
+        estimate=estimate(target, prompt) if budgeted or limited else NOTHING,
         wait=0.0,
-        budgeted=spec.budget is not None,
+        budgeted=budgeted,
     )
-    limited = ratelimit.is_limited(target)
-    if not (grant.budgeted or limited):
+    if not (budgeted or limited):
         return grant
     async with acquire(db) as conn:
         if grant.budgeted and not await budget.reserve(conn, run_id, target.name, grant.estimate):
