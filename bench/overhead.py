@@ -197,7 +197,13 @@ def system_name(text: str) -> str:
 
 
 async def _spawn(
-    system: str, url: str, batch: int, pool_size: int, log: Path, profile: Path | None
+    system: str,
+    url: str,
+    batch: int,
+    pool_size: int,
+    log: Path,
+    profile: Path | None,
+    pooler: str = "none",
 ) -> asyncio.subprocess.Process:
     system, whatif = _base(system)
     extra = ["--profile-out", str(profile)] if profile else []
@@ -217,7 +223,7 @@ async def _spawn(
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=log.open("ab"),
-        env=child_env(ANALYSISQ_LOG_LEVEL="WARNING"),
+        env=child_env(ANALYSISQ_LOG_LEVEL="WARNING", ANALYSISQ_DATABASE_POOLER=pooler),
         cwd=str(ROOT),
     )
 
@@ -250,6 +256,7 @@ async def run_round(
             args.pool_size,
             log,
             log.with_suffix(f".{i}.pyinstrument.txt") if args.pyinstrument else None,
+            args.pooler,
         )
         for i in range(args.processes)
     ]
@@ -382,6 +389,7 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
         "rounds": args.rounds,
         "procrastinate_pool_size": args.pool_size,
         "schema_whatif": args.schema_whatif or [],
+        "pooler": args.pooler,
     }
 
 
@@ -511,6 +519,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="analysisq, pgqueuer, procrastinate, or analysisq:WHATIF[,WHATIF] with "
         "WHATIF from bench.whatif (noreset, norate, eager, separate): a variant, measured "
         "beside the production worker",
+    )
+    p.add_argument(
+        "--pooler",
+        choices=["none", "transaction"],
+        default="none",
+        help="transaction: connect analysisq and PGQueuer as behind a pooler in transaction "
+        "mode (ANALYSISQ_DATABASE_POOLER=transaction: no statement cache, every statement "
+        "parsed on each execution), directly to the same server",
     )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per round")
     p.add_argument(

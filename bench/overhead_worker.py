@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import resource
 import sys
 import time
@@ -81,10 +82,16 @@ async def run_analysisq(url: str, run_id: str, whatif: frozenset[str] = frozense
     settings = load_settings(database_url=url)
     try:
         pool = await create_pool(
-            url, min_size=1, max_size=settings.pool_size, **pool_options(whatif)
+            url,
+            pooler=settings.database_pooler,
+            min_size=1,
+            max_size=settings.pool_size,
+            **pool_options(whatif),
         )
     except TypeError:  # create_pool sets reset= itself: ``noreset`` is production already
-        pool = await create_pool(url, min_size=1, max_size=settings.pool_size)
+        pool = await create_pool(
+            url, pooler=settings.database_pooler, min_size=1, max_size=settings.pool_size
+        )
     try:
         async with acquire(pool) as conn:
             await check_schema(conn)
@@ -106,7 +113,9 @@ async def run_pgqueuer(url: str, batch: int) -> int:
     from pgqueuer.models import Job
     from pgqueuer.types import QueueExecutionMode
 
-    conn = await asyncpg.connect(url)
+    # as analysisq's pooler mode: no statement cache behind a transaction pooler
+    pooled = os.environ.get("ANALYSISQ_DATABASE_POOLER") == "transaction"
+    conn = await asyncpg.connect(url, **({"statement_cache_size": 0} if pooled else {}))
     done = 0
     try:
         pgq = PgQueuer.from_asyncpg_connection(conn)
