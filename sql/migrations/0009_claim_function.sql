@@ -51,7 +51,12 @@ BEGIN
             error_class = NULL, error_message = NULL,
             lease_owner = NULL, lease_expires_at = NULL, claim_token = NULL, submission_id = NULL
         FROM input i
-        WHERE q.id = i.id AND q.claim_token = i.token AND q.status = 'processing'
+        -- By key, and the token is the fence: a claim token exists exactly while the item
+        -- is processing (CHECK processing_has_lease), so no status condition is needed, and
+        -- none is written: with one the generic plan read every processing item by the
+        -- status index when the statistics had seen few (a batch reading what all workers
+        -- hold).
+        WHERE q.id = ANY (p_ids) AND q.id = i.id AND q.claim_token = i.token
         RETURNING q.id, q.run_id, q.prompt_tracking_id, q.target, q.attempts
     ), healthy AS (
         -- an answer: the target works, so a streak of target faults (the breaker) is broken

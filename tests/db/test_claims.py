@@ -246,3 +246,25 @@ async def test_claim_never_scans_the_whole_queue(db: asyncpg.Connection) -> None
 
     root = json.loads(plan)[0]["Plan"]
     assert "Seq Scan" not in scans(root), scans(root)
+
+
+async def test_the_completion_finds_its_items_by_key(db: asyncpg.Connection) -> None:
+    """The completion's UPDATE looks its items up by id, whatever the statistics said when
+    the plan was made: reading every processing item instead (the status index) costs a
+    batch as many rows as all workers together hold (200 workers x 10 = 2,000)."""
+    await add_prompts(db, 3000)
+    await new_run(db)
+    for processing in (0, 2000):
+        if processing:
+            await claim(db, processing)
+        await db.execute("ANALYZE")
+        plan = json.loads(await claim_plan(db))[0]["Plan"]
+        done = next(p for p in plan["Plans"] if p.get("Subplan Name") == "CTE done")
+
+        def reads(node: dict[str, Any]) -> set[str]:
+            """The indexes the node reads (and "Seq Scan" for a full scan of the queue)."""
+            full = node.get("Relation Name") == "analysis_queue" and node["Node Type"] == "Seq Scan"
+            own = {node["Index Name"]} if "Index Name" in node else {"Seq Scan"} if full else set()
+            return own.union(*(reads(child) for child in node.get("Plans", [])))
+
+        assert reads(done) == {"analysis_queue_pkey"}, (processing, reads(done))
