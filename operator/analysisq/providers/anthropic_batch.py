@@ -20,7 +20,14 @@ import httpx
 
 from analysisq.errors import PermanentError, TransientError
 from analysisq.providers.anthropic import AnthropicProvider
-from analysisq.providers.batch import BatchEntry, BatchHttp, BatchResult, BatchState
+from analysisq.providers.batch import (
+    BatchEntry,
+    BatchHttp,
+    BatchResult,
+    BatchState,
+    MalformedBatch,
+    request_counts,
+)
 from analysisq.providers.client import Reply, dig, stream_lines
 from analysisq.providers.http_errors import error_for_response
 
@@ -85,15 +92,24 @@ class AnthropicBatchClient(BatchHttp):
 
     async def poll(self, provider_id: str) -> BatchState:
         reply, body = await self._call("GET", f"{self._base}/{provider_id}")
-        status = dig(reply, body, "processing_status", expect=str)
-        counts = body.get("request_counts") if isinstance(body.get("request_counts"), dict) else {}
-        counts = {k: v for k, v in counts.items() if isinstance(v, int)}
+
+        def malformed(field: str, problem: str, *, final: bool = False) -> MalformedBatch:
+            return MalformedBatch(
+                "anthropic", provider_id, reply.where, field, problem, final=final
+            )
+
+        status = body.get("processing_status")
+        if not isinstance(status, str):
+            raise malformed("processing_status", "is missing")
+        counts, missing = request_counts(body)
         if status in ("in_progress", "canceling"):
-            return BatchState(provider_id, "open", status, counts)
+            return BatchState(provider_id, "open", status, counts, missing=missing)
         if status == "ended":
-            url = dig(reply, body, "results_url", expect=str)
-            return BatchState(provider_id, "ended", status, counts, outputs=(url,))
-        raise TransientError(f"batch {provider_id} from {reply.where}: unknown status {status!r}")
+            url = body.get("results_url")
+            if not isinstance(url, str) or not url:
+                raise malformed("results_url", "is missing on an ended batch", final=True)
+            return BatchState(provider_id, "ended", status, counts, outputs=(url,), missing=missing)
+        raise malformed("processing_status", f"is {status!r}, which no Anthropic batch has")
 
     async def cancel(self, provider_id: str) -> None:
         await self._cancel(f"{self._base}/{provider_id}/cancel")

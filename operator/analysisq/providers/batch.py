@@ -12,6 +12,11 @@ retry policy decides, exactly as for a sync answer), ``unspent`` (expired or can
 item goes back without an attempt) or ``problem`` (a line that cannot be read: logged, and
 the item stays unanswered, so it goes back unspent when the batch is ingested).
 
+A batch object that lacks a field the driver needs (``status``, the result file of an ended
+batch...) raises ``MalformedBatch`` naming the provider, the batch and the field; one that
+lacks only ``request_counts`` (shown, never needed to ingest) is polled on and its state
+names the field in ``missing``.
+
 ``custom_id`` is ``<item id>-<claim token hex>``: the item and its claim, within Anthropic's
 ``^[a-zA-Z0-9_-]{1,64}$``; results are matched to the claims still held by that string.
 """
@@ -27,7 +32,7 @@ from typing import Any, Literal, Protocol
 import httpx
 
 from analysisq.completion import Completion
-from analysisq.errors import PermanentError, ProviderError
+from analysisq.errors import PermanentError, ProviderError, TransientError
 from analysisq.providers.client import Reply, decode_json, dig, send
 from analysisq.spec import Target
 
@@ -57,6 +62,32 @@ class BatchState:
     failure: ProviderError | None = None
     #: Where an ended batch's results are: file ids (OpenAI), the results URL (Anthropic).
     outputs: tuple[str, ...] = ()
+    #: Fields the batch object lacked that polling and ingesting can do without.
+    missing: tuple[str, ...] = ()
+
+
+class MalformedBatch(TransientError):
+    """The provider's batch object lacks a field the driver needs, or holds a value it does
+    not know. ``final``: waiting cannot help (an ended batch without its results file)."""
+
+    def __init__(
+        self, provider: str, batch_id: str, where: str, field: str, problem: str, *, final: bool
+    ) -> None:
+        super().__init__(
+            f"the {provider} batch {batch_id} (from {where}) is malformed: {field} {problem}"
+        )
+        self.provider = provider
+        self.batch_id = batch_id
+        self.field = field
+        self.final = final
+
+
+def request_counts(body: dict[str, Any]) -> tuple[dict[str, int], tuple[str, ...]]:
+    """A batch object's ``request_counts``, and ``("request_counts",)`` if it has none."""
+    counts = body.get("request_counts")
+    if not isinstance(counts, dict):
+        return {}, ("request_counts",)
+    return {k: v for k, v in counts.items() if isinstance(v, int)}, ()
 
 
 @dataclass(frozen=True)

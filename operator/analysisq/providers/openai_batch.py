@@ -20,7 +20,14 @@ from typing import Any
 import httpx
 
 from analysisq.errors import PermanentError, RateLimited, TransientError
-from analysisq.providers.batch import BatchEntry, BatchHttp, BatchResult, BatchState
+from analysisq.providers.batch import (
+    BatchEntry,
+    BatchHttp,
+    BatchResult,
+    BatchState,
+    MalformedBatch,
+    request_counts,
+)
 from analysisq.providers.client import Reply, dig, stream_lines
 from analysisq.providers.http_errors import error_for_response
 from analysisq.providers.openai import OpenAIProvider
@@ -96,18 +103,31 @@ class OpenAIBatchClient(BatchHttp):
 
     async def poll(self, provider_id: str) -> BatchState:
         reply, body = await self._call("GET", f"{self._base}/batches/{provider_id}")
-        status = dig(reply, body, "status", expect=str)
-        counts = body.get("request_counts") if isinstance(body.get("request_counts"), dict) else {}
-        counts = {k: v for k, v in counts.items() if isinstance(v, int)}
+
+        def malformed(field: str, problem: str, *, final: bool = False) -> MalformedBatch:
+            return MalformedBatch("openai", provider_id, reply.where, field, problem, final=final)
+
+        status = body.get("status")
+        if not isinstance(status, str):
+            raise malformed("status", "is missing")
+        counts, missing = request_counts(body)
         if status in _OPEN:
-            return BatchState(provider_id, "open", status, counts)
+            return BatchState(provider_id, "open", status, counts, missing=missing)
         if status in _ENDED:
-            files = (body.get("output_file_id"), body.get("error_file_id"))
-            outputs = tuple(f for f in files if isinstance(f, str) and f)
-            return BatchState(provider_id, "ended", status, counts, outputs=outputs)
+            output, errors = body.get("output_file_id"), body.get("error_file_id")
+            outputs = tuple(f for f in (output, errors) if isinstance(f, str) and f)
+            # A completed batch has its answers in the output file unless its counts say
+            # none succeeded (then only the error file); expired or cancelled batches may
+            # have run nothing at all.
+            answered = counts.get("completed") != 0
+            if status == "completed" and answered and output not in outputs:
+                raise malformed("output_file_id", "is missing on a completed batch", final=True)
+            return BatchState(
+                provider_id, "ended", status, counts, outputs=outputs, missing=missing
+            )
         if status == "failed":
             return BatchState(provider_id, "failed", status, counts, _failure(reply, body))
-        raise TransientError(f"batch {provider_id} from {reply.where}: unknown status {status!r}")
+        raise malformed("status", f"is {status!r}, which no OpenAI batch has")
 
     async def cancel(self, provider_id: str) -> None:
         await self._cancel(f"{self._base}/batches/{provider_id}/cancel")
