@@ -26,6 +26,7 @@ from analysisq.fake_provider.batches import (
     FakeBatch,
     Outcome,
     corrupt_lines,
+    drop_fields,
 )
 from analysisq.fake_provider.routing import anthropic_error, authorized
 from analysisq.fake_provider.stats import prompt_key
@@ -141,20 +142,23 @@ class AnthropicBatches:
             counts["processing"] = len(batch.requests)
         ended_at = batch.cancelled_at if batch.cancel_at is not None else batch.ends_at
         results_url = f"{request.scheme}://{request.host}{_ROOT}/{batch.id}/results"
-        return {
-            "id": batch.id,
-            "type": "message_batch",
-            "processing_status": "ended"
-            if ended
-            else ("canceling" if batch.cancel_at is not None else "in_progress"),
-            "request_counts": counts,
-            "ended_at": _rfc3339(ended_at) if ended and ended_at is not None else None,
-            "created_at": _rfc3339(batch.created),
-            "expires_at": _rfc3339(batch.created + _DAY),
-            "archived_at": None,
-            "cancel_initiated_at": _rfc3339(batch.cancel_at) if batch.cancel_at else None,
-            "results_url": results_url if ended else None,
-        }
+        return drop_fields(
+            self.book.config,
+            {
+                "id": batch.id,
+                "type": "message_batch",
+                "processing_status": "ended"
+                if ended
+                else ("canceling" if batch.cancel_at is not None else "in_progress"),
+                "request_counts": counts,
+                "ended_at": _rfc3339(ended_at) if ended and ended_at is not None else None,
+                "created_at": _rfc3339(batch.created),
+                "expires_at": _rfc3339(batch.created + _DAY),
+                "archived_at": None,
+                "cancel_initiated_at": _rfc3339(batch.cancel_at) if batch.cancel_at else None,
+                "results_url": results_url if ended else None,
+            },
+        )
 
 
 def _parse_requests(entries: Any) -> tuple[list[BatchRequest], str | None]:

@@ -153,6 +153,11 @@ def corrupt_lines(lines: list[bytes]) -> list[bytes]:
     return [b'{"custom_id": "truncated\n', json.dumps(unknown).encode() + b"\n", lines[0]]
 
 
+def drop_fields(config: FakeConfig, obj: dict[str, Any]) -> dict[str, Any]:
+    """``batch_drop_fields``: *obj* without them."""
+    return {k: v for k, v in obj.items() if k not in config.batch_drop_fields}
+
+
 @dataclass(frozen=True)
 class FakeFile:
     """An uploaded or generated file (OpenAI ``/v1/files``)."""

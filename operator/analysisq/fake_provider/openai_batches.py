@@ -26,6 +26,7 @@ from analysisq.fake_provider.batches import (
     FakeBatch,
     Outcome,
     corrupt_lines,
+    drop_fields,
 )
 from analysisq.fake_provider.routing import authorized, openai_error
 from analysisq.fake_provider.stats import prompt_key
@@ -185,33 +186,36 @@ class OpenAIBatches:
             code, message, line = batch.failure
             error = {"code": code, "message": message, "param": None, "line": line}
             errors = {"object": "list", "data": [error]}
-        return {
-            "id": batch.id,
-            "object": "batch",
-            "endpoint": ENDPOINT,
-            "model": batch.requests[0].body.get("model") if batch.requests else None,
-            "errors": errors,
-            "input_file_id": batch.input_file_id,
-            "completion_window": "24h",
-            "status": phase,
-            "output_file_id": batch.output_file_id,
-            "error_file_id": batch.error_file_id,
-            "created_at": stamp,
-            "in_progress_at": at(
-                batch.validated_at, batch.fate != "fail" and now >= batch.validated_at
-            ),
-            "expires_at": stamp + _DAY,
-            "finalizing_at": at(
-                batch.processed_at, phase in ("finalizing", "completed", "expired")
-            ),
-            "completed_at": at(batch.ends_at, phase == "completed"),
-            "failed_at": at(batch.validated_at, phase == "failed"),
-            "expired_at": at(batch.ends_at, phase == "expired"),
-            "cancelling_at": at(batch.cancel_at, batch.cancel_at is not None),
-            "cancelled_at": at(cancelled_at, phase == "cancelled"),
-            "request_counts": {"total": len(batch.requests), "completed": ok, "failed": failed},
-            "metadata": batch.metadata,
-        }
+        return drop_fields(
+            self.book.config,
+            {
+                "id": batch.id,
+                "object": "batch",
+                "endpoint": ENDPOINT,
+                "model": batch.requests[0].body.get("model") if batch.requests else None,
+                "errors": errors,
+                "input_file_id": batch.input_file_id,
+                "completion_window": "24h",
+                "status": phase,
+                "output_file_id": batch.output_file_id,
+                "error_file_id": batch.error_file_id,
+                "created_at": stamp,
+                "in_progress_at": at(
+                    batch.validated_at, batch.fate != "fail" and now >= batch.validated_at
+                ),
+                "expires_at": stamp + _DAY,
+                "finalizing_at": at(
+                    batch.processed_at, phase in ("finalizing", "completed", "expired")
+                ),
+                "completed_at": at(batch.ends_at, phase == "completed"),
+                "failed_at": at(batch.validated_at, phase == "failed"),
+                "expired_at": at(batch.ends_at, phase == "expired"),
+                "cancelling_at": at(batch.cancel_at, batch.cancel_at is not None),
+                "cancelled_at": at(cancelled_at, phase == "cancelled"),
+                "request_counts": {"total": len(batch.requests), "completed": ok, "failed": failed},
+                "metadata": batch.metadata,
+            },
+        )
 
     def _write_files(self, batch: FakeBatch) -> None:
         """The output file (answers) and the error file (every other outcome), as OpenAI

@@ -1,0 +1,120 @@
+"""Bad provider output in batch mode: each case a clear logged error, nothing lost, nothing
+answered twice (issue 11's "Bad input" list), against a real PostgreSQL and the fake
+provider's Batch APIs."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from test_batch_driver import check_invariants, driver, http, target, until_done
+
+from analysisq.fake_provider import FakeConfig, FakeProvider
+from analysisq.queue import runs
+from analysisq.queue.retry import RetryPolicy
+from analysisq.worker.batch import MALFORMED_POLLS
+from support import add_prompts, new_run, spec
+
+pytestmark = [pytest.mark.db, pytest.mark.timeout(240)]
+
+__all__ = ["http"]  # the fixture, shared with test_batch_driver
+
+FIRST = "SELECT state, outcome, provider_batch_id FROM batch_submissions ORDER BY id LIMIT 1"
+
+
+def errors(caplog: pytest.LogCaptureFixture, start: str) -> list[Any]:
+    return [r for r in caplog.records if r.levelname == "ERROR" and r.getMessage().startswith(start)]
+
+
+@pytest.mark.parametrize(
+    ("provider", "field", "final"),
+    [
+        ("openai", "status", False),
+        ("openai", "output_file_id", True),
+        ("anthropic", "processing_status", False),
+        ("anthropic", "results_url", True),
+    ],
+)
+async def test_a_batch_object_missing_a_field_is_given_up_and_nothing_is_lost(
+    db: asyncpg.Connection,
+    pool: asyncpg.Pool,
+    http: httpx.AsyncClient,
+    caplog: pytest.LogCaptureFixture,
+    provider: str,
+    field: str,
+    final: bool,
+) -> None:
+    # An open batch (final=False) stays open for the whole test unless it is cancelled.
+    config = FakeConfig(batch_seconds=0.2 if final else 60, batch_drop_fields=[field])
+    async with FakeProvider(config) as fake:
+        await add_prompts(db, 40)
+        await new_run(db, "run-1", spec(targets=[target(fake, provider)], maxAttempts=3))
+        run = await runs.get_run(db, "run-1")
+        # A long backoff: the retries wait, so what the give-up left can be read.
+        d = driver(pool, run, http, "w1")
+        d.policy = d.sender.policy = RetryPolicy(base_seconds=2, cap_seconds=2)
+        with caplog.at_level("ERROR", logger="analysisq.worker.batch"):
+            async with asyncio.timeout(60):
+                while (await db.fetchrow(FIRST) or {"state": None})["state"] != "done":
+                    await d.round()
+                    await asyncio.sleep(0.06)
+        state, outcome, batch_id = await db.fetchrow(FIRST)
+        logged = errors(caplog, "provider batch object is malformed")
+        # The items took the error through the retry policy: one attempt spent, a retry
+        # scheduled, the message names the field; none was written, none is still held.
+        held = await db.fetch(
+            "SELECT status, attempts, error_message, next_attempt_at IS NOT NULL AS retry"
+            " FROM analysis_queue WHERE run_id = 'run-1'"
+        )
+        # What the provider says of the batch once its objects are whole again.
+        fake.configure(FakeConfig(batch_seconds=0.2))
+        async with httpx.AsyncClient(trust_env=False) as plain:
+            path = "batches" if provider == "openai" else "messages/batches"
+            seen = (await plain.get(f"{fake.url}/{path}/{batch_id}")).json()
+        await until_done(pool, [driver(pool, run, http, "w2")])
+    assert outcome.startswith("given up:") and field in outcome
+    assert len(logged) == (1 if final else MALFORMED_POLLS)
+    last = logged[-1]
+    assert (last.provider, last.batch, last.field) == (provider, batch_id, field)
+    assert last.getMessage().endswith("giving the submission up")
+    assert field in last.error and batch_id in last.error
+    assert len(held) == 40
+    assert {(r["status"], r["attempts"], r["retry"]) for r in held} == {("failed", 1, True)}
+    assert all(field in r["error_message"] for r in held)
+    status = seen.get("status") or seen.get("processing_status")
+    if final:
+        assert status in ("completed", "ended")
+    else:  # it was still running: it was cancelled, not left to run (and be paid) unread
+        assert status in ("cancelling", "cancelled", "canceling", "ended")
+        assert seen.get("cancelling_at") or seen.get("cancel_initiated_at")
+    # Nothing lost, nothing answered twice: the next batch answered each item once.
+    counts = await check_invariants(db)
+    assert counts.completed == 40
+    assert await db.fetchval("SELECT max(attempts) FROM analysis_queue") == 2
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+async def test_a_batch_object_without_request_counts_is_polled_on_with_an_error(
+    db: asyncpg.Connection,
+    pool: asyncpg.Pool,
+    http: httpx.AsyncClient,
+    caplog: pytest.LogCaptureFixture,
+    provider: str,
+) -> None:
+    """The counts are shown, never needed to ingest: the batch is ingested whole, and the
+    missing field is logged once per submission, naming the provider and the batch."""
+    config = FakeConfig(batch_seconds=0.5, batch_drop_fields=["request_counts"])
+    async with FakeProvider(config) as fake:
+        await add_prompts(db, 30)
+        await new_run(db, "run-1", spec(targets=[target(fake, provider)]))
+        run = await runs.get_run(db, "run-1")
+        with caplog.at_level("ERROR", logger="analysisq.worker.batch"):
+            await until_done(pool, [driver(pool, run, http, "w1")])
+    counts = await check_invariants(db)
+    assert counts.completed == 30
+    (logged,) = errors(caplog, "provider batch object lacks fields")
+    batch_id = await db.fetchval("SELECT provider_batch_id FROM batch_submissions")
+    assert (logged.provider, logged.batch, logged.field) == (provider, batch_id, "request_counts")
