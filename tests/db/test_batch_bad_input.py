@@ -22,11 +22,13 @@ pytestmark = [pytest.mark.db, pytest.mark.timeout(240)]
 
 __all__ = ["http"]  # the fixture, shared with test_batch_driver
 
-FIRST = "SELECT state, outcome, provider_batch_id FROM batch_submissions ORDER BY id LIMIT 1"
+FIRST = "SELECT outcome, provider_batch_id, state FROM batch_submissions ORDER BY id LIMIT 1"
 
 
 def errors(caplog: pytest.LogCaptureFixture, start: str) -> list[Any]:
-    return [r for r in caplog.records if r.levelname == "ERROR" and r.getMessage().startswith(start)]
+    return [
+        r for r in caplog.records if r.levelname == "ERROR" and r.getMessage().startswith(start)
+    ]
 
 
 @pytest.mark.parametrize(
@@ -61,7 +63,7 @@ async def test_a_batch_object_missing_a_field_is_given_up_and_nothing_is_lost(
                 while (await db.fetchrow(FIRST) or {"state": None})["state"] != "done":
                     await d.round()
                     await asyncio.sleep(0.06)
-        state, outcome, batch_id = await db.fetchrow(FIRST)
+        outcome, batch_id, _ = await db.fetchrow(FIRST)
         logged = errors(caplog, "provider batch object is malformed")
         # The items took the error through the retry policy: one attempt spent, a retry
         # scheduled, the message names the field; none was written, none is still held.
@@ -118,3 +120,41 @@ async def test_a_batch_object_without_request_counts_is_polled_on_with_an_error(
     (logged,) = errors(caplog, "provider batch object lacks fields")
     batch_id = await db.fetchval("SELECT provider_batch_id FROM batch_submissions")
     assert (logged.provider, logged.batch, logged.field) == (provider, batch_id, "request_counts")
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+async def test_results_for_claims_lost_while_ingesting_are_logged_and_written_once(
+    db: asyncpg.Connection,
+    pool: asyncpg.Pool,
+    http: httpx.AsyncClient,
+    caplog: pytest.LogCaptureFixture,
+    provider: str,
+) -> None:
+    """After the first chunk of answers is on its way, every claim the submission still
+    holds is taken over (as a reset or another worker would): the rest of the file is for
+    items no longer held. The fence refuses each write, the error says how many, and the
+    items come back and are answered once in a later batch."""
+    calls = 0
+
+    async def take_over(step: str) -> None:
+        nonlocal calls
+        calls += step == "ingesting"
+        if step == "ingesting" and calls == 2:  # 1: before the ingest; 2: after a chunk
+            await db.execute(
+                "UPDATE analysis_queue SET claim_token = gen_random_uuid()"
+                " WHERE submission_id IS NOT NULL AND status = 'processing'"
+            )
+
+    async with FakeProvider(FakeConfig(batch_seconds=0.2)) as fake:
+        await add_prompts(db, 1500)
+        await new_run(db, "run-1", spec(targets=[target(fake, provider)]))
+        run = await runs.get_run(db, "run-1")
+        with caplog.at_level("ERROR", logger="analysisq.worker.batch"):
+            await until_done(pool, [driver(pool, run, http, "w1", take_over)])
+        stats = fake.stats()
+    counts = await check_invariants(db)
+    assert counts.completed == 1500
+    (logged,) = errors(caplog, "batch results for items whose claim ended")
+    first = await db.fetchval("SELECT outcome FROM batch_submissions ORDER BY id LIMIT 1")
+    assert logged.count >= 500 and f"{logged.count} results for claims lost" in first
+    assert stats.batches_created == 2
