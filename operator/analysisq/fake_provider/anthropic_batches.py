@@ -27,6 +27,7 @@ from analysisq.fake_provider.batches import (
     Outcome,
     corrupt_lines,
     drop_fields,
+    padded,
 )
 from analysisq.fake_provider.routing import anthropic_error, authorized
 from analysisq.fake_provider.stats import prompt_key
@@ -110,17 +111,24 @@ class AnthropicBatches:
             {"data": data, "has_more": more, "first_id": first, "last_id": last}
         )
 
-    async def results(self, request: web.Request) -> web.Response:
+    async def results(self, request: web.Request) -> web.StreamResponse:
         batch = self._find(request)
         if isinstance(batch, web.Response):
             return batch
         if self.book.settle(batch, time.time()) not in ENDED or batch.results is None:
             message = f"Batch {batch.id} has not ended yet; its results are not available."
             return anthropic_error(400, "invalid_request_error", message)
-        lines = [_result_line(r, o) for r, o in batch.results]
-        if self.book.config.batch_corrupt_results:
-            lines += corrupt_lines(lines)
-        return web.Response(body=b"".join(lines), content_type="application/binary")
+        # Written line by line: a 200 MB+ file (padding) is never built whole here either.
+        response = web.StreamResponse(headers={"Content-Type": "application/binary"})
+        await response.prepare(request)
+        for r, o in batch.results:
+            await response.write(padded(self.book.config, _result_line(r, o)))
+        if self.book.config.batch_corrupt_results and batch.results:
+            first = [_result_line(*batch.results[0])]
+            for line in corrupt_lines(first):
+                await response.write(line)
+        await response.write_eof()
+        return response
 
     def _find(self, request: web.Request) -> FakeBatch | web.Response:
         if not authorized(request, self.book.config):

@@ -27,6 +27,7 @@ from analysisq.fake_provider.batches import (
     Outcome,
     corrupt_lines,
     drop_fields,
+    padded,
 )
 from analysisq.fake_provider.routing import authorized, openai_error
 from analysisq.fake_provider.stats import prompt_key
@@ -223,7 +224,7 @@ class OpenAIBatches:
         output: list[bytes] = []
         errors: list[bytes] = []
         for request, outcome in batch.results or ():
-            line = _result_line(request, outcome, self.book.config.model)
+            line = padded(self.book.config, _result_line(request, outcome, self.book.config.model))
             (output if outcome == "ok" else errors).append(line)
         if self.book.config.batch_corrupt_results:
             output += corrupt_lines(output)

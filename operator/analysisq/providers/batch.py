@@ -27,7 +27,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, Protocol
+from typing import IO, Any, Literal, Protocol
 
 import httpx
 
@@ -111,6 +111,12 @@ class BatchClient(Protocol):
         """Bytes *entry* adds to a batch's input (for ``batch.maxBytes``)."""
         ...
 
+    @property
+    def max_input_bytes(self) -> int:
+        """The most entry bytes one batch may hold at this API, whatever ``batch.maxBytes``
+        says: more and the provider refuses the batch."""
+        ...
+
     async def submit(self, entries: Sequence[BatchEntry], metadata: Mapping[str, str]) -> str:
         """Create one provider batch; its id. Raises ``ProviderError``."""
         ...
@@ -157,13 +163,15 @@ class BatchHttp:
     def target(self) -> Target:
         return self._sync.target
 
-    async def _call(self, method: str, url: str, **content: Any) -> tuple[Reply, Any]:
+    async def _call(
+        self, method: str, url: str, *, headers: Mapping[str, str] | None = None, **content: Any
+    ) -> tuple[Reply, Any]:
         """*method* *url*; the reply and its JSON object body, or a ``ProviderError``."""
         reply = await send(
             self._client,
             method,
             url,
-            headers=self._sync.headers(),
+            headers={**self._sync.headers(), **(headers or {})},
             timeout_s=self._timeout,
             secrets=self._secrets,
             **content,
@@ -176,6 +184,17 @@ class BatchHttp:
         except PermanentError as exc:
             if exc.status != 400:  # 400: it ended already, which is what we wanted
                 raise
+
+
+#: A batch's input is spooled to disk past this size, then streamed from there: a 200 MB
+#: file (OpenAI) or a 256 MB body (Anthropic) is never held whole in memory.
+SPOOL_BYTES = 8 * 2**20
+
+
+async def file_chunks(file: IO[bytes], size: int = 2**20) -> AsyncIterator[bytes]:
+    """*file* from where it stands, in chunks of *size* bytes: a request body httpx streams."""
+    while chunk := file.read(size):
+        yield chunk
 
 
 def custom_id(item_id: int, token: uuid.UUID) -> str:

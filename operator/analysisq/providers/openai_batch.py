@@ -21,6 +21,7 @@ import httpx
 
 from analysisq.errors import PermanentError, RateLimited, TransientError
 from analysisq.providers.batch import (
+    SPOOL_BYTES,
     BatchEntry,
     BatchHttp,
     BatchResult,
@@ -40,6 +41,9 @@ _ENDED = frozenset({"completed", "expired", "cancelled"})
 _UNSPENT = frozenset({"batch_expired", "batch_cancelled"})
 #: Pages of ``GET /batches`` that ``find`` reads at most (100 batches each).
 FIND_PAGES = 20
+#: OpenAI's ceiling for a batch input file, 200 MB (counted in decimal megabytes, the
+#: smaller reading): ``batch.maxBytes`` allows 256 MB, for Anthropic.
+MAX_FILE_BYTES = 200_000_000
 #: Back-pressure after ``token_limit_exceeded``: no new batch for the target before this.
 TOKEN_LIMIT_DELAY_S = 60.0
 
@@ -62,9 +66,13 @@ class OpenAIBatchClient(BatchHttp):
     def entry_size(self, entry: BatchEntry) -> int:
         return len(self.line(entry))
 
+    @property
+    def max_input_bytes(self) -> int:
+        return MAX_FILE_BYTES
+
     async def submit(self, entries: Sequence[BatchEntry], metadata: Mapping[str, str]) -> str:
         # Spooled to disk past 8 MB: a 200 MB input is streamed, not held (nor copied) whole.
-        with tempfile.SpooledTemporaryFile(max_size=8 * 2**20) as spool:
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as spool:
             for entry in entries:
                 spool.write(self.line(entry))
             spool.seek(0)
