@@ -5,6 +5,7 @@ provider's Batch APIs."""
 from __future__ import annotations
 
 import asyncio
+import tracemalloc
 from typing import Any
 
 import asyncpg
@@ -158,3 +159,39 @@ async def test_results_for_claims_lost_while_ingesting_are_logged_and_written_on
     first = await db.fetchval("SELECT outcome FROM batch_submissions ORDER BY id LIMIT 1")
     assert logged.count >= 500 and f"{logged.count} results for claims lost" in first
     assert stats.batches_created == 2
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+async def test_a_200_mb_result_file_is_streamed_every_answer_written_once(
+    db: asyncpg.Connection, pool: asyncpg.Pool, http: httpx.AsyncClient, provider: str
+) -> None:
+    """2,000 results of 105 kB each (padding the client ignores): a 210 MB file. Python
+    memory while it is ingested stays far below it (a file held whole would be all of it),
+    every item is answered once and nothing else is written."""
+    items, pad = 2_000, 105_000
+    config = FakeConfig(batch_seconds=0.2, batch_result_padding_bytes=pad)
+    peaks: list[int] = []
+
+    async def measure(step: str) -> None:
+        if step == "ingesting" and not tracemalloc.is_tracing():
+            tracemalloc.start()  # the file the fake built is not counted; the ingest is
+
+    async with FakeProvider(config) as fake:
+        await add_prompts(db, items)
+        s = spec(targets=[target(fake, provider, maxRequests=items, maxBytes=256_000_000)])
+        await new_run(db, "run-1", s)
+        run = await runs.get_run(db, "run-1")
+        try:
+            await until_done(pool, [driver(pool, run, http, "w1", measure)])
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+        stats = fake.stats()
+    counts = await check_invariants(db)
+    assert counts.completed == items and stats.batches_created == 1
+    assert stats.prompts_completed_more_than_once == 0 and stats.completions == items
+    outcome = await db.fetchval("SELECT outcome FROM batch_submissions")
+    assert outcome.endswith(f"{items} completed, 0 to retry, 0 failed, 0 deferred, 0 unspent")
+    assert items * pad > 200 * 10**6
+    (peak,) = peaks
+    assert peak < 64 * 2**20, peak  # generous: 4-6 MB measured; a whole read: 635 MB

@@ -34,6 +34,8 @@ from analysisq.fake_provider.stats import prompt_key
 
 MAX_FILE_BYTES = 200 * 1024 * 1024
 MAX_REQUESTS = 50_000
+#: File contents are written in chunks of this size.
+CHUNK_BYTES = 2**20
 ENDPOINT = "/v1/chat/completions"
 _DAY = 86_400
 _ERRORS: dict[str, tuple[str, str]] = {
@@ -81,13 +83,20 @@ class OpenAIBatches:
             return openai_error(404, f"No such File object: {file_id}")
         return web.json_response(_file_object(file_id, self.book))
 
-    async def content(self, request: web.Request) -> web.Response:
+    async def content(self, request: web.Request) -> web.StreamResponse:
         if not authorized(request, self.book.config):
             return openai_error(401, "Incorrect API key provided.", code="invalid_api_key")
         file = self.book.files.get(request.match_info["id"])
         if file is None:
             return openai_error(404, f"No such File object: {request.match_info['id']}")
-        return web.Response(body=file.data, content_type="application/octet-stream")
+        # In chunks: a 200 MB+ file is not copied whole into the transport's buffer.
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await response.prepare(request)
+        view = memoryview(file.data)
+        for start in range(0, len(view), CHUNK_BYTES):
+            await response.write(view[start : start + CHUNK_BYTES])
+        await response.write_eof()
+        return response
 
     async def create(self, request: web.Request) -> web.Response:
         if not authorized(request, self.book.config):
