@@ -123,6 +123,11 @@ _OPTIONS = (
         help="Add a non-JSON line, an unknown custom_id and a repeated result to result files.",
     ),
     click.option(
+        "--batch-result-padding-bytes",
+        type=click.IntRange(min=0),
+        help="Pad every batch result line with N bytes (big result files).",
+    ),
+    click.option(
         "--batch-drop-field",
         "batch_drop_fields",
         multiple=True,
