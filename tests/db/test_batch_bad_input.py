@@ -56,7 +56,7 @@ async def test_a_batch_object_missing_a_field_is_given_up_and_nothing_is_lost(
         await add_prompts(db, 40)
         await new_run(db, "run-1", spec(targets=[target(fake, provider)], maxAttempts=3))
         run = await runs.get_run(db, "run-1")
-        # A long backoff: the retries wait, so what the give-up left can be read.
+        # A long backoff: most retries wait, so what the give-up left can be read.
         d = driver(pool, run, http, "w1")
         d.policy = d.sender.policy = RetryPolicy(base_seconds=2, cap_seconds=2)
         with caplog.at_level("ERROR", logger="analysisq.worker.batch"):
@@ -77,7 +77,7 @@ async def test_a_batch_object_missing_a_field_is_given_up_and_nothing_is_lost(
         async with httpx.AsyncClient(trust_env=False) as plain:
             path = "batches" if provider == "openai" else "messages/batches"
             seen = (await plain.get(f"{fake.url}/{path}/{batch_id}")).json()
-        await until_done(pool, [driver(pool, run, http, "w2")])
+        await until_done(pool, [d])  # w1 may hold a new submission of the retries already
     assert outcome.startswith("given up:") and field in outcome
     assert len(logged) == (1 if final else MALFORMED_POLLS)
     last = logged[-1]
@@ -85,7 +85,10 @@ async def test_a_batch_object_missing_a_field_is_given_up_and_nothing_is_lost(
     assert last.getMessage().endswith("giving the submission up")
     assert field in last.error and batch_id in last.error
     assert len(held) == 40
-    assert {(r["status"], r["attempts"], r["retry"]) for r in held} == {("failed", 1, True)}
+    # (A retry whose jittered backoff was short may be in the next batch already: then its
+    # second attempt. An item put back unspent would be at attempt 0, or 1 in that batch.)
+    states = {(r["status"], r["attempts"], r["retry"]) for r in held}
+    assert states <= {("failed", 1, True), ("processing", 2, False)}, states
     assert all(field in r["error_message"] for r in held)
     status = seen.get("status") or seen.get("processing_status")
     if final:
