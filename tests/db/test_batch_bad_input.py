@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import tracemalloc
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -24,6 +25,26 @@ pytestmark = [pytest.mark.db, pytest.mark.timeout(240)]
 __all__ = ["http"]  # the fixture, shared with test_batch_driver
 
 FIRST = "SELECT outcome, provider_batch_id, state FROM batch_submissions ORDER BY id LIMIT 1"
+
+
+async def run_to_the_end(
+    db: asyncpg.Connection,
+    pool: asyncpg.Pool,
+    http: httpx.AsyncClient,
+    caplog: pytest.LogCaptureFixture,
+    config: FakeConfig,
+    provider: str,
+    count: int,
+    step: Callable[[str], Awaitable[None]] | None = None,
+) -> None:
+    """*count* prompts through one batch target of *provider*, errors captured."""
+    async with FakeProvider(config) as fake:
+        await add_prompts(db, count)
+        await new_run(db, "run-1", spec(targets=[target(fake, provider)]))
+        run = await runs.get_run(db, "run-1")
+        with caplog.at_level("ERROR", logger="analysisq.worker.batch"):
+            await until_done(pool, [driver(pool, run, http, "w1", step)])
+        assert fake.stats().batches_created == (1 if step is None else 2)
 
 
 def errors(caplog: pytest.LogCaptureFixture, start: str) -> list[Any]:
@@ -113,12 +134,7 @@ async def test_a_batch_object_without_request_counts_is_polled_on_with_an_error(
     """The counts are shown, never needed to ingest: the batch is ingested whole, and the
     missing field is logged once per submission, naming the provider and the batch."""
     config = FakeConfig(batch_seconds=0.5, batch_drop_fields=["request_counts"])
-    async with FakeProvider(config) as fake:
-        await add_prompts(db, 30)
-        await new_run(db, "run-1", spec(targets=[target(fake, provider)]))
-        run = await runs.get_run(db, "run-1")
-        with caplog.at_level("ERROR", logger="analysisq.worker.batch"):
-            await until_done(pool, [driver(pool, run, http, "w1")])
+    await run_to_the_end(db, pool, http, caplog, config, provider, 30)
     counts = await check_invariants(db)
     assert counts.completed == 30
     (logged,) = errors(caplog, "provider batch object lacks fields")
@@ -149,19 +165,13 @@ async def test_results_for_claims_lost_while_ingesting_are_logged_and_written_on
                 " WHERE submission_id IS NOT NULL AND status = 'processing'"
             )
 
-    async with FakeProvider(FakeConfig(batch_seconds=0.2)) as fake:
-        await add_prompts(db, 1500)
-        await new_run(db, "run-1", spec(targets=[target(fake, provider)]))
-        run = await runs.get_run(db, "run-1")
-        with caplog.at_level("ERROR", logger="analysisq.worker.batch"):
-            await until_done(pool, [driver(pool, run, http, "w1", take_over)])
-        stats = fake.stats()
+    config = FakeConfig(batch_seconds=0.2)
+    await run_to_the_end(db, pool, http, caplog, config, provider, 1500, take_over)
     counts = await check_invariants(db)
     assert counts.completed == 1500
     (logged,) = errors(caplog, "batch results for items whose claim ended")
     first = await db.fetchval("SELECT outcome FROM batch_submissions ORDER BY id LIMIT 1")
     assert logged.count >= 500 and f"{logged.count} results for claims lost" in first
-    assert stats.batches_created == 2
 
 
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])

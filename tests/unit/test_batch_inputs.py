@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import tracemalloc
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 from aiohttp import web
+from test_provider_batches import http
 
 from analysisq.fake_provider import FakeConfig, FakeProvider, openai_batches
-from analysisq.providers import anthropic_batch, make_batch_client, make_http_client, openai_batch
+from analysisq.providers import anthropic_batch, make_batch_client, openai_batch
 from analysisq.providers.batch import BatchEntry, custom_id
 from analysisq.queue.items import ClaimedItem
 from analysisq.spec import parse_spec
@@ -21,12 +21,7 @@ from analysisq.worker.batch_plan import fit
 
 pytestmark = pytest.mark.unit
 
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    client = make_http_client(trust_env=False)
-    yield client
-    await client.aclose()
+__all__ = ["http"]  # the fixture, shared with test_provider_batches
 
 
 def item(i: int, text: str) -> ClaimedItem:
