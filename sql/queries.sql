@@ -653,14 +653,9 @@ WITH input AS (
     CROSS JOIN analysis_runs r
     WHERE r.id = :run_id
 ), exhausted AS (
-    -- Waiting items with no attempt left (maxAttempts was lowered after they were last
-    -- tried) end here, failed for good, instead of waiting for ever.
-    UPDATE analysis_queue q SET
-        status = 'failed', next_attempt_at = NULL, updated_at = now(),
-        error_class = coalesce(q.error_class, 'transient'),
-        error_message = format('gave up after %s attempts: %s', q.attempts,
-                               coalesce(q.error_message, 'maxAttempts was lowered'))
-    WHERE q.id = ANY (ARRAY(SELECT c.id FROM candidates c WHERE c.exhausted))
+    -- Waiting items with no attempt left end here, failed for good (fail_exhausted, shared
+    -- with batch_claim; free when there is none)
+    SELECT fail_exhausted(ARRAY(SELECT c.id FROM candidates c WHERE c.exhausted)) AS failed
 ), claimed AS (
     UPDATE analysis_queue q SET
         status = 'processing',
@@ -675,6 +670,9 @@ WITH input AS (
     -- an id array, not a join with `candidates`, for the same reason as there
     WHERE q.id = ANY (ARRAY(SELECT c.id FROM candidates c WHERE NOT c.exhausted))
       AND p.id = q.prompt_tracking_id AND r.id = q.run_id
+      -- a condition on no row: evaluated once, before the scan, so `exhausted` runs even
+      -- when nothing is left to claim (a SELECT in WITH runs only where it is read)
+      AND (SELECT failed FROM exhausted) IS NOT NULL
     RETURNING q.id, q.claim_token, q.run_id, q.prompt_tracking_id, q.target, q.attempts,
               q.deferrals, q.lease_losses, r.max_attempts, p.external_id, p.text
 )
@@ -750,21 +748,16 @@ WITH scanned AS (
     LIMIT :limit
     FOR UPDATE OF q SKIP LOCKED
 ), exhausted AS (
-    -- waiting items with no attempt left end here, as in `complete_and_claim`
-    UPDATE analysis_queue q SET
-        status = 'failed', next_attempt_at = NULL, updated_at = now(),
-        error_class = coalesce(q.error_class, 'transient'),
-        error_message = format('gave up after %s attempts: %s', q.attempts,
-                               coalesce(q.error_message, 'maxAttempts was lowered'))
-    FROM scanned c
-    WHERE q.id = c.id AND c.exhausted
+    -- waiting items with no attempt left end here (fail_exhausted, as in
+    -- `complete_and_claim`); read by `submission`, so it runs before it
+    SELECT fail_exhausted(ARRAY(SELECT id FROM scanned WHERE exhausted)) AS failed
 ), candidates AS (
     SELECT id FROM scanned WHERE NOT exhausted
 ), submission AS (
     -- HAVING: no row (and no submission) when nothing is claimable
     INSERT INTO batch_submissions (run_id, target, item_count, lease_owner, lease_expires_at)
     SELECT :run_id, :target, count(*), :worker, now() + make_interval(secs => :lease_seconds)
-    FROM candidates HAVING count(*) > 0
+    FROM candidates HAVING (SELECT failed FROM exhausted) IS NOT NULL AND count(*) > 0
     RETURNING id
 )
 UPDATE analysis_queue q SET

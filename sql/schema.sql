@@ -298,6 +298,27 @@ LANGUAGE sql IMMUTABLE AS $$
              * (1 - coalesce(p_discount, 0)) END
 $$;
 
+-- Waiting items a claim found with no attempt left (maxAttempts was lowered after they were
+-- last tried) end failed for good: both claims call this (migration 0010).
+CREATE FUNCTION fail_exhausted(p_ids bigint[]) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    failed integer;
+BEGIN
+    IF coalesce(cardinality(p_ids), 0) = 0 THEN
+        RETURN 0;
+    END IF;
+    UPDATE analysis_queue q SET
+        status = 'failed', next_attempt_at = NULL, updated_at = now(),
+        error_class = coalesce(q.error_class, 'transient'),
+        error_message = format('gave up after %s attempts: %s', q.attempts,
+                               coalesce(q.error_message, 'maxAttempts was lowered'))
+    WHERE q.id = ANY (p_ids);
+    GET DIAGNOSTICS failed = ROW_COUNT;
+    RETURN failed;
+END
+$$;
+
 CREATE TABLE IF NOT EXISTS analysisq_migrations (
     version    integer     PRIMARY KEY,
     name       text        NOT NULL,
