@@ -615,21 +615,16 @@ WITH scanned AS (
     LIMIT :limit
     FOR UPDATE OF q SKIP LOCKED
 ), exhausted AS (
-    -- waiting items with no attempt left end here, as in `complete_and_claim`
-    UPDATE analysis_queue q SET
-        status = 'failed', next_attempt_at = NULL, updated_at = now(),
-        error_class = coalesce(q.error_class, 'transient'),
-        error_message = format('gave up after %s attempts: %s', q.attempts,
-                               coalesce(q.error_message, 'maxAttempts was lowered'))
-    FROM scanned c
-    WHERE q.id = c.id AND c.exhausted
+    -- waiting items with no attempt left end here (fail_exhausted, as in
+    -- `complete_and_claim`); read by `submission`, so it runs before it
+    SELECT fail_exhausted(ARRAY(SELECT id FROM scanned WHERE exhausted)) AS failed
 ), candidates AS (
     SELECT id FROM scanned WHERE NOT exhausted
 ), submission AS (
     -- HAVING: no row (and no submission) when nothing is claimable
     INSERT INTO batch_submissions (run_id, target, item_count, lease_owner, lease_expires_at)
     SELECT :run_id, :target, count(*), :worker, now() + make_interval(secs => :lease_seconds)
-    FROM candidates HAVING count(*) > 0
+    FROM candidates HAVING (SELECT failed FROM exhausted) IS NOT NULL AND count(*) > 0
     RETURNING id
 )
 UPDATE analysis_queue q SET

@@ -2,7 +2,32 @@
 -- PostgreSQL keeps its plan. Sent as a statement it was parsed and planned on every execution
 -- behind a pooler in transaction mode (no prepared statement survives a transaction there),
 -- which cost the server 3.6x the CPU of a direct connection per batch (docs/benchmarks.md).
--- The statement is unchanged; sql/queries.sql's complete_and_claim calls the function.
+-- The statement is unchanged but for its exhausted step, which calls fail_exhausted (also
+-- used by batch_claim); sql/queries.sql's complete_and_claim calls the function.
+
+-- One place for "no attempt left": waiting items a claim found with no attempt left
+-- (maxAttempts was lowered after they were last tried) end failed for good. Both claims, the
+-- sync path's analysisq_complete_and_claim below and queries.sql's batch_claim, call it with
+-- the ids their scan locked. An empty array (nearly every claim) returns before any
+-- statement runs: the hot path pays one function call.
+CREATE FUNCTION fail_exhausted(p_ids bigint[]) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    failed integer;
+BEGIN
+    IF coalesce(cardinality(p_ids), 0) = 0 THEN
+        RETURN 0;
+    END IF;
+    UPDATE analysis_queue q SET
+        status = 'failed', next_attempt_at = NULL, updated_at = now(),
+        error_class = coalesce(q.error_class, 'transient'),
+        error_message = format('gave up after %s attempts: %s', q.attempts,
+                               coalesce(q.error_message, 'maxAttempts was lowered'))
+    WHERE q.id = ANY (p_ids);
+    GET DIAGNOSTICS failed = ROW_COUNT;
+    RETURN failed;
+END
+$$;
 
 -- The worker's one statement per batch (``queue.items.complete_and_claim``): write a finished
 -- batch and claim the slots it frees, in one round trip and one transaction. Either half may
@@ -145,14 +170,9 @@ BEGIN
         CROSS JOIN analysis_runs r
         WHERE r.id = p_run_id
     ), exhausted AS (
-        -- Waiting items with no attempt left (maxAttempts was lowered after they were last
-        -- tried) end here, failed for good, instead of waiting for ever.
-        UPDATE analysis_queue q SET
-            status = 'failed', next_attempt_at = NULL, updated_at = now(),
-            error_class = coalesce(q.error_class, 'transient'),
-            error_message = format('gave up after %s attempts: %s', q.attempts,
-                                   coalesce(q.error_message, 'maxAttempts was lowered'))
-        WHERE q.id = ANY (ARRAY(SELECT c.id FROM candidates c WHERE c.exhausted))
+        -- Waiting items with no attempt left end here, failed for good (fail_exhausted,
+        -- shared with batch_claim; free when there is none)
+        SELECT fail_exhausted(ARRAY(SELECT c.id FROM candidates c WHERE c.exhausted)) AS failed
     ), claimed AS (
         UPDATE analysis_queue q SET
             status = 'processing',
@@ -167,6 +187,9 @@ BEGIN
         -- an id array, not a join with `candidates`, for the same reason as there
         WHERE q.id = ANY (ARRAY(SELECT c.id FROM candidates c WHERE NOT c.exhausted))
           AND p.id = q.prompt_tracking_id AND r.id = q.run_id
+          -- a condition on no row: evaluated once, before the scan, so `exhausted` runs even
+          -- when nothing is left to claim (a SELECT in WITH runs only where it is read)
+          AND (SELECT failed FROM exhausted) IS NOT NULL
         RETURNING q.id, q.claim_token, q.run_id, q.prompt_tracking_id, q.target, q.attempts,
                   q.deferrals, q.lease_losses, r.max_attempts, p.external_id, p.text
     )

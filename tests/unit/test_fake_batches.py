@@ -285,7 +285,8 @@ def test_batch_flags_build_the_config() -> None:
     args = ["--batch-seconds", "3", "--batch-error", "500=0.1", "--batch-error", "400=0.01"]
     args += ["--batch-expire-first", "1", "--batch-fail-first", "2", "--batch-not-found-s", "1"]
     args += ["--batch-delay-before-create-s", "2", "--batch-delay-after-create-s", "3"]
-    args += ["--batch-corrupt-results"]
+    args += ["--batch-corrupt-results", "--batch-result-padding-bytes", "100"]
+    args += ["--batch-drop-field", "status", "--batch-drop-field", "request_counts"]
     result = CliRunner().invoke(command, args)
     assert result.exit_code == 0, result.output
     config = FakeConfig.model_validate_json(result.output)
@@ -293,5 +294,7 @@ def test_batch_flags_build_the_config() -> None:
     assert (config.batch_expire_first, config.batch_fail_first) == (1, 2)
     assert config.batch_not_found_s == 1 and config.batch_corrupt_results
     assert (config.batch_delay_before_create_s, config.batch_delay_after_create_s) == (2, 3)
+    assert config.batch_result_padding_bytes == 100
+    assert config.batch_drop_fields == ["status", "request_counts"]
     bad = CliRunner().invoke(command, ["--batch-error", "500"])
     assert bad.exit_code != 0 and "--batch-error '500'" in str(bad.exception)

@@ -26,6 +26,8 @@ from analysisq.fake_provider.batches import (
     FakeBatch,
     Outcome,
     corrupt_lines,
+    drop_fields,
+    padded,
 )
 from analysisq.fake_provider.routing import anthropic_error, authorized
 from analysisq.fake_provider.stats import prompt_key
@@ -109,17 +111,24 @@ class AnthropicBatches:
             {"data": data, "has_more": more, "first_id": first, "last_id": last}
         )
 
-    async def results(self, request: web.Request) -> web.Response:
+    async def results(self, request: web.Request) -> web.StreamResponse:
         batch = self._find(request)
         if isinstance(batch, web.Response):
             return batch
         if self.book.settle(batch, time.time()) not in ENDED or batch.results is None:
             message = f"Batch {batch.id} has not ended yet; its results are not available."
             return anthropic_error(400, "invalid_request_error", message)
-        lines = [_result_line(r, o) for r, o in batch.results]
-        if self.book.config.batch_corrupt_results:
-            lines += corrupt_lines(lines)
-        return web.Response(body=b"".join(lines), content_type="application/binary")
+        # Written line by line: a 200 MB+ file (padding) is never built whole here either.
+        response = web.StreamResponse(headers={"Content-Type": "application/binary"})
+        await response.prepare(request)
+        for r, o in batch.results:
+            await response.write(padded(self.book.config, _result_line(r, o)))
+        if self.book.config.batch_corrupt_results and batch.results:
+            first = [_result_line(*batch.results[0])]
+            for line in corrupt_lines(first):
+                await response.write(line)
+        await response.write_eof()
+        return response
 
     def _find(self, request: web.Request) -> FakeBatch | web.Response:
         if not authorized(request, self.book.config):
@@ -141,20 +150,23 @@ class AnthropicBatches:
             counts["processing"] = len(batch.requests)
         ended_at = batch.cancelled_at if batch.cancel_at is not None else batch.ends_at
         results_url = f"{request.scheme}://{request.host}{_ROOT}/{batch.id}/results"
-        return {
-            "id": batch.id,
-            "type": "message_batch",
-            "processing_status": "ended"
-            if ended
-            else ("canceling" if batch.cancel_at is not None else "in_progress"),
-            "request_counts": counts,
-            "ended_at": _rfc3339(ended_at) if ended and ended_at is not None else None,
-            "created_at": _rfc3339(batch.created),
-            "expires_at": _rfc3339(batch.created + _DAY),
-            "archived_at": None,
-            "cancel_initiated_at": _rfc3339(batch.cancel_at) if batch.cancel_at else None,
-            "results_url": results_url if ended else None,
-        }
+        return drop_fields(
+            self.book.config,
+            {
+                "id": batch.id,
+                "type": "message_batch",
+                "processing_status": "ended"
+                if ended
+                else ("canceling" if batch.cancel_at is not None else "in_progress"),
+                "request_counts": counts,
+                "ended_at": _rfc3339(ended_at) if ended and ended_at is not None else None,
+                "created_at": _rfc3339(batch.created),
+                "expires_at": _rfc3339(batch.created + _DAY),
+                "archived_at": None,
+                "cancel_initiated_at": _rfc3339(batch.cancel_at) if batch.cancel_at else None,
+                "results_url": results_url if ended else None,
+            },
+        )
 
 
 def _parse_requests(entries: Any) -> tuple[list[BatchRequest], str | None]:

@@ -153,6 +153,20 @@ def corrupt_lines(lines: list[bytes]) -> list[bytes]:
     return [b'{"custom_id": "truncated\n', json.dumps(unknown).encode() + b"\n", lines[0]]
 
 
+def padded(config: FakeConfig, line: bytes) -> bytes:
+    """``batch_result_padding_bytes``: a result line with that much padding in a field of
+    its own, which clients ignore."""
+    if not config.batch_result_padding_bytes:
+        return line
+    pad = b',"x_padding":"' + b"x" * config.batch_result_padding_bytes + b'"}\n'
+    return line.rstrip().removesuffix(b"}") + pad
+
+
+def drop_fields(config: FakeConfig, obj: dict[str, Any]) -> dict[str, Any]:
+    """``batch_drop_fields``: *obj* without them."""
+    return {k: v for k, v in obj.items() if k not in config.batch_drop_fields}
+
+
 @dataclass(frozen=True)
 class FakeFile:
     """An uploaded or generated file (OpenAI ``/v1/files``)."""

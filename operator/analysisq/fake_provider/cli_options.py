@@ -123,6 +123,18 @@ _OPTIONS = (
         help="Add a non-JSON line, an unknown custom_id and a repeated result to result files.",
     ),
     click.option(
+        "--batch-result-padding-bytes",
+        type=click.IntRange(min=0),
+        help="Pad every batch result line with N bytes (big result files).",
+    ),
+    click.option(
+        "--batch-drop-field",
+        "batch_drop_fields",
+        multiple=True,
+        metavar="FIELD",
+        help="Leave FIELD out of every batch object (e.g. status, output_file_id). Repeatable.",
+    ),
+    click.option(
         "--error-message-suffix", help="Appended to every error message (e.g. half an emoji)."
     ),
     click.option("--seed", type=int, help="Seed of the random draws."),
@@ -154,7 +166,7 @@ def config_from_options(options: Mapping[str, Any]) -> FakeConfig:
             continue
         if name in ("fail_first_status", "unknown_model_status"):
             value = int(value)
-        data[name] = list(value) if name == "known_models" else value
+        data[name] = list(value) if name in ("known_models", "batch_drop_fields") else value
     for name in ("errors", "batch_errors"):
         if options.get(name):
             flag = "--error" if name == "errors" else "--batch-error"

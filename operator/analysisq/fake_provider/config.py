@@ -87,6 +87,13 @@ class FakeConfig(BaseModel):
     #: Bad provider output: every result file also holds a line that is not JSON, a result
     #: for a ``custom_id`` no request had, and a second copy of its first result.
     batch_corrupt_results: bool = False
+    #: Bad provider output: these fields are left out of every batch object served (e.g.
+    #: ``status``, ``output_file_id``, ``request_counts``; Anthropic ``processing_status``,
+    #: ``results_url``), as a broken gateway or a changed API would.
+    #: Big result files: every result line carries this many bytes of padding (in a field
+    #: clients ignore), so a 2,000-request batch gives a 200 MB+ file.
+    batch_result_padding_bytes: int = Field(default=0, ge=0, le=10_000_000)
+    batch_drop_fields: list[str] = Field(default_factory=list, max_length=20)
     #: Appended to the message of every error answer, written as the content of a JSON string
     #: so that it can say what a broken gateway sends: ``\ud83d`` is half an emoji (a lone
     #: UTF-16 surrogate), as when a body is cut mid-character.

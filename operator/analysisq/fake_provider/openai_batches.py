@@ -26,12 +26,16 @@ from analysisq.fake_provider.batches import (
     FakeBatch,
     Outcome,
     corrupt_lines,
+    drop_fields,
+    padded,
 )
 from analysisq.fake_provider.routing import authorized, openai_error
 from analysisq.fake_provider.stats import prompt_key
 
 MAX_FILE_BYTES = 200 * 1024 * 1024
 MAX_REQUESTS = 50_000
+#: File contents are written in chunks of this size.
+CHUNK_BYTES = 2**20
 ENDPOINT = "/v1/chat/completions"
 _DAY = 86_400
 _ERRORS: dict[str, tuple[str, str]] = {
@@ -79,13 +83,20 @@ class OpenAIBatches:
             return openai_error(404, f"No such File object: {file_id}")
         return web.json_response(_file_object(file_id, self.book))
 
-    async def content(self, request: web.Request) -> web.Response:
+    async def content(self, request: web.Request) -> web.StreamResponse:
         if not authorized(request, self.book.config):
             return openai_error(401, "Incorrect API key provided.", code="invalid_api_key")
         file = self.book.files.get(request.match_info["id"])
         if file is None:
             return openai_error(404, f"No such File object: {request.match_info['id']}")
-        return web.Response(body=file.data, content_type="application/octet-stream")
+        # In chunks: a 200 MB+ file is not copied whole into the transport's buffer.
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await response.prepare(request)
+        view = memoryview(file.data)
+        for start in range(0, len(view), CHUNK_BYTES):
+            await response.write(view[start : start + CHUNK_BYTES])
+        await response.write_eof()
+        return response
 
     async def create(self, request: web.Request) -> web.Response:
         if not authorized(request, self.book.config):
@@ -185,33 +196,36 @@ class OpenAIBatches:
             code, message, line = batch.failure
             error = {"code": code, "message": message, "param": None, "line": line}
             errors = {"object": "list", "data": [error]}
-        return {
-            "id": batch.id,
-            "object": "batch",
-            "endpoint": ENDPOINT,
-            "model": batch.requests[0].body.get("model") if batch.requests else None,
-            "errors": errors,
-            "input_file_id": batch.input_file_id,
-            "completion_window": "24h",
-            "status": phase,
-            "output_file_id": batch.output_file_id,
-            "error_file_id": batch.error_file_id,
-            "created_at": stamp,
-            "in_progress_at": at(
-                batch.validated_at, batch.fate != "fail" and now >= batch.validated_at
-            ),
-            "expires_at": stamp + _DAY,
-            "finalizing_at": at(
-                batch.processed_at, phase in ("finalizing", "completed", "expired")
-            ),
-            "completed_at": at(batch.ends_at, phase == "completed"),
-            "failed_at": at(batch.validated_at, phase == "failed"),
-            "expired_at": at(batch.ends_at, phase == "expired"),
-            "cancelling_at": at(batch.cancel_at, batch.cancel_at is not None),
-            "cancelled_at": at(cancelled_at, phase == "cancelled"),
-            "request_counts": {"total": len(batch.requests), "completed": ok, "failed": failed},
-            "metadata": batch.metadata,
-        }
+        return drop_fields(
+            self.book.config,
+            {
+                "id": batch.id,
+                "object": "batch",
+                "endpoint": ENDPOINT,
+                "model": batch.requests[0].body.get("model") if batch.requests else None,
+                "errors": errors,
+                "input_file_id": batch.input_file_id,
+                "completion_window": "24h",
+                "status": phase,
+                "output_file_id": batch.output_file_id,
+                "error_file_id": batch.error_file_id,
+                "created_at": stamp,
+                "in_progress_at": at(
+                    batch.validated_at, batch.fate != "fail" and now >= batch.validated_at
+                ),
+                "expires_at": stamp + _DAY,
+                "finalizing_at": at(
+                    batch.processed_at, phase in ("finalizing", "completed", "expired")
+                ),
+                "completed_at": at(batch.ends_at, phase == "completed"),
+                "failed_at": at(batch.validated_at, phase == "failed"),
+                "expired_at": at(batch.ends_at, phase == "expired"),
+                "cancelling_at": at(batch.cancel_at, batch.cancel_at is not None),
+                "cancelled_at": at(cancelled_at, phase == "cancelled"),
+                "request_counts": {"total": len(batch.requests), "completed": ok, "failed": failed},
+                "metadata": batch.metadata,
+            },
+        )
 
     def _write_files(self, batch: FakeBatch) -> None:
         """The output file (answers) and the error file (every other outcome), as OpenAI
@@ -219,7 +233,7 @@ class OpenAIBatches:
         output: list[bytes] = []
         errors: list[bytes] = []
         for request, outcome in batch.results or ():
-            line = _result_line(request, outcome, self.book.config.model)
+            line = padded(self.book.config, _result_line(request, outcome, self.book.config.model))
             (output if outcome == "ok" else errors).append(line)
         if self.book.config.batch_corrupt_results:
             output += corrupt_lines(output)

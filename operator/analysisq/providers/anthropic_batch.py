@@ -1,17 +1,19 @@
 """Anthropic's Message Batches API for one target.
 
 ``submit``: ``POST {endpoint}/v1/messages/batches`` with ``requests[]`` of ``custom_id`` and
-``params`` (the sync path's body). ``find`` lists ``GET /v1/messages/batches`` newest first
-(Anthropic batches carry no metadata): a batch created since the intent, holding as many
-requests, that no other submission owns. ``poll`` reads ``GET .../{id}`` until
-``processing_status`` is ``ended``; ``results`` streams its ``results_url`` (JSONL of
-``succeeded | errored | canceled | expired``). The API key goes only to the endpoint's own
-host: a ``results_url`` elsewhere is fetched without it.
+``params`` (the sync path's body), written to a spool and streamed from it. ``find`` lists
+``GET /v1/messages/batches`` newest first (Anthropic batches carry no metadata): a batch
+created since the intent, holding as many requests, that no other submission owns.
+``poll`` reads ``GET .../{id}`` until ``processing_status`` is ``ended``; ``results``
+streams its ``results_url`` (JSONL of ``succeeded | errored | canceled | expired``). The
+API key goes only to the endpoint's own host: a ``results_url`` elsewhere is fetched
+without it.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -20,7 +22,16 @@ import httpx
 
 from analysisq.errors import PermanentError, TransientError
 from analysisq.providers.anthropic import AnthropicProvider
-from analysisq.providers.batch import BatchEntry, BatchHttp, BatchResult, BatchState
+from analysisq.providers.batch import (
+    SPOOL_BYTES,
+    BatchEntry,
+    BatchHttp,
+    BatchResult,
+    BatchState,
+    MalformedBatch,
+    file_chunks,
+    request_counts,
+)
 from analysisq.providers.client import Reply, dig, stream_lines
 from analysisq.providers.http_errors import error_for_response
 
@@ -36,6 +47,11 @@ _STATUS_OF = {
     "overloaded_error": 529,
 }
 FIND_PAGES = 10
+#: Anthropic's ceiling for a Message Batches request body, 256 MB (decimal).
+MAX_BODY_BYTES = 256_000_000
+#: The body around the requests: ``{"requests":[`` ... ``]}``, less the one comma that
+#: ``entry_size`` counts for the last request.
+_ENVELOPE = len(b'{"requests":[]}') - 1
 
 
 class AnthropicBatchClient(BatchHttp):
@@ -51,12 +67,32 @@ class AnthropicBatchClient(BatchHttp):
     def request(self, entry: BatchEntry) -> dict[str, Any]:
         return {"custom_id": entry.custom_id, "params": self.provider.payload(entry.prompt)}
 
+    def encoded(self, entry: BatchEntry) -> bytes:
+        """*entry* as it stands in the body."""
+        return json.dumps(self.request(entry), ensure_ascii=False, separators=(",", ":")).encode()
+
     def entry_size(self, entry: BatchEntry) -> int:
-        return len(json.dumps(self.request(entry), ensure_ascii=False).encode()) + 1
+        return len(self.encoded(entry)) + 1  # and its comma
+
+    @property
+    def max_input_bytes(self) -> int:
+        return MAX_BODY_BYTES - _ENVELOPE
 
     async def submit(self, entries: Sequence[BatchEntry], metadata: Mapping[str, str]) -> str:
-        payload = {"requests": [self.request(e) for e in entries]}
-        reply, body = await self._call("POST", self._base, json=payload)
+        # Written request by request and streamed from the spool: the body (up to 256 MB)
+        # is never built whole, neither as objects nor as bytes.
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as spool:
+            spool.write(b'{"requests":[')
+            for index, entry in enumerate(entries):
+                spool.write(b"," if index else b"")
+                spool.write(self.encoded(entry))
+            spool.write(b"]}")
+            size = spool.tell()
+            spool.seek(0)
+            headers = {"content-type": "application/json", "content-length": str(size)}
+            reply, body = await self._call(
+                "POST", self._base, headers=headers, content=file_chunks(spool)
+            )
         return str(dig(reply, body, "id", expect=str))
 
     async def find(
@@ -85,15 +121,24 @@ class AnthropicBatchClient(BatchHttp):
 
     async def poll(self, provider_id: str) -> BatchState:
         reply, body = await self._call("GET", f"{self._base}/{provider_id}")
-        status = dig(reply, body, "processing_status", expect=str)
-        counts = body.get("request_counts") if isinstance(body.get("request_counts"), dict) else {}
-        counts = {k: v for k, v in counts.items() if isinstance(v, int)}
+
+        def malformed(field: str, problem: str, *, final: bool = False) -> MalformedBatch:
+            return MalformedBatch(
+                "anthropic", provider_id, reply.where, field, problem, final=final
+            )
+
+        status = body.get("processing_status")
+        if not isinstance(status, str):
+            raise malformed("processing_status", "is missing")
+        counts, missing = request_counts(body)
         if status in ("in_progress", "canceling"):
-            return BatchState(provider_id, "open", status, counts)
+            return BatchState(provider_id, "open", status, counts, missing=missing)
         if status == "ended":
-            url = dig(reply, body, "results_url", expect=str)
-            return BatchState(provider_id, "ended", status, counts, outputs=(url,))
-        raise TransientError(f"batch {provider_id} from {reply.where}: unknown status {status!r}")
+            url = body.get("results_url")
+            if not isinstance(url, str) or not url:
+                raise malformed("results_url", "is missing on an ended batch", final=True)
+            return BatchState(provider_id, "ended", status, counts, outputs=(url,), missing=missing)
+        raise malformed("processing_status", f"is {status!r}, which no Anthropic batch has")
 
     async def cancel(self, provider_id: str) -> None:
         await self._cancel(f"{self._base}/{provider_id}/cancel")

@@ -12,6 +12,11 @@ retry policy decides, exactly as for a sync answer), ``unspent`` (expired or can
 item goes back without an attempt) or ``problem`` (a line that cannot be read: logged, and
 the item stays unanswered, so it goes back unspent when the batch is ingested).
 
+A batch object that lacks a field the driver needs (``status``, the result file of an ended
+batch...) raises ``MalformedBatch`` naming the provider, the batch and the field; one that
+lacks only ``request_counts`` (shown, never needed to ingest) is polled on and its state
+names the field in ``missing``.
+
 ``custom_id`` is ``<item id>-<claim token hex>``: the item and its claim, within Anthropic's
 ``^[a-zA-Z0-9_-]{1,64}$``; results are matched to the claims still held by that string.
 """
@@ -22,12 +27,12 @@ import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, Protocol
+from typing import IO, Any, Literal, Protocol
 
 import httpx
 
 from analysisq.completion import Completion
-from analysisq.errors import PermanentError, ProviderError
+from analysisq.errors import PermanentError, ProviderError, TransientError
 from analysisq.providers.client import Reply, decode_json, dig, send
 from analysisq.spec import Target
 
@@ -57,6 +62,32 @@ class BatchState:
     failure: ProviderError | None = None
     #: Where an ended batch's results are: file ids (OpenAI), the results URL (Anthropic).
     outputs: tuple[str, ...] = ()
+    #: Fields the batch object lacked that polling and ingesting can do without.
+    missing: tuple[str, ...] = ()
+
+
+class MalformedBatch(TransientError):
+    """The provider's batch object lacks a field the driver needs, or holds a value it does
+    not know. ``final``: waiting cannot help (an ended batch without its results file)."""
+
+    def __init__(
+        self, provider: str, batch_id: str, where: str, field: str, problem: str, *, final: bool
+    ) -> None:
+        super().__init__(
+            f"the {provider} batch {batch_id} (from {where}) is malformed: {field} {problem}"
+        )
+        self.provider = provider
+        self.batch_id = batch_id
+        self.field = field
+        self.final = final
+
+
+def request_counts(body: dict[str, Any]) -> tuple[dict[str, int], tuple[str, ...]]:
+    """A batch object's ``request_counts``, and ``("request_counts",)`` if it has none."""
+    counts = body.get("request_counts")
+    if not isinstance(counts, dict):
+        return {}, ("request_counts",)
+    return {k: v for k, v in counts.items() if isinstance(v, int)}, ()
 
 
 @dataclass(frozen=True)
@@ -78,6 +109,12 @@ class BatchClient(Protocol):
 
     def entry_size(self, entry: BatchEntry) -> int:
         """Bytes *entry* adds to a batch's input (for ``batch.maxBytes``)."""
+        ...
+
+    @property
+    def max_input_bytes(self) -> int:
+        """The most entry bytes one batch may hold at this API, whatever ``batch.maxBytes``
+        says: more and the provider refuses the batch."""
         ...
 
     async def submit(self, entries: Sequence[BatchEntry], metadata: Mapping[str, str]) -> str:
@@ -126,13 +163,15 @@ class BatchHttp:
     def target(self) -> Target:
         return self._sync.target
 
-    async def _call(self, method: str, url: str, **content: Any) -> tuple[Reply, Any]:
+    async def _call(
+        self, method: str, url: str, *, headers: Mapping[str, str] | None = None, **content: Any
+    ) -> tuple[Reply, Any]:
         """*method* *url*; the reply and its JSON object body, or a ``ProviderError``."""
         reply = await send(
             self._client,
             method,
             url,
-            headers=self._sync.headers(),
+            headers={**self._sync.headers(), **(headers or {})},
             timeout_s=self._timeout,
             secrets=self._secrets,
             **content,
@@ -145,6 +184,17 @@ class BatchHttp:
         except PermanentError as exc:
             if exc.status != 400:  # 400: it ended already, which is what we wanted
                 raise
+
+
+#: A batch's input is spooled to disk past this size, then streamed from there: a 200 MB
+#: file (OpenAI) or a 256 MB body (Anthropic) is never held whole in memory.
+SPOOL_BYTES = 8 * 2**20
+
+
+async def file_chunks(file: IO[bytes], size: int = 2**20) -> AsyncIterator[bytes]:
+    """*file* from where it stands, in chunks of *size* bytes: a request body httpx streams."""
+    while chunk := file.read(size):
+        yield chunk
 
 
 def custom_id(item_id: int, token: uuid.UUID) -> str:

@@ -20,7 +20,15 @@ from typing import Any
 import httpx
 
 from analysisq.errors import PermanentError, RateLimited, TransientError
-from analysisq.providers.batch import BatchEntry, BatchHttp, BatchResult, BatchState
+from analysisq.providers.batch import (
+    SPOOL_BYTES,
+    BatchEntry,
+    BatchHttp,
+    BatchResult,
+    BatchState,
+    MalformedBatch,
+    request_counts,
+)
 from analysisq.providers.client import Reply, dig, stream_lines
 from analysisq.providers.http_errors import error_for_response
 from analysisq.providers.openai import OpenAIProvider
@@ -33,6 +41,9 @@ _ENDED = frozenset({"completed", "expired", "cancelled"})
 _UNSPENT = frozenset({"batch_expired", "batch_cancelled"})
 #: Pages of ``GET /batches`` that ``find`` reads at most (100 batches each).
 FIND_PAGES = 20
+#: OpenAI's ceiling for a batch input file, 200 MB (counted in decimal megabytes, the
+#: smaller reading): ``batch.maxBytes`` allows 256 MB, for Anthropic.
+MAX_FILE_BYTES = 200_000_000
 #: Back-pressure after ``token_limit_exceeded``: no new batch for the target before this.
 TOKEN_LIMIT_DELAY_S = 60.0
 
@@ -55,9 +66,13 @@ class OpenAIBatchClient(BatchHttp):
     def entry_size(self, entry: BatchEntry) -> int:
         return len(self.line(entry))
 
+    @property
+    def max_input_bytes(self) -> int:
+        return MAX_FILE_BYTES
+
     async def submit(self, entries: Sequence[BatchEntry], metadata: Mapping[str, str]) -> str:
         # Spooled to disk past 8 MB: a 200 MB input is streamed, not held (nor copied) whole.
-        with tempfile.SpooledTemporaryFile(max_size=8 * 2**20) as spool:
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as spool:
             for entry in entries:
                 spool.write(self.line(entry))
             spool.seek(0)
@@ -96,18 +111,31 @@ class OpenAIBatchClient(BatchHttp):
 
     async def poll(self, provider_id: str) -> BatchState:
         reply, body = await self._call("GET", f"{self._base}/batches/{provider_id}")
-        status = dig(reply, body, "status", expect=str)
-        counts = body.get("request_counts") if isinstance(body.get("request_counts"), dict) else {}
-        counts = {k: v for k, v in counts.items() if isinstance(v, int)}
+
+        def malformed(field: str, problem: str, *, final: bool = False) -> MalformedBatch:
+            return MalformedBatch("openai", provider_id, reply.where, field, problem, final=final)
+
+        status = body.get("status")
+        if not isinstance(status, str):
+            raise malformed("status", "is missing")
+        counts, missing = request_counts(body)
         if status in _OPEN:
-            return BatchState(provider_id, "open", status, counts)
+            return BatchState(provider_id, "open", status, counts, missing=missing)
         if status in _ENDED:
-            files = (body.get("output_file_id"), body.get("error_file_id"))
-            outputs = tuple(f for f in files if isinstance(f, str) and f)
-            return BatchState(provider_id, "ended", status, counts, outputs=outputs)
+            output, errors = body.get("output_file_id"), body.get("error_file_id")
+            outputs = tuple(f for f in (output, errors) if isinstance(f, str) and f)
+            # A completed batch has its answers in the output file unless its counts say
+            # none succeeded (then only the error file); expired or cancelled batches may
+            # have run nothing at all.
+            answered = counts.get("completed") != 0
+            if status == "completed" and answered and output not in outputs:
+                raise malformed("output_file_id", "is missing on a completed batch", final=True)
+            return BatchState(
+                provider_id, "ended", status, counts, outputs=outputs, missing=missing
+            )
         if status == "failed":
             return BatchState(provider_id, "failed", status, counts, _failure(reply, body))
-        raise TransientError(f"batch {provider_id} from {reply.where}: unknown status {status!r}")
+        raise malformed("status", f"is {status!r}, which no OpenAI batch has")
 
     async def cancel(self, provider_id: str) -> None:
         await self._cancel(f"{self._base}/batches/{provider_id}/cancel")

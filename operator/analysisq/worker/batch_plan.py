@@ -1,9 +1,11 @@
 """What the batch driver sends, and which targets it owns: pure rules, no I/O.
 
 ``fit`` turns claimed items into the entries of one provider batch within
-``batch.maxBytes`` (the rest spill back unspent; a prompt that can never be sent is refused
-on its own); ``sync_targets_skipped`` names the targets the sync claim leaves to the batch
-driver, until the run's deadline is near and the sync path takes over.
+``batch.maxBytes`` and the API's own ceiling (OpenAI's 200 MB file), so a larger input is
+split over several batches, never refused by the provider (the rest spill back unspent; a
+prompt that can never be sent is refused on its own); ``sync_targets_skipped`` names the
+targets the sync claim leaves to the batch driver, until the run's deadline is near and the
+sync path takes over.
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ class Plan:
 def fit(client: BatchClient, target: Target, claimed: list[ClaimedItem]) -> Plan:
     """The entries of *claimed* that fit one batch of *target* (see the module docstring)."""
     plan = Plan()
-    limit = target.batch.max_bytes
+    limit = min(target.batch.max_bytes, client.max_input_bytes)
+    bound = f"batch.maxBytes {limit}"
+    if limit < target.batch.max_bytes:
+        bound = f"{limit} bytes, the provider's ceiling"
     size = 0
     for item in claimed:
         entry = BatchEntry(custom_id(item.id, item.token), item.text)
@@ -45,10 +50,7 @@ def fit(client: BatchClient, target: Target, claimed: list[ClaimedItem]) -> Plan
             plan.refused.append((item, exc))
             continue
         if grows > limit:
-            message = (
-                f"the request is {grows} bytes, more than one batch may hold "
-                f"(batch.maxBytes {limit})"
-            )
+            message = f"the request is {grows} bytes, more than one batch may hold ({bound})"
             plan.refused.append((item, InvalidInput(message)))
         elif size + grows > limit:
             plan.spill.append(item)

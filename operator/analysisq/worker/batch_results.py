@@ -6,8 +6,9 @@ same fenced, write-once ``items.complete`` as the sync path (``via_batch``); a p
 goes through the same ``RetryPolicy`` and ``queue.decisions.apply`` as a sync error;
 ``expired``/``canceled`` results and items with no result stay waiting, and
 ``queue.batches.finish`` puts them back unspent. Lines that cannot
-be read, ``custom_id`` values that match no item and results for items no longer held are
-logged, never written: a second ingest after a crash writes nothing twice.
+be read, ``custom_id`` values that match no item held when the ingest began, and results
+for items whose claim ended while it ran (the fenced write refused them) are logged as
+errors, never written: a second ingest after a crash writes nothing twice.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ class IngestReport:
             parts.append(f"{self.unreadable} unreadable lines")
         if self.unmatched_count:
             parts.append(f"{self.unmatched_count} results for items not held")
+        if self.lost:
+            parts.append(f"{self.lost} results for claims lost while ingesting")
         return ", ".join(parts)
 
 
@@ -150,7 +153,17 @@ async def ingest(
                 "examples": report.unmatched,
             },
         )
+    _log_lost(run_id, submission_id, report)
     return report
+
+
+def _log_lost(run_id: str, submission_id: int, report: IngestReport) -> None:
+    if report.lost:
+        log.error(
+            "batch results for items whose claim ended while they were ingested (another "
+            "worker or a reset took them); nothing written for them",
+            extra={"run": run_id, "submission": submission_id, "count": report.lost},
+        )
 
 
 async def _write(
@@ -218,4 +231,5 @@ async def fail_all(
                 rng=rng,
             )
             await _apply(conn, run_id, item, decision, report)
+    _log_lost(run_id, submission_id, report)
     return report

@@ -1,0 +1,185 @@
+"""Sending a provider batch: claim a submission, fit it, reserve its budget, POST it.
+
+``BatchSender.claim_and_send`` claims a new submission of a target (intent and items in one
+commit, ``queue.batches.claim``) and ``send`` fits it to ``batch.maxBytes`` (the rest spill
+back unspent, a request that can never fit is refused on its own), reserves its budget and
+POSTs it; the driver also calls ``send`` for an intent whose sender died before its POST.
+A refusal for the provider's own limits (``RateLimited``) is back-pressure: the items go back
+unspent and the target sends no batch until ``hold_until``; refused credentials pause the
+target; a timeout leaves the intent to be reconciled (the batch may exist); any other refusal
+sends every item through the retry policy.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+
+import asyncpg
+
+from analysisq.db.connect import acquire
+from analysisq.errors import AuthError, ProviderError, RateLimited, TransientError
+from analysisq.providers.batch import BatchClient
+from analysisq.queue import batches, items, runs
+from analysisq.queue.items import ClaimedItem
+from analysisq.queue.retry import RetryPolicy
+from analysisq.queue.runs import Run
+from analysisq.spec import Target
+from analysisq.worker import batch_budget
+from analysisq.worker.batch_leases import ITEM_LEASE_SECONDS, SubmissionLeases
+from analysisq.worker.batch_plan import fit
+from analysisq.worker.batch_results import fail_all
+
+log = logging.getLogger("analysisq.worker.batch")
+
+#: Back-pressure after a refusal that named no delay.
+BACK_PRESSURE_SECONDS = 60.0
+
+#: A test's hook into the driver's steps ("before_post", "after_post", "ingesting").
+StepHook = Callable[[str], Awaitable[None]]
+
+
+class BatchSender:
+    """Sends one run's batches for one driver (see the module docstring)."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        run: Run,
+        clients: Mapping[str, BatchClient],
+        leases: SubmissionLeases,
+        *,
+        policy: RetryPolicy,
+        rng: random.Random,
+        step: StepHook | None,
+    ) -> None:
+        self.pool = pool
+        self.run = run
+        self.clients = clients
+        self.leases = leases
+        self.policy = policy
+        self._rng = rng
+        self._step = step
+        #: Monotonic time before which a target sends no new batch (back-pressure).
+        self.hold_until: dict[str, float] = {}
+
+    def held(self, target: str) -> bool:
+        return time.monotonic() < self.hold_until.get(target, 0.0)
+
+    def metadata(self, sub_id: int) -> dict[str, str]:
+        return {"analysisq_run": self.run.id[:512], "analysisq_submission": str(sub_id)}
+
+    async def claim_and_send(self, target: Target) -> bool:
+        """Claim a new submission of *target* and send it; False if nothing was claimable."""
+        async with acquire(self.pool) as conn:
+            sub_id, claimed = await batches.claim(
+                conn,
+                self.run.id,
+                target.name,
+                worker=self.leases.worker,
+                limit=target.batch.max_requests,
+                lease_seconds=self.leases.lease_seconds,
+                item_lease_seconds=ITEM_LEASE_SECONDS,
+            )
+        if sub_id is None:
+            return False
+        self.leases.hold(sub_id, touched=True)
+        await self.send(sub_id, target, claimed)
+        return True
+
+    async def send(self, sub_id: int, target: Target, claimed: list[ClaimedItem]) -> None:
+        """Fit *claimed* to one batch of *target*, reserve its budget, and send it."""
+        client = self.clients[target.name]
+        plan = fit(client, target, claimed)
+        async with acquire(self.pool) as conn:
+            for item, refusal in plan.refused:
+                await items.fail(conn, item, refusal.error_class, refusal.message, None)
+            for item in plan.spill:
+                await items.release(conn, item)
+        entries = plan.entries
+        if not entries:
+            await self.leases.finish(sub_id, target.name, "nothing to send")
+            return
+        if self.run.spec.budget is not None:
+            fits = await batch_budget.reserve(
+                self.pool,
+                self.run.id,
+                sub_id,
+                worker=self.leases.worker,
+                target=target,
+                sent=plan.sent,
+            )
+            if not fits:
+                await self.leases.finish(
+                    sub_id, target.name, "not sent: the run's budget is exhausted"
+                )
+                return
+            entries = entries[:fits]
+        await self._hook("before_post")
+        try:
+            provider_id = await client.submit(entries, self.metadata(sub_id))
+        except RateLimited as exc:
+            await self.back_pressure(sub_id, target.name, exc)
+            return
+        except AuthError as exc:
+            await self.leases.finish(sub_id, target.name, f"refused: {exc.message}")
+            async with acquire(self.pool) as conn:
+                await runs.pause_target(conn, self.run.id, target.name, exc.message)
+            return
+        except TransientError as exc:
+            # It may have been created anyway (a timeout): leave the intent to reconcile.
+            log.warning(
+                "batch submit failed; will reconcile",
+                extra=self.leases.extra(sub_id, error=exc.message),
+            )
+            return
+        except ProviderError as exc:
+            report = await fail_all(
+                self.pool,
+                self.run.id,
+                sub_id,
+                TransientError(f"the provider refused the batch: {exc.message}"),
+                policy=self.policy,
+                rng=self._rng,
+            )
+            await self.leases.finish(
+                sub_id, target.name, f"refused: {exc.message}; {report.line()}"
+            )
+            return
+        await self._hook("after_post")
+        async with acquire(self.pool) as conn:
+            ok = await batches.submitted(
+                conn,
+                sub_id,
+                worker=self.leases.worker,
+                provider_batch_id=provider_id,
+                poll_in=target.batch.poll_seconds,
+            )
+        if not ok:
+            log.error(
+                "batch sent but its submission is no longer ours; its new owner will "
+                "find it by reconciliation",
+                extra=self.leases.extra(sub_id, batch=provider_id),
+            )
+        log.info(
+            "batch submitted",
+            extra=self.leases.extra(sub_id, batch=provider_id, items=len(entries)),
+        )
+
+    async def back_pressure(self, sub_id: int, target: str, exc: RateLimited) -> None:
+        """The provider refused for its own limits: no batch of *target* for the delay."""
+        delay = exc.delay or BACK_PRESSURE_SECONDS
+        self.hold_until[target] = time.monotonic() + delay
+        log.warning(
+            "provider refused a batch: back-pressure",
+            extra=self.leases.extra(sub_id, error=exc.message, delay=delay),
+        )
+        await self.leases.finish(sub_id, target, f"back-pressure: {exc.message}", release_in=delay)
+
+    # -- advancing a taken submission ---------------------------------------------------------
+
+    async def _hook(self, step: str) -> None:
+        if self._step is not None:
+            await self._step(step)
