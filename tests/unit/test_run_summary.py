@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from analysisq.local.runner import Ending, RunOutcome, summary
+from analysisq.local.outcome import Ending, RunOutcome, summary
 from analysisq.queue.batches import BatchSummary
 from analysisq.queue.runs import Run
 from analysisq.queue.states import Counts

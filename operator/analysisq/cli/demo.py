@@ -14,7 +14,7 @@ from analysisq.cli.common import database_url
 from analysisq.cli.main import Context
 from analysisq.cli.output import console, quiet_logs, session
 from analysisq.cli.run import interruptible
-from analysisq.local.runner import Ending, summary
+from analysisq.local.outcome import Ending, summary
 
 if TYPE_CHECKING:
     from analysisq.local.demo import DemoResult

@@ -21,7 +21,7 @@ from analysisq.cli.common import database_url, run_async
 from analysisq.cli.main import Context
 from analysisq.cli.output import console, quiet_logs, results_options, session
 from analysisq.local.launch import Launch, launch
-from analysisq.local.runner import RunOutcome, summary
+from analysisq.local.outcome import RunOutcome, summary
 from analysisq.local.runspec import build_spec, parse_budget
 from analysisq.settings import Settings
 

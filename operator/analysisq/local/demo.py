@@ -24,7 +24,7 @@ from analysisq.fake_provider.config import FakeConfig
 from analysisq.fake_provider.server import FakeProvider
 from analysisq.fake_provider.stats import FakeStats
 from analysisq.local.launch import Launch, launch
-from analysisq.local.runner import RunOutcome
+from analysisq.local.outcome import RunOutcome
 from analysisq.local.sample_prompts import generate
 from analysisq.queue import runs
 from analysisq.settings import Settings

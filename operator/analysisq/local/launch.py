@@ -19,8 +19,9 @@ from rich.console import Console
 
 from analysisq.db.connect import acquire
 from analysisq.errors import InputError
+from analysisq.local.outcome import RunOutcome
 from analysisq.local.prompt_import import import_prompts
-from analysisq.local.runner import RunOutcome, Supervisor
+from analysisq.local.runner import Supervisor
 from analysisq.local.runspec import new_run_id, with_fixed_targets
 from analysisq.providers import make_provider, resolve_api_key
 from analysisq.queue import runs

@@ -77,9 +77,15 @@ async def claim(
     any number) having lost a lease before; waiting items with no attempt left fail for good
     instead. *skip_targets* (those in mode batch) are left to ``queue.batches.claim``."""
     _, claimed = await complete_and_claim(
-        conn, (), run_id, worker=worker, limit=limit, lease_seconds=lease_seconds,
-        max_suspects=max_suspects, skip_targets=skip_targets,
-    )  # fmt: skip
+        conn,
+        (),
+        run_id,
+        worker=worker,
+        limit=limit,
+        lease_seconds=lease_seconds,
+        max_suspects=max_suspects,
+        skip_targets=skip_targets,
+    )
     return claimed
 
 
@@ -168,9 +174,10 @@ async def complete_and_claim(
     write-once are those of ``complete``: a result is written only for a claim still the
     writer's, and at most once per item.
     """
-    what = "completing and claiming items" if outcomes and limit else (
-        "completing items" if outcomes else "claiming items"
-    )  # fmt: skip
+    if not outcomes:
+        what = "claiming items"
+    else:
+        what = "completing and claiming items" if limit else "completing items"
     with translated(what):
         rows = await sql.fetch(
             conn,

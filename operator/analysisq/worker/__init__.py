@@ -1,7 +1,7 @@
 """The worker: claims a run's items, asks the providers, writes what happened.
 
 Read in this order: ``startup.serve`` (a worker process: signals, database, schema) builds a
-``loops.Worker`` (the claim, heartbeat, flush and housekeeping loops), which keeps its claims
+``loops.Worker`` (the claim and flush loops, the lease loops of ``leases``), which keeps its claims
 in ``inflight`` (one record per claim: item id + claim token), runs one ``attempt`` per claim
 (rate slot -> provider -> ``Completion`` or a ``Decision``), buffers answers in ``results``
 (batched, fenced completion) and ends every other claim through ``settle`` (a ``Decision``

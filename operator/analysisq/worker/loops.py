@@ -4,20 +4,21 @@ One asyncio process, four loops sharing a small database pool:
 
 - ``_claim_loop`` keeps up to ``batchSize`` claims in flight: it claims as many items as there
   are free slots and starts one task per claim (``attempt``: rate slot -> provider -> verdict);
-- ``_heartbeat_loop`` renews the lease of every held claim every third of a lease, and drops
-  the claims whose lease was lost (their late writes would be refused anyway);
+- ``Leases.heartbeat_loop`` renews the lease of every held claim every third of a lease, and
+  drops the claims whose lease was lost (their late writes would be refused anyway);
 - ``_flush_loop`` writes buffered answers in batches (``results``), and in the same statement
   claims the slots a batch frees while the claim loop runs;
-- ``_housekeeping_loop`` runs the stuck-item reset for the run every quarter lease (at most
+- ``Leases.rescue_loop`` runs the stuck-item reset for the run every quarter lease (at most
   15 s), so a crashed worker's items come back within about 1.25 leases.
 
 A verdict that is not an answer is a ``Decision`` that ``settle`` hands to
 ``queue.decisions.apply``, the one call by which the worker changes such an item. Targets in
 ``mode: batch`` are left to a ``worker.batch.BatchDriver`` running beside these loops (the
-sync claim skips them). At start the worker resets its run's stuck items, as the seed's
-``process-queue`` did. On stop (SIGTERM) it claims nothing more, gives in-flight items
-``shutdown_grace_seconds`` to finish, then releases what it still holds (a release is not an
-attempt) and exits. ``startup.serve`` builds a worker for a process.
+sync claim skips them). At start the worker resets its run's stuck items
+(``Leases.rescue_at_start``), as the seed's ``process-queue`` did. On stop (SIGTERM) it
+claims nothing more, gives in-flight items ``shutdown_grace_seconds`` to finish, then
+releases what it still holds (a release is not an attempt) and exits. ``startup.serve``
+builds a worker for a process.
 """
 
 from __future__ import annotations
@@ -39,14 +40,13 @@ from analysisq.db.connect import acquire
 from analysisq.errors import (
     BudgetExhausted,
     DatabaseError,
-    DatabaseTransient,
     ErrorClass,
     redact,
 )
 from analysisq.providers import BatchClient, make_batch_client, make_provider, resolve_api_key
 from analysisq.providers.base import Provider
 from analysisq.providers.client import make_http_client
-from analysisq.queue import budget, items, rescue, runs
+from analysisq.queue import budget, items, runs
 from analysisq.queue.decisions import (
     Decision,
     Fail,
@@ -60,6 +60,7 @@ from analysisq.worker.attempt import Attempts
 from analysisq.worker.batch import BatchDriver
 from analysisq.worker.batch_plan import batch_targets, sync_targets_skipped
 from analysisq.worker.inflight import InFlight, InFlightClaim
+from analysisq.worker.leases import Leases
 from analysisq.worker.results import Refill, ResultBuffer
 from analysisq.worker.settle import Settler, WorkerStats
 
@@ -116,6 +117,16 @@ class Worker:
         self.settler = Settler(
             pool, self.inflight, self.results, self.stats, self._log, self._slot_freed.set
         )
+        self.leases = Leases(
+            pool,
+            run.id,
+            self.inflight,
+            self.settler,
+            self.lease,
+            float(self.spec.stuck_after_seconds),
+            self._rng,
+            self._log,
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -142,24 +153,14 @@ class Worker:
             self.pool, self.spec, providers, self.policy, rng=self._rng, clock=self._clock
         )
         try:
-            try:
-                async with acquire(self.pool) as conn:
-                    res = await rescue.rescue_stuck(
-                        conn, self.run.id, self.spec.stuck_after_seconds
-                    )
-                if res.reset or res.poisoned:
-                    self._log(logging.WARNING, "reset stuck items at start", **vars(res))
-            except DatabaseTransient as exc:
-                # An outage as the worker starts is no reason to die: the housekeeping loop
-                # rescues on its own interval, and the claim loop waits for the database.
-                self._log(logging.WARNING, "stuck reset at start skipped", error=exc.message)
+            await self.leases.rescue_at_start()
             self._log(logging.INFO, "worker started", batch_size=self.spec.batch_size)
             async with asyncio.TaskGroup() as tg:
                 claim = tg.create_task(self._claim_loop())
                 background = [
-                    tg.create_task(self._heartbeat_loop()),
+                    tg.create_task(self.leases.heartbeat_loop()),
                     tg.create_task(self._flush_loop()),
-                    tg.create_task(self._housekeeping_loop()),
+                    tg.create_task(self.leases.rescue_loop()),
                 ]
                 driving = None
                 if self._batch_clients:
@@ -217,9 +218,14 @@ class Worker:
 
     def _refill(self) -> Refill:
         return Refill(
-            self.run.id, self.name, self.lease, sync_targets_skipped(self.spec),
-            self._refill_slots, self._refill_suspects, self._start_claimed,
-        )  # fmt: skip
+            self.run.id,
+            self.name,
+            self.lease,
+            sync_targets_skipped(self.spec),
+            self._refill_slots,
+            self._refill_suspects,
+            self._start_claimed,
+        )
 
     def _refill_slots(self, batch: list[Outcome]) -> int:
         """Claims a flush of *batch* takes: the slots its written claims free."""
@@ -322,14 +328,16 @@ class Worker:
                 verdict: Completion | Decision = await self.attempts.run(item)
             except DatabaseError as exc:
                 # The database failed us, not the item: give it back unspent once we can.
-                self._log(logging.WARNING, f"{exc.summary}; releasing item", item,
-                          error=exc.message)  # fmt: skip
+                self._log(
+                    logging.WARNING, f"{exc.summary}; releasing item", item, error=exc.message
+                )
                 verdict = Release("released after a database error")
             except BudgetExhausted as exc:
                 # Not the item's fault: back unspent, and claim nothing until it is raised.
                 self._budget_hold.set()
-                self._log(logging.WARNING, "budget exhausted; releasing item", item,
-                          error=exc.message)  # fmt: skip
+                self._log(
+                    logging.WARNING, "budget exhausted; releasing item", item, error=exc.message
+                )
                 verdict = Release(exc.message)
             if isinstance(verdict, Completion):
                 if self.inflight.get(item) is record and self.results.add(Outcome(item, verdict)):
@@ -337,8 +345,12 @@ class Worker:
                 return
             await self.settler.settle(record, verdict)
         except Exception as exc:  # a bug in analysisq: never hold the claim for ever
-            self._log(logging.ERROR, "unexpected error; item left to its lease", item,
-                      error=redact(repr(exc)))  # fmt: skip
+            self._log(
+                logging.ERROR,
+                "unexpected error; item left to its lease",
+                item,
+                error=redact(repr(exc)),
+            )
             if self.inflight.get(item) is record:
                 self.settler.forget(record)
 
@@ -379,53 +391,3 @@ class Worker:
                 await asyncio.wait_for(self._flush_now.wait(), timeout=0.05)
             self._flush_now.clear()
             await self._flush()
-
-    async def _heartbeat_loop(self) -> None:
-        # Renewals also touch updated_at: beating at least three times per stuck threshold
-        # (and per the seed's 10-minute stuck query) keeps a live claim from looking stuck.
-        interval = min(self.lease, float(self.spec.stuck_after_seconds), 600.0) / 3
-        wait = interval
-        while True:
-            await asyncio.sleep(wait)
-            wait = interval
-            records = list(self.inflight)
-            if not records:
-                continue
-            try:
-                # A renewal slower than its interval is as good as lost: give up and retry.
-                async with acquire(self.pool, timeout=interval) as conn:
-                    kept = await items.heartbeat(
-                        conn, [r.item for r in records], self.lease, timeout=interval
-                    )
-            except DatabaseError as exc:
-                # Retried soon, not a whole interval later: once the database is back the
-                # leases must be renewed before anyone takes them for a dead worker's.
-                self._log(logging.WARNING, "heartbeat failed; retrying", error=exc.message)
-                wait = min(interval, 0.5)
-                continue
-            for r in records:
-                if r.item.id in kept or r.finishing or self.inflight.get(r.item) is not r:
-                    continue
-                # Someone else owns it now; stop working on it, write nothing.
-                self.settler.abandon(r, "lease lost; abandoning item")
-
-    async def _housekeeping_loop(self) -> None:
-        # A dead worker's lease runs out at most one lease after its last heartbeat; checking
-        # every quarter lease (at most 15 s) brings its items back within about 1.25 leases.
-        period = min(self.lease / 4, 15.0)
-        while True:
-            await asyncio.sleep(period * self._rng.uniform(0.8, 1.2))
-            try:
-                async with acquire(self.pool) as conn:
-                    # Our own claims are alive (we are): never reset them, even when an outage
-                    # let their leases run out before the heartbeat could renew them.
-                    res = await rescue.rescue_stuck(
-                        conn,
-                        self.run.id,
-                        self.spec.stuck_after_seconds,
-                        live_tokens=[i.token for i in self.inflight.items()],
-                    )
-            except DatabaseError:
-                continue
-            if res.reset or res.poisoned:
-                self._log(logging.WARNING, "reset stuck items", **vars(res))
