@@ -359,7 +359,12 @@ class Node:
         out = self.ctr("containers", "list", "-q").stdout.split()
         pids = []
         for cid in out:
-            info = json.loads(self.ctr("containers", "info", cid).stdout)
+            # A container listed a moment ago may be gone now (a pod of an earlier test that
+            # finished): skip it rather than fail on its "not found".
+            found = self.ctr("containers", "info", cid, check=False)
+            if found.returncode != 0:
+                continue
+            info = json.loads(found.stdout)
             labels = info.get("Labels") or {}
             if (
                 labels.get("io.kubernetes.pod.namespace") == namespace
