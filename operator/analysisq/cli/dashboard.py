@@ -9,7 +9,7 @@ import signal
 
 import click
 
-from analysisq.cli.common import database_url, run_async
+from analysisq.cli.common import database_url
 from analysisq.cli.main import Context
 from analysisq.dashboard.actions import LocalActions
 from analysisq.dashboard.app import start
@@ -102,7 +102,7 @@ def dashboard(
         allow_actions=is_loopback(host) if allow_actions is None else allow_actions,
     )
     ctx = DashboardContext(url, guard, LocalActions(), refresh_seconds=refresh)
-    run_async(_serve(ctx, host, port, embedded=not settings.database_url))
+    asyncio.run(_serve(ctx, host, port, embedded=not settings.database_url))
 
 
 COMMANDS = [dashboard]

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING
 
 import click
 
-from analysisq.cli.common import database_url
+from analysisq.cli.common import database_url, session
 from analysisq.cli.main import Context
-from analysisq.cli.output import console, quiet_logs, session
+from analysisq.cli.output import console, quiet_logs
 from analysisq.cli.run import interruptible
 from analysisq.local.outcome import Ending, summary
 

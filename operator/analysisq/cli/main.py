@@ -26,7 +26,7 @@ class Context:
 #: Command name -> the module that defines it (in its ``COMMANDS`` list). Modules are imported
 #: only when their command runs, so a worker process never loads kopf, kubernetes or rich.
 LAZY_COMMANDS = {
-    "migrate": "db",
+    "migrate": "migrate",
     "worker": "worker",
     "run": "run",
     "demo": "demo",
@@ -41,9 +41,9 @@ LAZY_COMMANDS = {
     "retry": "repair",
     "prompts": "prompts",
     "prune": "prune",
-    "fake-provider": "fake",
-    "trigger": "trigger_cmd",
-    "operator": "operator_cmd",
+    "fake-provider": "fake_provider",
+    "trigger": "trigger",
+    "operator": "operator",
     "dashboard": "dashboard",
 }
 

@@ -1,25 +1,21 @@
-"""Output for people and for scripts: rich tables, or JSON with ``--json``, and the database
-session the local and runbook commands share."""
+"""Output for people and for scripts: rich tables, or JSON with ``--json``; the database
+session the commands share is ``cli.common``."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
-import asyncpg
 import click
 from rich.console import Console
 from rich.table import Table
 
-from analysisq.db.connect import acquire, open_pool
-from analysisq.db.migrate import check_schema, migrate
 from analysisq.settings import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -106,18 +102,3 @@ def table(
 def quiet_logs(settings: Settings) -> None:
     """Commands for people print what matters themselves: only warnings from this process."""
     logging.getLogger().setLevel(max(logging.WARNING, logging.getLevelName(settings.log_level)))
-
-
-@asynccontextmanager
-async def session(
-    settings: Settings, url: str, *, migrate_schema: bool = False
-) -> AsyncIterator[asyncpg.Pool]:
-    """A small pool on *url*, the schema migrated (or checked, for a database of our own
-    choosing: an explicit URL is migrated only by commands that write)."""
-    async with open_pool(url, pooler=settings.database_pooler, min_size=1, max_size=4) as pool:
-        async with acquire(pool) as conn:
-            if migrate_schema or not settings.database_url:
-                await migrate(conn)
-            else:
-                await check_schema(conn)
-        yield pool

@@ -6,13 +6,14 @@ The exit code is 2 when any row was rejected, so a daily import job notices.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import click
 
-from analysisq.cli.common import database_url, run_async
+from analysisq.cli.common import database_url, session
 from analysisq.cli.main import Context
-from analysisq.cli.output import console, json_option, print_json, quiet_logs, session
+from analysisq.cli.output import console, json_option, print_json, quiet_logs
 from analysisq.db.connect import acquire
 from analysisq.errors import InputError
 from analysisq.local.prompt_import import ImportReport, import_prompts
@@ -68,7 +69,7 @@ def import_command(
                 dry_run=dry_run,
             )
 
-    report = run_async(go())
+    report = asyncio.run(go())
     if as_json:
         print_json(report.to_json())
     else:

@@ -7,14 +7,15 @@ Safe next to running workers: bounded batches that skip locked rows. docs/retent
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import asyncpg
 import click
 
-from analysisq.cli.common import database_url, run_async
+from analysisq.cli.common import database_url, session
 from analysisq.cli.main import Context
-from analysisq.cli.output import console, json_option, print_json, quiet_logs, session
+from analysisq.cli.output import console, json_option, print_json, quiet_logs
 from analysisq.db.connect import acquire
 from analysisq.errors import ConfigError
 from analysisq.local.export import export_results
@@ -61,7 +62,7 @@ def prune(
                 export=export if export_dir is not None else None, batch=batch_size,
             )  # fmt: skip
 
-    report = run_async(go())
+    report = asyncio.run(go())
     if as_json:
         print_json(report)
         return

@@ -10,6 +10,7 @@ exhausted: the summary says the line that continues), 130 interrupted.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,9 +18,9 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 
-from analysisq.cli.common import database_url, run_async
+from analysisq.cli.common import database_url, session
 from analysisq.cli.main import Context
-from analysisq.cli.output import console, quiet_logs, results_options, session
+from analysisq.cli.output import console, quiet_logs, results_options
 from analysisq.local.launch import Launch, launch
 from analysisq.local.outcome import RunOutcome, summary
 from analysisq.local.runspec import build_spec, parse_budget
@@ -45,10 +46,10 @@ _SPEC_FLAGS = {
 
 
 def interruptible(work: Coroutine[Any, Any, T], *, resume: str) -> T:
-    """``run_async``; a Ctrl-C before the supervisor takes over signals (while importing or
+    """``asyncio.run``; a Ctrl-C before the supervisor takes over signals (while importing or
     filling) ends with a message and code 130 instead of a traceback."""
     try:
-        return run_async(work)
+        return asyncio.run(work)
     except KeyboardInterrupt:
         click.echo(
             "interrupted before the workers started; `analysisq runs` lists the runs and "

@@ -9,6 +9,7 @@ seed's SQL.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 import asyncpg
 import click
 
-from analysisq.cli.common import database_url, run_async
+from analysisq.cli.common import database_url, session
 from analysisq.cli.main import Context
 from analysisq.cli.output import (
     console,
@@ -25,7 +26,6 @@ from analysisq.cli.output import (
     print_json,
     quiet_logs,
     results_options,
-    session,
     table,
 )
 from analysisq.db.connect import acquire
@@ -49,7 +49,7 @@ def with_db(obj: Context, work: Callable[[asyncpg.Connection], Awaitable[T]]) ->
         async with session(settings, url) as pool, acquire(pool) as conn:
             return await work(conn)
 
-    return run_async(go())
+    return asyncio.run(go())
 
 
 async def run_id_of(conn: asyncpg.Connection, run: str | None) -> str | None:

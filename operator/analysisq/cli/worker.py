@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import click
 
-from analysisq.cli.common import run_async
 from analysisq.cli.main import Context
 from analysisq.worker import serve
 
@@ -18,8 +19,8 @@ def worker(obj: Context, run_id: str, exit_when_done: bool) -> None:
     settings = obj.settings
     if not settings.database_url:
         raise click.UsageError("the worker needs DATABASE_URL (or --database-url)")
-    code = run_async(serve(settings, settings.database_url, run_id, exit_when_done=exit_when_done))
-    raise SystemExit(code)
+    work = serve(settings, settings.database_url, run_id, exit_when_done=exit_when_done)
+    raise SystemExit(asyncio.run(work))
 
 
 COMMANDS = [worker]

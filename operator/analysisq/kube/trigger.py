@@ -1,6 +1,6 @@
 """The daily trigger: create the day's AnalysisRun from a template, prune old finished runs.
 
-``analysisq trigger`` (the command of the chart's CronJob, ``analysisq.cli.trigger_cmd``)
+``analysisq trigger`` (the command of the chart's CronJob, ``analysisq.cli.trigger``)
 calls :func:`trigger` with its validated options (``analysisq.settings.TriggerSettings``).
 The rules are pure functions so unit tests check them without a cluster:
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import click
 
-from analysisq.cli.common import database_url, run_async
+from analysisq.cli.common import database_url
 from analysisq.cli.main import Context
 from analysisq.db.connect import connect
 from analysisq.db.migrate import migrate as apply_migrations
@@ -24,7 +26,7 @@ def migrate(obj: Context) -> None:
         finally:
             await conn.close()
 
-    applied = run_async(go())
+    applied = asyncio.run(go())
     if applied:
         click.echo(f"applied {', '.join(applied)}; schema at version {schema_version()}")
     else:

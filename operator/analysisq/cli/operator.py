@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import click
 
-from analysisq.cli.common import run_async
 from analysisq.cli.main import Context
 from analysisq.errors import ConfigError
 from analysisq.settings import load_settings
@@ -48,7 +49,7 @@ def operator(
         settings = load_settings(**{**obj.settings.model_dump(exclude_unset=True), **given})
     except ConfigError as exc:
         raise click.UsageError(exc.message) from None
-    run_async(run_operator(settings))
+    asyncio.run(run_operator(settings))
 
 
 COMMANDS = [operator]

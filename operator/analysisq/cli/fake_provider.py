@@ -4,11 +4,11 @@ SIGTERM or Ctrl-C. Its flags map one to one onto ``FakeConfig`` (see
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import click
 
-from analysisq.cli.common import run_async
 from analysisq.fake_provider.cli_options import config_from_options, fake_provider_options
 
 
@@ -23,7 +23,7 @@ def fake_provider(host: str, port: int, **options: Any) -> None:
 
     config = config_from_options(options)
     click.echo(f"fake provider on http://{host}:{port}/v1 (stats: http://{host}:{port}/stats)")
-    run_async(serve(config, host, port))
+    asyncio.run(serve(config, host, port))
 
 
 COMMANDS = [fake_provider]
