@@ -96,9 +96,12 @@ def cli(
     """analysisq: daily LLM prompt analyses on a PostgreSQL work queue."""
     try:
         settings = load_settings(
-            database_url=database_url, database_pooler=database_pooler, data_dir=data_dir,
-            log_level=log_level, log_format=log_format,
-        )  # fmt: skip
+            database_url=database_url,
+            database_pooler=database_pooler,
+            data_dir=data_dir,
+            log_level=log_level,
+            log_format=log_format,
+        )
     except ConfigError as exc:
         raise click.UsageError(exc.message) from None
     setup_logging(settings.log_level, settings.log_format)

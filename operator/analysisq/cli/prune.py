@@ -25,14 +25,31 @@ from analysisq.settings import parse_duration
 
 
 @click.command()
-@click.option("--older-than", "older_than", required=True,
-              help="Prune runs finished longer ago than this (e.g. 30d, 12h).")  # fmt: skip
-@click.option("--results", "with_results", is_flag=True,
-              help="Delete the runs' results too (default: keep them).")  # fmt: skip
-@click.option("--export", "export_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="With --results: first write each run's results to DIR/RUN.jsonl.")  # fmt: skip
-@click.option("--batch-size", default=DEFAULT_BATCH, show_default=True,
-              type=click.IntRange(1, 1_000_000), help="Rows per delete statement.")  # fmt: skip
+@click.option(
+    "--older-than",
+    "older_than",
+    required=True,
+    help="Prune runs finished longer ago than this (e.g. 30d, 12h).",
+)
+@click.option(
+    "--results",
+    "with_results",
+    is_flag=True,
+    help="Delete the runs' results too (default: keep them).",
+)
+@click.option(
+    "--export",
+    "export_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="With --results: first write each run's results to DIR/RUN.jsonl.",
+)
+@click.option(
+    "--batch-size",
+    default=DEFAULT_BATCH,
+    show_default=True,
+    type=click.IntRange(1, 1_000_000),
+    help="Rows per delete statement.",
+)
 @json_option
 @click.pass_obj
 def prune(
@@ -58,9 +75,12 @@ def prune(
     async def go() -> PruneReport:
         async with session(settings, url) as pool, acquire(pool) as conn:
             return await prune_runs(
-                conn, horizon, results=with_results,
-                export=export if export_dir is not None else None, batch=batch_size,
-            )  # fmt: skip
+                conn,
+                horizon,
+                results=with_results,
+                export=export if export_dir is not None else None,
+                batch=batch_size,
+            )
 
     report = asyncio.run(go())
     if as_json:

@@ -147,9 +147,15 @@ class EmbeddedPostgres:
             if self._uid is not None:
                 os.chown(self.pgdata, self._uid, self._gid or -1)
             self._run(
-                "initdb", "-D", str(self.pgdata), "-U", PG_USER, "--auth=trust",
-                "--encoding=UTF8", "--no-sync",
-            )  # fmt: skip
+                "initdb",
+                "-D",
+                str(self.pgdata),
+                "-U",
+                PG_USER,
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-sync",
+            )
         self._trust(self.trust_networks)
         port_file = self.data_dir / "port"
         if not port_file.exists() or _port_open(int(port_file.read_text())):
@@ -162,9 +168,18 @@ class EmbeddedPostgres:
             " -c full_page_writes=off -c shared_buffers=256MB"
         )
         self._run(
-            "pg_ctl", "-D", str(self.pgdata), "-l", str(self.log_file), "-w", "-t", "60",
-            "-o", options, "start",
-        )  # fmt: skip
+            "pg_ctl",
+            "-D",
+            str(self.pgdata),
+            "-l",
+            str(self.log_file),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            options,
+            "start",
+        )
         deadline = time.monotonic() + 30
         while not _port_open(self.port):
             if time.monotonic() > deadline:

@@ -36,8 +36,12 @@ SCALE_FIELDS = frozenset({"workers", "suspend"})
 #: Spec fields that do not change what a worker process does: no restart when they change.
 #: (targetFaultThreshold is read by the database, from run_targets, at each target fault.)
 NOT_FOR_WORKERS = SCALE_FIELDS | {
-    "deadline", "onDelete", "maxFailedRatio", "resources", "targetFaultThreshold",
-}  # fmt: skip
+    "deadline",
+    "onDelete",
+    "maxFailedRatio",
+    "resources",
+    "targetFaultThreshold",
+}
 
 
 def desired_replicas(spec: AnalysisRunSpec, *, finished: bool) -> int:

@@ -232,9 +232,11 @@ def register(registry: kopf.OperatorRegistry, service: RunService, settings: Set
         await _handle(body, patch, retry, service.resume_targets)
 
     @kopf.on.field(
-        **on, id="retry-failed", field=("metadata", "annotations", RETRY_ANNOTATION),
+        **on,
+        id="retry-failed",
+        field=("metadata", "annotations", RETRY_ANNOTATION),
         registry=registry,
-    )  # fmt: skip
+    )
     async def retry_failed(
         body: kopf.Body, patch: kopf.Patch, retry: int, new: Any, **_: Any
     ) -> None:

@@ -234,9 +234,14 @@ class RunService:
         return Report({"pausedTargets": None}, [Note("Normal", "TargetsResumed", message)])
 
     async def retry_failed(
-        self, ref: RunRef, spec: AnalysisRunSpec, status: Status, resume_token: str | None,
-        *, value: str,
-    ) -> Report:  # fmt: skip
+        self,
+        ref: RunRef,
+        spec: AnalysisRunSpec,
+        status: Status,
+        resume_token: str | None,
+        *,
+        value: str,
+    ) -> Report:
         """The retry annotation was set: put failed items back; a finished run runs again."""
         try:
             request = parse_retry_request(value, spec)
@@ -249,9 +254,12 @@ class RunService:
         pool = await self._pool(ref, spec)
         async with acquire(pool) as conn:
             count = await retries.retry_failed(
-                conn, ref.run_id, error_class=request.error_class, target=request.target,
+                conn,
+                ref.run_id,
+                error_class=request.error_class,
+                target=request.target,
                 error=request.error,
-            )  # fmt: skip
+            )
         patch: dict[str, Any] = {"lastRetry": last_retry(request, count)}
         message = f"put {count} failed items back in the queue ({request.describe()})"
         if count and status.get("phase") in FINISHED:

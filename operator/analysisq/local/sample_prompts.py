@@ -140,13 +140,26 @@ _CATEGORIES: dict[str, tuple[str, list[tuple[str, str]], list[str]]] = {
 }
 
 _AUDIENCES = [
-    "a small business", "a freelancer", "a 50-person remote team", "a student",
-    "a family of four", "a startup", "a nonprofit", "a beginner", "an enterprise IT team",
-]  # fmt: skip
+    "a small business",
+    "a freelancer",
+    "a 50-person remote team",
+    "a student",
+    "a family of four",
+    "a startup",
+    "a nonprofit",
+    "a beginner",
+    "an enterprise IT team",
+]
 _MARKETS = [
-    ("us", "the United States"), ("uk", "the United Kingdom"), ("es", "Spain"),
-    ("mx", "Mexico"), ("de", "Germany"), ("br", "Brazil"), ("in", "India"), ("fr", "France"),
-]  # fmt: skip
+    ("us", "the United States"),
+    ("uk", "the United Kingdom"),
+    ("es", "Spain"),
+    ("mx", "Mexico"),
+    ("de", "Germany"),
+    ("br", "Brazil"),
+    ("in", "India"),
+    ("fr", "France"),
+]
 _YEARS = ["2024", "2025"]
 
 _TEMPLATES = [
@@ -166,11 +179,15 @@ _TEMPLATES = [
 
 # How the asker wants the answer; multiplies the variety of the questions above.
 _STYLES = [
-    "", " Keep it under 100 words.", " Mention prices if you know them.",
-    " Answer as a bulleted list.", " Be honest about the downsides.",
-    " Cite what reviewers usually say.", " Answer in two sentences.",
+    "",
+    " Keep it under 100 words.",
+    " Mention prices if you know them.",
+    " Answer as a bulleted list.",
+    " Be honest about the downsides.",
+    " Cite what reviewers usually say.",
+    " Answer in two sentences.",
     " Explain it to someone who is not technical.",
-]  # fmt: skip
+]
 
 
 @dataclass(frozen=True)
@@ -203,10 +220,16 @@ def generate(n: int) -> Iterator[SamplePrompt]:
         (brand, product), (rival, _), (third, _) = rng.sample(brands, 3)
         code, market = rng.choice(_MARKETS)
         values = {
-            "plural": plural, "brand": brand, "product": product, "rival": rival,
-            "third": third, "need": rng.choice(needs), "audience": rng.choice(_AUDIENCES),
-            "market": market, "year": rng.choice(_YEARS),
-        }  # fmt: skip
+            "plural": plural,
+            "brand": brand,
+            "product": product,
+            "rival": rival,
+            "third": third,
+            "need": rng.choice(needs),
+            "audience": rng.choice(_AUDIENCES),
+            "market": market,
+            "year": rng.choice(_YEARS),
+        }
         text = rng.choice(_TEMPLATES).format(**values) + rng.choice(_STYLES)
         if text in seen:
             continue

@@ -63,9 +63,15 @@ _INVALID_INPUT_TEXT = re.compile(
     r"content[_ ]filter|safety system"
 )
 _MODEL_CODES = frozenset(
-    {"model_not_found", "invalid_model", "unknown_model", "model_not_available",
-     "DeploymentNotFound", "unsupported_model"}
-)  # fmt: skip
+    {
+        "model_not_found",
+        "invalid_model",
+        "unknown_model",
+        "model_not_available",
+        "DeploymentNotFound",
+        "unsupported_model",
+    }
+)
 # "Invalid model name passed in model=..." (LiteLLM), "The model `x` does not exist" (OpenAI,
 # vLLM), "model 'x' not found" (Ollama), "model: claude-x" (Anthropic's 404). Bounded gaps
 # keep the scan linear.

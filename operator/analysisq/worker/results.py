@@ -109,9 +109,15 @@ class ResultBuffer:
         if r is None or slots <= 0:
             return await items.complete(conn, batch)
         done, claimed = await items.complete_and_claim(
-            conn, batch, r.run_id, worker=r.worker, limit=slots, lease_seconds=r.lease_seconds,
-            max_suspects=r.max_suspects(batch), skip_targets=r.skip_targets,
-        )  # fmt: skip
+            conn,
+            batch,
+            r.run_id,
+            worker=r.worker,
+            limit=slots,
+            lease_seconds=r.lease_seconds,
+            max_suspects=r.max_suspects(batch),
+            skip_targets=r.skip_targets,
+        )
         if claimed:
             r.start(claimed)
         return done

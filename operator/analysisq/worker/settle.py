@@ -78,9 +78,14 @@ class Settler:
         """Apply *decision* to the claim: retried through an outage or a conflict (the claim
         stays held, so the heartbeat keeps its lease); a refusal fails the item, saying why."""
         item = record.item
-        self._log(logging.INFO, f"item {decision.action}", item,
-                  error_class=str(getattr(decision, "error_class", "")),
-                  error=decision.message, delay=decision.delay)  # fmt: skip
+        self._log(
+            logging.INFO,
+            f"item {decision.action}",
+            item,
+            error_class=str(getattr(decision, "error_class", "")),
+            error=decision.message,
+            delay=decision.delay,
+        )
         delay, refused = 0.5, False
         while self.inflight.get(item) is record:
             record.finishing = True
@@ -99,8 +104,12 @@ class Settler:
             except DatabaseError as exc:
                 # Deterministic: the same write would be refused again, so never loop on it.
                 if refused:
-                    self._log(logging.ERROR, "the database refused the item's failure; left "
-                              "to its lease", item, error=exc.message)  # fmt: skip
+                    self._log(
+                        logging.ERROR,
+                        "the database refused the item's failure; left to its lease",
+                        item,
+                        error=exc.message,
+                    )
                     self.forget(record)
                     return
                 refused = True
@@ -125,8 +134,12 @@ class Settler:
                 self.stats.deferred += 1
             case Pause():
                 if applied.paused_target:
-                    self._log(logging.ERROR, "target paused for the run: provider refused our "
-                              "credentials", item, error=decision.message)  # fmt: skip
+                    self._log(
+                        logging.ERROR,
+                        "target paused for the run: provider refused our credentials",
+                        item,
+                        error=decision.message,
+                    )
                 self.stats.paused_targets.add(item.target)
             case Release():
                 self.stats.released += int(applied.written)
