@@ -31,6 +31,32 @@ def test_casts_literals_identifiers_and_comments_are_not_parameters() -> None:
     assert q.text == body.replace(":id::", "$1::").replace(":run_id", "$2")
 
 
+def test_array_slices_are_sql_and_subscript_parameters_are_parenthesised() -> None:
+    body = (
+        "SELECT arr[lo:hi], arr[1:n], arr[(a):hi], arr[:(n)], arr[(:i)], arr[1:(:top)],\n"
+        "       ARRAY[:x, :y], Array [:x][1], a.b[ARRAY[:i][1]:2], :ids::text[] FROM t"
+    )
+    q = compile_block("x", body)
+    assert q.params == ("i", "top", "x", "y", "ids")
+    assert q.text == (
+        "SELECT arr[lo:hi], arr[1:n], arr[(a):hi], arr[:(n)], arr[($1)], arr[1:($2)],\n"
+        "       ARRAY[$3, $4], Array [$3][1], a.b[ARRAY[$1][1]:2], $5::text[] FROM t"
+    )
+
+
+@pytest.mark.parametrize(
+    "expr", ["arr[:n]", "arr[1 :n]", "t.myarray[ :n ]", '"quoted"[:n]', "(f(x))[2:3][:n]"]
+)
+def test_a_bare_parameter_in_a_subscript_is_refused_naming_the_block(expr: str) -> None:
+    with pytest.raises(ValueError) as refused:
+        compile_block("slice_block", f"SELECT {expr} FROM t WHERE id = :id")
+    assert str(refused.value) == (
+        "queries.sql block 'slice_block': :n in an array subscript is a slice bound to "
+        "PostgreSQL; write arr[(:n)] for the parameter, or arr[:(n)] for a slice up to the "
+        "column n"
+    )
+
+
 def test_a_positional_parameter_in_a_block_is_refused() -> None:
     with pytest.raises(ValueError, match=r"block 'x': positional \$2, name the parameter"):
         compile_block("x", "SELECT :a, $2")

@@ -18,8 +18,17 @@ names in that order, so every call sends the same text (asyncpg's statement cach
 working) and binding is one dict lookup per parameter. The compiler reads the text as
 PostgreSQL does: casts (``::int``), string literals (``'a:b'``, ``E'..'``), quoted
 identifiers, dollar quotes and comments are left alone. ``$N`` in a block is refused, so a
-block is never half named. A call that misses a name or passes one the block does not take
-raises ``TypeError`` naming the block and the names, before anything reaches the database.
+block is never half named.
+
+Array slices are SQL, not parameters: in a subscript, a ``:`` after a name, ``)`` or ``]``
+separates the bounds (``arr[lo:hi]``, ``arr[1:n]``). ``arr[:n]`` is ambiguous to a reader
+(a slice up to the column ``n`` for PostgreSQL, the element ``:n`` at a glance), so a bare
+``:name`` in a subscript is refused, naming the block; the parameter is written
+``arr[(:n)]`` (or ``arr[1:(:n)]``), the slice ``arr[:(n)]``. ``ARRAY[:a, :b]`` is a
+constructor, not a subscript: its parameters are plain.
+
+A call that misses a name or passes one the block does not take raises ``TypeError`` naming
+the block and the names, before anything reaches the database.
 """
 
 from __future__ import annotations
@@ -52,10 +61,15 @@ _TOKEN = re.compile(
         | ::                                # cast
       )
     | (?P<positional>\$\d+)
-    | (?<!\w):(?P<param>[A-Za-z_]\w*)        # not after a word: `arr[lo:hi]` is a slice
+    | (?<![\w)\]]):(?P<param>[A-Za-z_]\w*)   # after a word, `)` or `]` it is a slice: arr[lo:hi]
+    | (?P<open>[\[(])
+    | (?P<close>[\])])
     """,
     re.VERBOSE | re.DOTALL,
 )
+# A `[` after a name, `)`, `]` or a quoted identifier subscripts what comes before it, unless
+# that name is ARRAY (a constructor, like a `[` after an operator or a comma).
+_SUBSCRIPTED = re.compile(r"""(?<![\w$])(?P<array>(?i:array))\s*$|[\w)\]"]\s*$""")
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,23 +118,40 @@ class Query:
 
 
 def compile_block(name: str, body: str) -> Query:
-    """``:name`` parameters to ``$N`` (ValueError names the block for a ``$N`` in it)."""
+    """``:name`` parameters to ``$N``; ValueError names the block for a ``$N`` in it, or for
+    a bare ``:name`` in an array subscript (``arr[:n]``, see the module docstring)."""
     params: list[str] = []
-
-    def translate(m: re.Match[str]) -> str:
+    out: list[str] = []
+    # the brackets open at this point: "[" for a subscript, "(" for a parenthesis or ARRAY[
+    opened: list[str] = []
+    end = 0
+    for m in _TOKEN.finditer(body):
+        out.append(body[end : m.start()])
+        end = m.end()
+        token = m.group(0)
         if m.group("positional"):
             raise ValueError(
-                f"queries.sql block {name!r}: positional {m.group('positional')}, "
-                "name the parameter (:name)"
+                f"queries.sql block {name!r}: positional {token}, name the parameter (:name)"
             )
-        param = m.group("param")
-        if param is None:
-            return m.group(0)
-        if param not in params:
-            params.append(param)
-        return f"${params.index(param) + 1}"
-
-    return Query(name, _TOKEN.sub(translate, body), tuple(params))
+        if m.group("open"):
+            before = _SUBSCRIPTED.search(body, 0, m.start()) if token == "[" else None
+            opened.append("(" if before is None or before.group("array") else "[")
+        elif m.group("close"):
+            if opened:
+                opened.pop()
+        elif (param := m.group("param")) is not None:
+            if opened and opened[-1] == "[":
+                raise ValueError(
+                    f"queries.sql block {name!r}: {token} in an array subscript is a slice "
+                    f"bound to PostgreSQL; write arr[({token})] for the parameter, or "
+                    f"arr[:({param})] for a slice up to the column {param}"
+                )
+            if param not in params:
+                params.append(param)
+            token = f"${params.index(param) + 1}"
+        out.append(token)
+    out.append(body[end:])
+    return Query(name, "".join(out), tuple(params))
 
 
 @cache
