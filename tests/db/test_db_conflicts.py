@@ -18,6 +18,7 @@ import pytest
 
 from analysisq.db.connect import acquire, create_pool, translated
 from analysisq.errors import (
+    DatabaseError,
     DatabaseTransient,
     DatabaseUnavailable,
     Deadlock,
@@ -117,6 +118,44 @@ async def test_a_serialization_failure_is_reported_as_such(
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_constraint_failing_at_commit_is_a_refusal_not_an_outage(
+    db: asyncpg.Connection, db_url: str, client_options: dict[str, Any]
+) -> None:
+    """40002 is in class 40, but the transaction broke a rule: run again, it fails again."""
+    await _table(db)
+    await db.execute(
+        """
+        CREATE FUNCTION scratch_rule() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            RAISE EXCEPTION 'n must stay below 10 (row %)', NEW.id
+                USING ERRCODE = 'transaction_integrity_constraint_violation';
+        END $$;
+        CREATE CONSTRAINT TRIGGER scratch_rule AFTER UPDATE ON scratch
+            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.n >= 10)
+            EXECUTE FUNCTION scratch_rule();
+        """
+    )
+    pool = await create_pool(db_url, min_size=1, max_size=1, **client_options)
+    try:
+        with pytest.raises(DatabaseError) as caught:
+            async with acquire(pool) as conn:
+                with translated("raising row 1"):
+                    async with conn.transaction():
+                        # the deferred check runs at COMMIT, not here
+                        await conn.execute("UPDATE scratch SET n = 10 WHERE id = 1")
+        exc = caught.value
+        assert not isinstance(exc, DatabaseTransient), repr(exc)
+        assert exc.message == (
+            "raising row 1: TransactionIntegrityConstraintViolationError:"
+            " n must stay below 10 (row 1)"
+        )
+        # rolled back; the pool's one connection serves the next caller
+        async with acquire(pool) as conn:
+            assert await conn.fetchval("SELECT n FROM scratch WHERE id = 1") == 0
+    finally:
+        await pool.close()
 
 
 async def test_a_worker_retries_a_deadlocked_write_and_logs_it_as_one(

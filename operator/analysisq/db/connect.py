@@ -3,7 +3,8 @@
 Callers use ``pool()`` / ``connect()`` and the ``translated()`` context manager; they see a
 ``DatabaseTransient`` (retry later: ``DatabaseUnavailable`` for an outage, ``Deadlock`` or
 ``SerializationFailure`` for a conflict with another transaction) or a ``DatabaseError`` (a
-bug or a constraint), never an asyncpg exception, and never the password of the URL.
+bug or a constraint, also one checked at COMMIT: 40002), never an asyncpg exception, and
+never the password of the URL.
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ def translated(what: str) -> Iterator[None]:
             # range): the same write fails every time, it is no outage
             raise DatabaseError(f"{what}: invalid value: {redact(str(exc))}") from None
         raise DatabaseUnavailable(f"{what}: database unavailable: {redact(str(exc))}") from None
+    except asyncpg.TransactionIntegrityConstraintViolationError as exc:
+        # 40002 is in class 40 but is no conflict: a constraint checked at COMMIT (a deferred
+        # one) failed, and the same transaction fails the same way again. A refusal.
+        raise DatabaseError(f"{what}: {type(exc).__name__}: {redact(str(exc))}") from None
     except asyncpg.TransactionRollbackError as exc:
         for kind, error in _CONFLICTS:
             if isinstance(exc, kind):
