@@ -71,7 +71,7 @@ class DatabaseError(AnalysisqError):
 
     reason = "DatabaseError"
     retryable = True
-    #: What happened, in the words logs and notes use ("deadlock; retrying").
+    #: What happened, in the words the error's message uses ("<statement>: deadlock, ...").
     summary: ClassVar[str] = "database error"
 
 

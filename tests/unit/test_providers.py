@@ -686,7 +686,7 @@ async def test_http_client_settings() -> None:
         (404, _oai_error("The model `gpt-mok` does not exist", code="model_not_found"),
          "HTTP 404 model_not_found", "model"),
         (400, _oai_error("Invalid model name passed in model=gpt-mok", code="400"),
-         "HTTP 400 400", "model"),
+         "HTTP 400 invalid_request_error", "model"),
         (400, {"error": "model 'llama9' not found, try pulling it first"}, "HTTP 400", "model"),
         (404, _anthropic_error("not_found_error", "model: claude-sonnet-9"),
          "HTTP 404 not_found_error", "model"),
@@ -705,6 +705,27 @@ def test_target_faults_name_the_setting_to_fix(
     err = error_for_response(status, {}, text, where="gw.example/v1/chat/completions")
     assert isinstance(err, TargetFault)
     assert (err.fault, err.setting, err.error_class) == (fault, setting, "permanent")
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "message"),
+    [
+        (400, _oai_error("Invalid model name passed in model=m", code="400"),
+         "HTTP 400 from gw.example/v1: invalid_request_error: Invalid model name passed in "
+         "model=m"),
+        (404, "404: Not Found", "HTTP 404 from gw.example/v1: Not Found"),
+        (404, "404 page not found", "HTTP 404 from gw.example/v1: 404 page not found"),
+        (404, {"object": "error", "message": "gone", "type": "NotFoundError", "code": 404},
+         "HTTP 404 from gw.example/v1: NotFoundError: gone"),
+        (502, "502", "HTTP 502 from gw.example/v1: 502"),
+        (500, "500 errors today", "HTTP 500 from gw.example/v1: 500 errors today"),
+        (502, "502:", "HTTP 502 from gw.example/v1: 502:"),
+        (503, "5030 queued", "HTTP 503 from gw.example/v1: 5030 queued"),
+    ],
+)  # fmt: skip
+def test_an_error_message_says_the_status_once(status: int, body: Any, message: str) -> None:
+    text = body if isinstance(body, str) else json.dumps(body)
+    assert error_for_response(status, {}, text, where="gw.example/v1").message == message
 
 
 @pytest.mark.parametrize(

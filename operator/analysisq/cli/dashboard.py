@@ -37,7 +37,7 @@ async def _prepare_schema(ctx: DashboardContext, embedded: bool) -> None:
         async with ctx.connection() as conn:
             await (migrate(conn) if embedded else check_schema(conn))
     except DatabaseTransient as exc:
-        log.warning("%s; serving anyway", exc.summary, extra={"error": exc.message})
+        log.warning("serving anyway", extra={"error": exc.message})
 
 
 async def _serve(ctx: DashboardContext, host: str, port: int, embedded: bool) -> None:

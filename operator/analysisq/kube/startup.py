@@ -108,7 +108,7 @@ async def run_operator(
     try:
         await pools.get(settings.database_url)
     except DatabaseTransient as exc:
-        log.warning("%s at start; runs wait for it", exc.summary, extra={"error": exc.message})
+        log.warning("runs wait for the default database", extra={"error": exc.message})
     kube = KubeApi(load_client())
     metrics = Metrics(settings.provider_metrics_seconds)
     server = metrics.serve(settings.metrics_port) if settings.metrics_port else None

@@ -93,9 +93,9 @@ def error_for_response(
     secrets: Iterable[str] = (),
 ) -> ProviderError:
     """The ``ProviderError`` that an HTTP *status* with body *text* from *where* means."""
-    codes, label, detail, param = _error_detail(text)
+    codes, label, detail, param = _error_detail(text, status)
     message = f"HTTP {status} from {where}: {label + ': ' if label else ''}"
-    message += excerpt(detail or text, secrets) or "(empty body)"
+    message += excerpt(_unrepeated(detail or text, status), secrets) or "(empty body)"
     scanned = (detail or text)[:_SCAN_CHARS]
     if status == 429:
         if "insufficient_quota" in codes:
@@ -174,9 +174,17 @@ def exhausted_limit_delay(
     return _clamp(max(waits)) if waits else None
 
 
-def _error_detail(text: str) -> tuple[frozenset[str], str, str, str]:
-    """The error code and type, a label (the code, else the type), the message and the
-    parameter blamed (OpenAI's ``param``) of an error body, if it is JSON.
+def _unrepeated(text: str, status: int) -> str:
+    """*text* without the leading ``404:`` of a framework's plain error page ("404: Not
+    Found"): the message says the status already. Other text is the provider's own."""
+    rest = re.sub(rf"^\s*{status}:\s*", "", text)
+    return rest or text
+
+
+def _error_detail(text: str, status: int) -> tuple[frozenset[str], str, str, str]:
+    """The error code and type, a label (the code, else the type; never the *status*, which
+    the message says already: LiteLLM's ``"code": "400"``), the message and the parameter
+    blamed (OpenAI's ``param``) of an error body, if it is JSON.
 
     Shapes: OpenAI ``{"error": {"message", "type", "code"}}``, Anthropic
     ``{"type": "error", "error": {"type", "message"}}``, vLLM ``{"object": "error",
@@ -192,11 +200,12 @@ def _error_detail(text: str) -> tuple[frozenset[str], str, str, str]:
     if not isinstance(error, dict):
         return frozenset(), "", "", ""
     named = [str(error[k]) for k in ("code", "type") if isinstance(error.get(k), str)]
+    labels = [n for n in named if n != str(status)]
     message = error.get("message")
     param = error.get("param")
     return (
         frozenset(named),
-        named[0] if named else "",
+        labels[0] if labels else "",
         message if isinstance(message, str) else "",
         param if isinstance(param, str) else "",
     )

@@ -275,7 +275,7 @@ class Worker:
                         skip_targets=sync_targets_skipped(self.spec),
                     )
             except DatabaseError as exc:
-                self._log(logging.WARNING, f"claim failed; {exc.summary}", error=exc.message)
+                self._log(logging.WARNING, "claim failed; retrying", error=exc.message)
                 await self._sleep(self._poll_delay() * 4)
                 continue
             if not claimed:
@@ -328,9 +328,7 @@ class Worker:
                 verdict: Completion | Decision = await self.attempts.run(item)
             except DatabaseError as exc:
                 # The database failed us, not the item: give it back unspent once we can.
-                self._log(
-                    logging.WARNING, f"{exc.summary}; releasing item", item, error=exc.message
-                )
+                self._log(logging.WARNING, "releasing item", item, error=exc.message)
                 verdict = Release("released after a database error")
             except BudgetExhausted as exc:
                 # Not the item's fault: back unspent, and claim nothing until it is raised.

@@ -37,7 +37,7 @@ async def _through_outages(stop: asyncio.Event, step: Callable[[], Awaitable[T]]
         try:
             return await step()
         except DatabaseTransient as exc:
-            log.warning("%s; retrying", exc.summary, extra={"error": exc.message})
+            log.warning("worker not started yet; retrying", extra={"error": exc.message})
             try:
                 await asyncio.wait_for(stop.wait(), timeout=delay)
                 return None
