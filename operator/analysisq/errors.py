@@ -71,8 +71,6 @@ class DatabaseError(AnalysisqError):
 
     reason = "DatabaseError"
     retryable = True
-    #: What happened, in the words the error's message uses ("<statement>: deadlock, ...").
-    summary: ClassVar[str] = "database error"
 
 
 class DatabaseTransient(DatabaseError):
@@ -88,7 +86,6 @@ class DatabaseUnavailable(DatabaseTransient):
     """The database cannot be reached."""
 
     reason = "DatabaseUnavailable"
-    summary = "database unavailable"
 
 
 class Deadlock(DatabaseTransient):
@@ -96,7 +93,6 @@ class Deadlock(DatabaseTransient):
     is retried. The database is up: this is no outage."""
 
     reason = "Deadlock"
-    summary = "deadlock"
 
 
 class SerializationFailure(DatabaseTransient):
@@ -104,7 +100,6 @@ class SerializationFailure(DatabaseTransient):
     (40001); it is retried. The database is up: this is no outage."""
 
     reason = "SerializationFailure"
-    summary = "serialization failure"
 
 
 class SchemaMismatch(DatabaseError):

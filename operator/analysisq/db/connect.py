@@ -41,10 +41,10 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 
 #: Conflicts between transactions: the server is up and the same statement succeeds when run
-#: again, so they are reported as what they are, not as an outage.
-_CONFLICTS: tuple[tuple[type[asyncpg.PostgresError], type[DatabaseTransient]], ...] = (
-    (asyncpg.DeadlockDetectedError, Deadlock),
-    (asyncpg.SerializationError, SerializationFailure),
+#: again, so they are reported as what they are (in these words), not as an outage.
+_CONFLICTS: tuple[tuple[type[asyncpg.PostgresError], type[DatabaseTransient], str], ...] = (
+    (asyncpg.DeadlockDetectedError, Deadlock, "deadlock"),
+    (asyncpg.SerializationError, SerializationFailure, "serialization failure"),
 )
 
 
@@ -73,9 +73,9 @@ def translated(what: str) -> Iterator[None]:
         # one) failed, and the same transaction fails the same way again. A refusal.
         raise DatabaseError(f"{what}: {type(exc).__name__}: {redact(str(exc))}") from None
     except asyncpg.TransactionRollbackError as exc:
-        for kind, error in _CONFLICTS:
+        for kind, error, said in _CONFLICTS:
             if isinstance(exc, kind):
-                raise error(f"{what}: {error.summary}, retried: {redact(str(exc))}") from None
+                raise error(f"{what}: {said}, retried: {redact(str(exc))}") from None
         # the rest of class 40 (40003: the connection broke as the commit went out)
         raise DatabaseUnavailable(f"{what}: database unavailable: {redact(str(exc))}") from None
     except _UNAVAILABLE as exc:

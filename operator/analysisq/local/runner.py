@@ -155,7 +155,7 @@ class Supervisor:
             try:
                 snap = await self._snapshot()
             except DatabaseTransient as exc:
-                self.display.note(f"{exc.summary}, retrying: {exc.message}")
+                self.display.note(f"retrying: {exc.message}")
                 await self._pause(TICK_SECONDS * 4)
                 continue
             self.display.update(snap)
