@@ -127,7 +127,7 @@ async def main(args: argparse.Namespace, reporter: Reporter) -> None:
             spec = parse_spec({"targets": [target], "workers": args.workers})
             conn = await asyncpg.connect(db.url)
             try:
-                await copy_prompts(conn, items)
+                await copy_prompts(conn, items, text_bytes=args.prompt_bytes)
                 await runs.create_run(conn, RUN, spec)
                 await runs.fill(conn, RUN, spec)
                 writes_before = await _writes(conn)
@@ -169,6 +169,7 @@ async def main(args: argparse.Namespace, reporter: Reporter) -> None:
             "batch_seconds": seconds,
             "workers": args.workers,
             "poll_seconds": args.poll_seconds,
+            "prompt_bytes": args.prompt_bytes,
         }
         reporter.record(NAME, "openai->fake", m, db=db, params=params)
         print()
@@ -197,3 +198,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--poll-seconds", type=float, default=1.0, help="batch.pollSeconds (1)")
+    p.add_argument(
+        "--prompt-bytes",
+        type=int,
+        default=0,
+        help="pad each prompt to this many bytes (4000 with --items 50000: a 200 MB input)",
+    )

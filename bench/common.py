@@ -296,9 +296,18 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-async def copy_prompts(conn: asyncpg.Connection, n: int, *, prefix: str = "b") -> None:
-    """Load *n* active prompts with COPY (the import path for large sets)."""
-    records = ((f"{prefix}{i:08d}", f"Benchmark prompt {i}: summarise item {i}.") for i in range(n))
+async def copy_prompts(
+    conn: asyncpg.Connection, n: int, *, prefix: str = "b", text_bytes: int = 0
+) -> None:
+    """Load *n* active prompts with COPY (the import path for large sets), each padded with
+    filler words to *text_bytes* bytes when that is longer."""
+
+    def text(i: int) -> str:
+        head = f"Benchmark prompt {i}: summarise item {i}."
+        filler = " lorem ipsum" * max(0, (text_bytes - len(head)) // 12 + 1)
+        return (head + filler)[: max(text_bytes, len(head))]
+
+    records = ((f"{prefix}{i:08d}", text(i)) for i in range(n))
     await conn.copy_records_to_table("prompts", records=records, columns=["external_id", "text"])
     await conn.execute("ANALYZE prompts")
 

@@ -640,7 +640,8 @@ FROM candidates c, submission s, prompts p, analysis_runs r
 WHERE q.id = c.id AND p.id = q.prompt_tracking_id AND r.id = q.run_id
 RETURNING s.id AS submission_id, q.id, q.claim_token, q.run_id, q.prompt_tracking_id,
           q.target, q.attempts, q.deferrals, q.lease_losses, r.max_attempts, p.external_id,
-          p.text;
+          -- not the prompts: the sender reads them in pages (batch_prompt_page)
+          ''::text AS text;
 
 -- name: batch_take
 -- Submissions of run :run_id that worker :worker should work on now, leased to it for
@@ -708,15 +709,6 @@ RETURNING id;
 -- against.
 SELECT q.id, q.claim_token, q.run_id, q.prompt_tracking_id, q.target, q.attempts,
        q.deferrals, q.lease_losses, r.max_attempts, p.external_id, ''::text AS text
-FROM analysis_queue q JOIN prompts p ON p.id = q.prompt_tracking_id
-JOIN analysis_runs r ON r.id = q.run_id
-WHERE q.submission_id = :submission_id AND q.status = 'processing'
-ORDER BY q.id;
-
--- name: batch_items_with_text
--- The same with the prompts: to (re)build the requests of a submission not yet sent.
-SELECT q.id, q.claim_token, q.run_id, q.prompt_tracking_id, q.target, q.attempts,
-       q.deferrals, q.lease_losses, r.max_attempts, p.external_id, p.text
 FROM analysis_queue q JOIN prompts p ON p.id = q.prompt_tracking_id
 JOIN analysis_runs r ON r.id = q.run_id
 WHERE q.submission_id = :submission_id AND q.status = 'processing'
@@ -995,3 +987,23 @@ SELECT target, width_bucket(latency_ms / 1000.0, :bounds::double precision[]) AS
 FROM analysis_results
 WHERE run_id = :run_id
 GROUP BY 1, 2;
+
+-- ---------------------------------------------------------------------------------------
+-- Batch submit in bounded memory: the prompts of a submission read in pages
+-- (analysisq.worker.batch_send)
+-- ---------------------------------------------------------------------------------------
+
+-- name: batch_prompt_page
+-- The prompts of those of items :ids still waiting in submission :submission_id, in id order:
+-- a row per waiting item, with its text while the texts before it stay under :max_bytes bytes
+-- (the first always has it), NULL after (read by the next page). One statement, no cursor:
+-- each page is its own transaction, as behind PgBouncer in transaction mode. octet_length
+-- reads a stored text's size without detoasting it, and CASE fetches only the texts sent.
+SELECT q.id,
+       CASE WHEN sum(octet_length(p.text)) OVER (ORDER BY q.id) - octet_length(p.text)
+                 < :max_bytes
+            THEN p.text END AS text
+FROM analysis_queue q JOIN prompts p ON p.id = q.prompt_tracking_id
+WHERE q.id = ANY (:ids::bigint[]) AND q.submission_id = :submission_id
+  AND q.status = 'processing'
+ORDER BY q.id;

@@ -10,14 +10,14 @@ from pathlib import Path
 import httpx
 import pytest
 from aiohttp import web
-from test_provider_batches import http
+from test_provider_batches import http, submit
 
 from analysisq.fake_provider import FakeConfig, FakeProvider, openai_batches
-from analysisq.providers import anthropic_batch, make_batch_client, openai_batch
+from analysisq.providers import batch, make_batch_client, openai_batch
 from analysisq.providers.batch import BatchEntry, custom_id
 from analysisq.queue.items import ClaimedItem
 from analysisq.spec import parse_spec
-from analysisq.worker.batch_plan import fit
+from analysisq.worker.batch_plan import Plan
 
 pytestmark = pytest.mark.unit
 
@@ -44,12 +44,16 @@ async def test_an_openai_input_over_the_providers_ceiling_is_split_never_refused
         target = spec.targets[0]
         client = make_batch_client(target, http, None)
         claimed = [item(1, "x" * 7_000), *(item(i, f"prompt {i} " * 5) for i in range(2, 200))]
+        texts = {i.id: i.text for i in claimed}
         sent = 0
         while claimed:
-            plan = fit(client, target, claimed)
-            if plan.entries:
-                await client.submit(plan.entries, {})  # accepted: a refusal raises
-                sent += 1
+            with client.spool() as body:
+                plan = Plan(client, target, body)
+                for i in claimed:
+                    plan.add(i, texts[i.id])
+                if plan.sent:
+                    await client.submit(body, {})  # accepted: a refusal raises
+                    sent += 1
             claimed = plan.spill
             if plan.refused:
                 ((refused, error),) = plan.refused
@@ -63,7 +67,7 @@ async def test_the_anthropic_body_is_streamed_not_built(
 ) -> None:
     """Python memory while sending 40,000 requests stays a small part of the body: it is
     written request by request to a spool (on disk past SPOOL_BYTES) and streamed."""
-    monkeypatch.setattr(anthropic_batch, "SPOOL_BYTES", 2**20)
+    monkeypatch.setattr(batch, "SPOOL_BYTES", 2**20)
     received = tmp_path / "body.json"
 
     async def sink(request: web.Request) -> web.Response:
@@ -91,7 +95,7 @@ async def test_the_anthropic_body_is_streamed_not_built(
         ]
         tracemalloc.start()
         try:
-            assert await client.submit(entries, {}) == "msgbatch_1"
+            assert await submit(client, entries, {}) == "msgbatch_1"
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
@@ -103,4 +107,5 @@ async def test_the_anthropic_body_is_streamed_not_built(
     assert size > 10 * 2**20
     # Building it whole (the old way) peaked above the body's size.
     assert peak < size / 4, (peak, size)
-    assert size == sum(client.entry_size(e) for e in entries) + len(b'{"requests":[]}') - 1
+    with client.spool() as sizing:
+        assert size == sum(len(sizing.encode(e)) for e in entries) + len(b'{"requests":[]}') - 1

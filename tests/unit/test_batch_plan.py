@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import httpx
@@ -10,7 +11,7 @@ import pytest
 from analysisq.providers import make_batch_client
 from analysisq.queue.items import ClaimedItem
 from analysisq.spec import parse_spec
-from analysisq.worker.batch_plan import fit, sync_targets_skipped
+from analysisq.worker.batch_plan import Plan, sync_targets_skipped
 
 pytestmark = pytest.mark.unit
 
@@ -28,14 +29,29 @@ def test_fit_cuts_at_max_bytes_and_refuses_what_never_fits(provider: str) -> Non
     target = spec.targets[0]
     client = make_batch_client(target, httpx.AsyncClient(), None)
     claimed = [item(1, "x" * 5000), item(2, "   "), *(item(i, f"prompt {i}") for i in range(3, 60))]
-    plan = fit(client, target, claimed)
-    refused = {i.id: str(e) for i, e in plan.refused}
-    assert set(refused) == {1, 2}
-    assert "more than one batch may hold (batch.maxBytes 4000)" in refused[1]
-    assert "empty" in refused[2]
-    assert plan.entries and plan.spill
-    assert sum(client.entry_size(e) for e in plan.entries) <= 4000
-    assert len(plan.entries) + len(plan.spill) + 2 == len(claimed)
+    with client.spool() as body:
+        plan = Plan(client, target, body)
+        for i in claimed:
+            plan.add(i, i.text)
+        refused = {i.id: str(e) for i, e in plan.refused}
+        assert set(refused) == {1, 2}
+        assert "more than one batch may hold (batch.maxBytes 4000)" in refused[1]
+        assert "empty" in refused[2]
+        assert plan.sent and plan.spill
+        assert body.count == len(plan.sent) and body.size <= 4000
+        assert len(plan.sent) + len(plan.spill) + 2 == len(claimed)
+        cut = body.count // 2
+        plan.cut(cut)
+        assert body.count == len(plan.sent) == cut
+        spool, size = body.finish()
+        written = spool.read()
+    assert len(written) == size
+    ids = [str(i.id) for i in plan.sent]
+    if provider == "openai":
+        assert [json.loads(line)["custom_id"].split("-")[0] for line in written.splitlines()] == ids
+    else:
+        requests = json.loads(written)["requests"]
+        assert [r["custom_id"].split("-")[0] for r in requests] == ids
 
 
 def test_the_sync_path_takes_batch_targets_near_the_deadline() -> None:

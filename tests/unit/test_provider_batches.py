@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -43,6 +43,16 @@ def entries(n: int) -> list[BatchEntry]:
     return [BatchEntry(custom_id(i + 1, uuid.uuid4()), f"Analyse text {i}.") for i in range(n)]
 
 
+async def submit(
+    client: BatchClient, sent: Sequence[BatchEntry], metadata: Mapping[str, str]
+) -> str:
+    """Write *sent* to a batch input of *client* and submit it."""
+    with client.spool() as body:
+        for entry in sent:
+            body.write(body.encode(entry))
+        return await client.submit(body, metadata)
+
+
 async def ended(client: BatchClient, provider_id: str) -> BatchState:
     for _ in range(500):
         state = await client.poll(provider_id)
@@ -72,7 +82,7 @@ async def test_submit_poll_results_with_an_error_mix(
         client = make_batch_client(target(fake, provider), http, None)
         sent = entries(2000)
         metadata = {"analysisq_run": "r", "analysisq_submission": "1"}
-        provider_id = await client.submit(sent, metadata)
+        provider_id = await submit(client, sent, metadata)
         state = await ended(client, provider_id)
         results = await collect(client, state)
         since = datetime.now(UTC)
@@ -96,9 +106,9 @@ async def test_expired_and_cancelled_requests_are_unspent(
 ) -> None:
     async with FakeProvider(FakeConfig(batch_seconds=0.3, batch_expire_first=1)) as fake:
         client = make_batch_client(target(fake, provider), http, None)
-        expired = await collect(client, await ended(client, await client.submit(entries(20), {})))
+        expired = await collect(client, await ended(client, await submit(client, entries(20), {})))
         fake.configure(FakeConfig(batch_seconds=30))
-        slow = await client.submit(entries(20), {})
+        slow = await submit(client, entries(20), {})
         await client.cancel(slow)
         cancelled = await collect(client, await ended(client, slow))
         await client.cancel(slow)  # ended already: not an error
@@ -110,7 +120,7 @@ async def test_expired_and_cancelled_requests_are_unspent(
 async def test_openai_token_limit_is_back_pressure(http: httpx.AsyncClient) -> None:
     async with FakeProvider(FakeConfig(batch_seconds=0.1, batch_fail_first=1)) as fake:
         client = make_batch_client(target(fake, "openai"), http, None)
-        state = await ended(client, await client.submit(entries(3), {}))
+        state = await ended(client, await submit(client, entries(3), {}))
     assert state.phase == "failed" and isinstance(state.failure, RateLimited)
     assert "token_limit_exceeded" in state.failure.message
 
@@ -119,7 +129,7 @@ async def test_anthropic_queue_limit_is_rate_limited(http: httpx.AsyncClient) ->
     async with FakeProvider(FakeConfig(batch_fail_first=1)) as fake:
         client = make_batch_client(target(fake, "anthropic"), http, None)
         with pytest.raises(RateLimited):
-            await client.submit(entries(3), {})
+            await submit(client, entries(3), {})
         assert fake.stats().batches_created == 0
 
 
@@ -130,7 +140,7 @@ async def test_transient_404_after_create_is_transient_and_find_skips_known(
     async with FakeProvider(FakeConfig(batch_seconds=5, batch_not_found_s=0.5)) as fake:
         client = make_batch_client(target(fake, provider), http, None)
         since = datetime.now(UTC)
-        provider_id = await client.submit(entries(4), {"analysisq_submission": "7"})
+        provider_id = await submit(client, entries(4), {"analysisq_submission": "7"})
         with pytest.raises(PermanentError) as caught:
             await client.poll(provider_id)
         other = await client.find({"analysisq_submission": "8"}, since=since, count=5, known=set())
@@ -184,7 +194,7 @@ async def test_the_key_goes_only_to_the_endpoints_own_host(http: httpx.AsyncClie
 
     async with FakeProvider(FakeConfig(batch_seconds=0.1, require_api_key="sk-ant-key")) as fake:
         client = make_batch_client(target(fake, "anthropic"), http, "sk-ant-key")
-        state = await ended(client, await client.submit(entries(3), {}))
+        state = await ended(client, await submit(client, entries(3), {}))
         assert len(await collect(client, state)) == 3
         # The same server under another name: a results_url elsewhere gets no key.
         elsewhere = state.outputs[0].replace("127.0.0.1", "localhost")

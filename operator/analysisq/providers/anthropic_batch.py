@@ -13,8 +13,7 @@ without it.
 from __future__ import annotations
 
 import json
-import tempfile
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -23,9 +22,9 @@ import httpx
 from analysisq.errors import PermanentError, TransientError
 from analysisq.providers.anthropic import AnthropicProvider
 from analysisq.providers.batch import (
-    SPOOL_BYTES,
     BatchEntry,
     BatchHttp,
+    BatchInput,
     BatchResult,
     BatchState,
     MalformedBatch,
@@ -49,9 +48,10 @@ _STATUS_OF = {
 FIND_PAGES = 10
 #: Anthropic's ceiling for a Message Batches request body, 256 MB (decimal).
 MAX_BODY_BYTES = 256_000_000
-#: The body around the requests: ``{"requests":[`` ... ``]}``, less the one comma that
-#: ``entry_size`` counts for the last request.
-_ENVELOPE = len(b'{"requests":[]}') - 1
+_HEAD, _TAIL = b'{"requests":[', b"]}"
+#: The body around the requests, less the one comma that ``entry_bytes`` counts for the last
+#: request (and ``spool`` drops).
+_ENVELOPE = len(_HEAD + _TAIL) - 1
 
 
 class AnthropicBatchClient(BatchHttp):
@@ -71,29 +71,27 @@ class AnthropicBatchClient(BatchHttp):
         """*entry* as it stands in the body."""
         return json.dumps(self.request(entry), ensure_ascii=False, separators=(",", ":")).encode()
 
-    def entry_size(self, entry: BatchEntry) -> int:
-        return len(self.encoded(entry)) + 1  # and its comma
+    def entry_bytes(self, entry: BatchEntry) -> bytes:
+        """What *entry* adds to the body: its request and a comma."""
+        return self.encoded(entry) + b","
+
+    def spool(self) -> BatchInput:
+        # {"requests":[<request>,<request>,...]}: the last request's comma is dropped.
+        return BatchInput(self.entry_bytes, head=_HEAD, tail=_TAIL, drop_last=1)
 
     @property
     def max_input_bytes(self) -> int:
         return MAX_BODY_BYTES - _ENVELOPE
 
-    async def submit(self, entries: Sequence[BatchEntry], metadata: Mapping[str, str]) -> str:
-        # Written request by request and streamed from the spool: the body (up to 256 MB)
-        # is never built whole, neither as objects nor as bytes.
-        with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as spool:
-            spool.write(b'{"requests":[')
-            for index, entry in enumerate(entries):
-                spool.write(b"," if index else b"")
-                spool.write(self.encoded(entry))
-            spool.write(b"]}")
-            size = spool.tell()
-            spool.seek(0)
-            headers = {"content-type": "application/json", "content-length": str(size)}
-            reply, body = await self._call(
-                "POST", self._base, headers=headers, content=file_chunks(spool)
-            )
-        return str(dig(reply, body, "id", expect=str))
+    async def submit(self, body: BatchInput, metadata: Mapping[str, str]) -> str:
+        # Written request by request to the spool (``batch_send``) and streamed from it:
+        # the body (up to 256 MB) is never built whole, neither as objects nor as bytes.
+        spool, size = body.finish()
+        headers = {"content-type": "application/json", "content-length": str(size)}
+        reply, answer = await self._call(
+            "POST", self._base, headers=headers, content=file_chunks(spool)
+        )
+        return str(dig(reply, answer, "id", expect=str))
 
     async def find(
         self, metadata: Mapping[str, str], *, since: datetime, count: int, known: set[str]

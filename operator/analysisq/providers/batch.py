@@ -23,8 +23,10 @@ names the field in ``missing``.
 
 from __future__ import annotations
 
+import tempfile
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from array import array
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import IO, Any, Literal, Protocol
@@ -107,8 +109,9 @@ class BatchClient(Protocol):
     @property
     def target(self) -> Target: ...
 
-    def entry_size(self, entry: BatchEntry) -> int:
-        """Bytes *entry* adds to a batch's input (for ``batch.maxBytes``)."""
+    def spool(self) -> BatchInput:
+        """An empty input of one batch, in this API's format: the entries are written to it
+        one by one (its ``encode`` says how many bytes each adds, for ``batch.maxBytes``)."""
         ...
 
     @property
@@ -117,8 +120,9 @@ class BatchClient(Protocol):
         says: more and the provider refuses the batch."""
         ...
 
-    async def submit(self, entries: Sequence[BatchEntry], metadata: Mapping[str, str]) -> str:
-        """Create one provider batch; its id. Raises ``ProviderError``."""
+    async def submit(self, body: BatchInput, metadata: Mapping[str, str]) -> str:
+        """Create one provider batch of the entries written to *body* (``spool``); its id.
+        Raises ``ProviderError``."""
         ...
 
     async def find(
@@ -189,6 +193,69 @@ class BatchHttp:
 #: A batch's input is spooled to disk past this size, then streamed from there: a 200 MB
 #: file (OpenAI) or a 256 MB body (Anthropic) is never held whole in memory.
 SPOOL_BYTES = 8 * 2**20
+
+
+class BatchInput:
+    """One batch's input as it is written, entry by entry, to a spool (on disk past
+    ``SPOOL_BYTES``), neither held as objects nor as bytes. An API gives ``encode`` (the bytes
+    an entry adds: the entry and the separator after it), the bytes before and after the
+    entries, and how many bytes of the last separator to drop. ``cut`` keeps the first
+    entries only (what a run's budget covers); ``finish``, once, ends it for the upload."""
+
+    def __init__(
+        self,
+        encode: Callable[[BatchEntry], bytes],
+        *,
+        head: bytes = b"",
+        tail: bytes = b"",
+        drop_last: int = 0,
+    ) -> None:
+        self.encode = encode
+        self._tail = tail
+        self._drop_last = drop_last
+        # Closed by __exit__: a BatchInput is used as a context manager.
+        self._spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115
+        self._spool.write(head)
+        #: Where each entry ends (the first: where the head ends), 8 bytes an entry.
+        self._ends = array("q", [len(head)])
+
+    def __enter__(self) -> BatchInput:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._spool.close()
+
+    @property
+    def count(self) -> int:
+        return len(self._ends) - 1
+
+    @property
+    def size(self) -> int:
+        """Bytes the entries written take (separators included): what ``batch.maxBytes``
+        and the API's ceiling (``max_input_bytes``) bound."""
+        return self._ends[-1] - self._ends[0]
+
+    def write(self, data: bytes) -> None:
+        """Append one entry's bytes (``encode``)."""
+        self._spool.write(data)
+        self._ends.append(self._ends[-1] + len(data))
+
+    def cut(self, n: int) -> None:
+        """Keep the first *n* entries only."""
+        if n < self.count:
+            del self._ends[n + 1 :]
+            self._spool.truncate(self._ends[-1])
+            self._spool.seek(self._ends[-1])
+
+    def finish(self) -> tuple[IO[bytes], int]:
+        """The whole input, positioned at its start, and its size in bytes."""
+        end = self._ends[-1] - (self._drop_last if self.count else 0)
+        self._spool.truncate(end)
+        self._spool.seek(end)
+        self._spool.write(self._tail)
+        size = self._spool.tell()
+        self._spool.seek(0)
+        return self._spool, size
 
 
 async def file_chunks(file: IO[bytes], size: int = 2**20) -> AsyncIterator[bytes]:

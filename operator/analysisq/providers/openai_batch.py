@@ -12,8 +12,7 @@ submission. ``find`` pages ``GET {base}/batches`` for that metadata. ``poll`` re
 from __future__ import annotations
 
 import json
-import tempfile
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -21,9 +20,9 @@ import httpx
 
 from analysisq.errors import PermanentError, RateLimited, TransientError
 from analysisq.providers.batch import (
-    SPOOL_BYTES,
     BatchEntry,
     BatchHttp,
+    BatchInput,
     BatchResult,
     BatchState,
     MalformedBatch,
@@ -63,23 +62,21 @@ class OpenAIBatchClient(BatchHttp):
         record = {"custom_id": entry.custom_id, "method": "POST", "url": ENDPOINT, "body": body}
         return json.dumps(record, ensure_ascii=False).encode() + b"\n"
 
-    def entry_size(self, entry: BatchEntry) -> int:
-        return len(self.line(entry))
+    def spool(self) -> BatchInput:
+        return BatchInput(self.line)
 
     @property
     def max_input_bytes(self) -> int:
         return MAX_FILE_BYTES
 
-    async def submit(self, entries: Sequence[BatchEntry], metadata: Mapping[str, str]) -> str:
-        # Spooled to disk past 8 MB: a 200 MB input is streamed, not held (nor copied) whole.
-        with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as spool:
-            for entry in entries:
-                spool.write(self.line(entry))
-            spool.seek(0)
-            files = {"file": ("analysisq-batch.jsonl", spool, "application/jsonl")}
-            upload = await self._call(
-                "POST", f"{self._base}/files", data={"purpose": "batch"}, files=files
-            )
+    async def submit(self, body: BatchInput, metadata: Mapping[str, str]) -> str:
+        # The JSONL was spooled line by line as it was written (``batch_send``): streamed
+        # from the spool, never held (nor copied) whole.
+        spool, _ = body.finish()
+        files = {"file": ("analysisq-batch.jsonl", spool, "application/jsonl")}
+        upload = await self._call(
+            "POST", f"{self._base}/files", data={"purpose": "batch"}, files=files
+        )
         file_id = dig(upload[0], upload[1], "id", expect=str)
         payload = {
             "input_file_id": file_id,
@@ -87,8 +84,8 @@ class OpenAIBatchClient(BatchHttp):
             "completion_window": "24h",
             "metadata": dict(metadata),
         }
-        reply, body = await self._call("POST", f"{self._base}/batches", json=payload)
-        return str(dig(reply, body, "id", expect=str))
+        reply, batch = await self._call("POST", f"{self._base}/batches", json=payload)
+        return str(dig(reply, batch, "id", expect=str))
 
     async def find(
         self, metadata: Mapping[str, str], *, since: datetime, count: int, known: set[str]

@@ -78,7 +78,8 @@ async def claim(
     item_lease_seconds: float,
 ) -> tuple[int | None, list[ClaimedItem]]:
     """A new submission of up to *limit* claimable items of *target*: ``(id, items)``, or
-    ``(None, [])`` when nothing is claimable."""
+    ``(None, [])`` when nothing is claimable. The items come without their prompts: the
+    sender reads those in pages (``prompt_page``), so a claim holds none of them."""
     with translated(f"claiming a batch of {target}"):
         rows = await sql.fetch(
             conn,
@@ -202,14 +203,27 @@ async def polled(
     return row is not None
 
 
-async def waiting_items(
-    conn: asyncpg.Connection, submission_id: int, *, with_text: bool = False
-) -> list[ClaimedItem]:
-    """The items still waiting in the submission (their prompts only if *with_text*)."""
-    name = "batch_items_with_text" if with_text else "batch_items"
+async def waiting_items(conn: asyncpg.Connection, submission_id: int) -> list[ClaimedItem]:
+    """The items still waiting in the submission, without their prompts (``prompt_page``)."""
     with translated(f"reading the items of batch submission {submission_id}"):
-        rows = await sql.fetch(conn, name, submission_id=submission_id)
+        rows = await sql.fetch(conn, "batch_items", submission_id=submission_id)
     return [claimed_item(r) for r in rows]
+
+
+async def prompt_page(
+    conn: asyncpg.Connection, submission_id: int, ids: Sequence[int], *, max_bytes: int
+) -> list[tuple[int, str | None]]:
+    """``(id, prompt)`` of those of items *ids* still waiting in the submission, in id
+    order; the prompt is ``None`` past *max_bytes* bytes of prompts (the first never is)."""
+    with translated(f"reading the prompts of batch submission {submission_id}"):
+        rows = await sql.fetch(
+            conn,
+            "batch_prompt_page",
+            ids=list(ids),
+            submission_id=submission_id,
+            max_bytes=max_bytes,
+        )
+    return [(r["id"], r["text"]) for r in rows]
 
 
 @dataclass(frozen=True)

@@ -360,5 +360,5 @@ class BatchDriver:
             await self.leases.finish(sub.id, sub.target, f"not sent: {sub.cancel_reason}")
             return
         async with acquire(self.pool) as conn:
-            waiting = await batches.waiting_items(conn, sub.id, with_text=True)
+            waiting = await batches.waiting_items(conn, sub.id)
         await self.sender.send(sub.id, target, waiting)

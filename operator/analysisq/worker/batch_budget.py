@@ -23,7 +23,7 @@ from analysisq.db.connect import acquire
 from analysisq.queue import batches, budget, items
 from analysisq.queue.items import ClaimedItem, Outcome
 from analysisq.spec import Target
-from analysisq.tokens import TokenEstimate, estimate
+from analysisq.tokens import TokenEstimate
 
 
 def _total(estimates: Sequence[TokenEstimate]) -> TokenEstimate:
@@ -38,10 +38,11 @@ async def reserve(
     worker: str,
     target: Target,
     sent: Sequence[ClaimedItem],
+    estimates: Sequence[TokenEstimate],
 ) -> int:
-    """How many of *sent* (in order) the batch may send; the rest went back unspent. 0: the
-    run is paused for its budget. All of them when the submission already reserved."""
-    estimates = [estimate(target, item.text) for item in sent]
+    """How many of *sent* (in order; *estimates* theirs, ``tokens.estimate``) the batch may
+    send; the rest went back unspent. 0: the run is paused for its budget. All of them when
+    the submission already reserved."""
     async with acquire(pool) as conn, conn.transaction():
         if not await batches.reservation_needed(conn, submission_id, worker=worker):
             return len(sent)

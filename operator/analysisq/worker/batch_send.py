@@ -1,9 +1,14 @@
 """Sending a provider batch: claim a submission, fit it, reserve its budget, POST it.
 
 ``BatchSender.claim_and_send`` claims a new submission of a target (intent and items in one
-commit, ``queue.batches.claim``) and ``send`` fits it to ``batch.maxBytes`` (the rest spill
-back unspent, a request that can never fit is refused on its own), reserves its budget and
-POSTs it; the driver also calls ``send`` for an intent whose sender died before its POST.
+commit, ``queue.batches.claim``: ids and claims, not prompts) and ``send`` fits it to
+``batch.maxBytes`` (the rest spill back unspent, a request that can never fit is refused on
+its own), reserves its budget and POSTs it; the driver also calls ``send`` for an intent
+whose sender died before its POST. The prompts are read a page at a time
+(``batches.prompt_page``: one statement each, no cursor, so it works behind PgBouncer in
+transaction mode) and each request is written to the batch's spooled input as it is
+built, so the sender's memory does not grow with the batch: a 200 MB input holds one page
+of prompts and the claims (about 8 bytes an entry more for the spool's offsets).
 A refusal for the provider's own limits (``RateLimited``) is back-pressure: the items go back
 unspent and the target sends no batch until ``hold_until``; refused credentials pause the
 target; a timeout leaves the intent to be reconciled (the batch may exist); any other refusal
@@ -29,10 +34,16 @@ from analysisq.queue.runs import Run
 from analysisq.spec import Target
 from analysisq.worker import batch_budget
 from analysisq.worker.batch_leases import ITEM_LEASE_SECONDS, SubmissionLeases
-from analysisq.worker.batch_plan import fit
+from analysisq.worker.batch_plan import Plan
 from analysisq.worker.batch_results import fail_all
 
 log = logging.getLogger("analysisq.worker.batch")
+
+#: Prompts read per page while a batch's input is written: at most this many items, and
+#: prompts of about this many bytes (at least one prompt), so the sender holds one page of
+#: prompts whatever the batch's size (a claim of 50,000 holds none: ``batches.claim``).
+PAGE_ITEMS = 1000
+PAGE_BYTES = 2 * 2**20
 
 #: Back-pressure after a refusal that named no delay.
 BACK_PRESSURE_SECONDS = 60.0
@@ -92,14 +103,40 @@ class BatchSender:
     async def send(self, sub_id: int, target: Target, claimed: list[ClaimedItem]) -> None:
         """Fit *claimed* to one batch of *target*, reserve its budget, and send it."""
         client = self.clients[target.name]
-        plan = fit(client, target, claimed)
+        with client.spool() as body:
+            plan = Plan(client, target, body, estimating=self.run.spec.budget is not None)
+            await self._fit(sub_id, plan, claimed)
+            await self._post(sub_id, target, client, plan)
+
+    async def _fit(self, sub_id: int, plan: Plan, claimed: list[ClaimedItem]) -> None:
+        """Add *claimed* to *plan* in id order, their prompts read a page at a time: the
+        sender holds one page of prompts, never the batch's (see ``PAGE_BYTES``)."""
+        ordered = sorted(claimed, key=lambda item: item.id)
+        at = 0
+        while at < len(ordered):
+            page = ordered[at : at + PAGE_ITEMS]
+            async with acquire(self.pool) as conn:
+                texts = dict(
+                    await batches.prompt_page(
+                        conn, sub_id, [i.id for i in page], max_bytes=PAGE_BYTES
+                    )
+                )
+            for item in page:
+                if item.id in texts and texts[item.id] is None:
+                    break  # past the page's bytes: the next page starts here
+                at += 1
+                text = texts.pop(item.id, None)
+                if text is not None:  # else no longer waiting in the submission: not ours
+                    plan.add(item, text)
+            del texts
+
+    async def _post(self, sub_id: int, target: Target, client: BatchClient, plan: Plan) -> None:
         async with acquire(self.pool) as conn:
             for item, refusal in plan.refused:
                 await items.fail(conn, item, refusal.error_class, refusal.message, None)
             for item in plan.spill:
                 await items.release(conn, item)
-        entries = plan.entries
-        if not entries:
+        if not plan.sent:
             await self.leases.finish(sub_id, target.name, "nothing to send")
             return
         if self.run.spec.budget is not None:
@@ -110,16 +147,17 @@ class BatchSender:
                 worker=self.leases.worker,
                 target=target,
                 sent=plan.sent,
+                estimates=plan.estimates,
             )
             if not fits:
                 await self.leases.finish(
                     sub_id, target.name, "not sent: the run's budget is exhausted"
                 )
                 return
-            entries = entries[:fits]
+            plan.cut(fits)
         await self._hook("before_post")
         try:
-            provider_id = await client.submit(entries, self.metadata(sub_id))
+            provider_id = await client.submit(plan.body, self.metadata(sub_id))
         except RateLimited as exc:
             await self.back_pressure(sub_id, target.name, exc)
             return
@@ -165,7 +203,7 @@ class BatchSender:
             )
         log.info(
             "batch submitted",
-            extra=self.leases.extra(sub_id, batch=provider_id, items=len(entries)),
+            extra=self.leases.extra(sub_id, batch=provider_id, items=len(plan.sent)),
         )
 
     async def back_pressure(self, sub_id: int, target: str, exc: RateLimited) -> None:
