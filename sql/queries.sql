@@ -1007,3 +1007,12 @@ FROM analysis_queue q JOIN prompts p ON p.id = q.prompt_tracking_id
 WHERE q.id = ANY (:ids::bigint[]) AND q.submission_id = :submission_id
   AND q.status = 'processing'
 ORDER BY q.id;
+
+-- name: batch_sending
+-- Submission :submission_id (an intent, fenced by owner :worker) is about to be sent with
+-- :item_count requests (what fitted and what the budget covers, no more than it claimed):
+-- what a reconciliation after a crash looks for (an Anthropic batch is known by its number
+-- of requests). No row: the submission is no longer ours, and it must not be sent.
+UPDATE batch_submissions SET item_count = :item_count, updated_at = now()
+WHERE id = :submission_id AND lease_owner = :worker AND state = 'intent'
+RETURNING id;

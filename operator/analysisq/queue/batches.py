@@ -273,6 +273,22 @@ async def reservation_needed(conn: asyncpg.Connection, submission_id: int, *, wo
         )
 
 
+async def sending(
+    conn: asyncpg.Connection, submission_id: int, *, worker: str, item_count: int
+) -> bool:
+    """Record that the submission is sent with *item_count* requests, right before its POST;
+    False if it is no longer ours (then it must not be sent)."""
+    with translated(f"recording the size of batch submission {submission_id}"):
+        row = await sql.fetchval(
+            conn,
+            "batch_sending",
+            submission_id=submission_id,
+            worker=worker,
+            item_count=item_count,
+        )
+    return row is not None
+
+
 async def record_reservation(
     conn: asyncpg.Connection, submission_id: int, *, worker: str, reserved: TokenEstimate
 ) -> None:

@@ -8,7 +8,10 @@ whose sender died before its POST. The prompts are read a page at a time
 (``batches.prompt_page``: one statement each, no cursor, so it works behind PgBouncer in
 transaction mode) and each request is written to the batch's spooled input as it is
 built, so the sender's memory does not grow with the batch: a 200 MB input holds one page
-of prompts and the claims (about 8 bytes an entry more for the spool's offsets).
+of prompts and the claims (about 8 bytes an entry more for the spool's offsets). Right
+before the POST the submission records how many requests it sends (``batches.sending``,
+fenced: one no longer ours is not sent), which is how a reconciliation after a crash finds
+an Anthropic batch that was split or cut for the budget.
 A refusal for the provider's own limits (``RateLimited``) is back-pressure: the items go back
 unspent and the target sends no batch until ``hold_until``; refused credentials pause the
 target; a timeout leaves the intent to be reconciled (the batch may exist); any other refusal
@@ -155,6 +158,15 @@ class BatchSender:
                 )
                 return
             plan.cut(fits)
+        async with acquire(self.pool) as conn:
+            ours = await batches.sending(
+                conn, sub_id, worker=self.leases.worker, item_count=len(plan.sent)
+            )
+        if not ours:
+            log.warning(
+                "batch submission is no longer ours; not sent", extra=self.leases.extra(sub_id)
+            )
+            return
         await self._hook("before_post")
         try:
             provider_id = await client.submit(plan.body, self.metadata(sub_id))
