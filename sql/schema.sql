@@ -136,7 +136,9 @@ CREATE INDEX batch_submissions_open_idx ON batch_submissions (run_id, lease_expi
 CREATE TABLE analysis_queue (
     id                 bigint       GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     run_id             text         NOT NULL,
-    prompt_tracking_id bigint       NOT NULL REFERENCES prompts (id),
+    -- references prompts (id) and, with run_id, run_targets (run_id, target), checked by
+    -- the triggers below (migration 0011) instead of foreign keys
+    prompt_tracking_id bigint       NOT NULL,
     target             text         NOT NULL,
     status             queue_status NOT NULL DEFAULT 'pending',
     attempts           integer      NOT NULL DEFAULT 0 CHECK (attempts >= 0),
@@ -160,7 +162,6 @@ CREATE TABLE analysis_queue (
     lone_losses        integer      NOT NULL DEFAULT 0
                                     CHECK (lone_losses >= 0 AND lone_losses <= lease_losses),
     UNIQUE (run_id, prompt_tracking_id, target),
-    FOREIGN KEY (run_id, target) REFERENCES run_targets (run_id, target) ON DELETE CASCADE,
     -- A claim exists exactly while the item is processing.
     CONSTRAINT processing_has_lease CHECK (
         (status = 'processing')
@@ -495,6 +496,220 @@ BEGIN
      FROM claimed c JOIN candidates k ON k.id = c.id ORDER BY k.n, k.retry, k.due);
 END
 $$;
+
+-- The queue's references (migration 0011): a queue row's prompt and run target exist, a
+-- referenced prompt cannot be deleted, a deleted run target takes its queue rows with it --
+-- what foreign keys guaranteed, checked once per statement instead of once per row (the
+-- 1M-item fill spent most of its time in the RI triggers). The referenced rows are locked
+-- FOR KEY SHARE as the RI check locks them. The parents' side checks the latest committed
+-- rows only at READ COMMITTED; at a higher isolation level it refuses (see the migration).
+-- The parents' guards run at READ COMMITTED only (see above).
+CREATE FUNCTION analysisq_guard_needs_read_committed(p_what text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION '% needs READ COMMITTED isolation, this transaction is %', p_what,
+                        upper(current_setting('transaction_isolation'))
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'the queue''s references are checked against the latest committed '
+                         'rows (migration 0011); run it in a READ COMMITTED transaction';
+    END IF;
+END
+$$;
+
+-- After each INSERT into the queue: every new row's run target and prompt exist. The run
+-- targets are a few per statement; the prompts are counted, not looked up one by one: the
+-- rows locked (a row deleted meanwhile is skipped by the lock) against the distinct ids.
+CREATE FUNCTION analysisq_queue_refs_inserted() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    bad record;
+    wanted bigint;
+    locked bigint;
+BEGIN
+    PERFORM FROM run_targets t
+    WHERE (t.run_id, t.target) IN (SELECT DISTINCT i.run_id, i.target FROM inserted i)
+    FOR KEY SHARE OF t;
+    SELECT i.run_id, i.target INTO bad
+    FROM (SELECT DISTINCT run_id, target FROM inserted) i
+    WHERE NOT EXISTS (SELECT FROM run_targets t WHERE t.run_id = i.run_id AND t.target = i.target)
+    LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'insert into analysis_queue: run % has no target % (run_targets)',
+                        bad.run_id, bad.target
+            USING ERRCODE = 'foreign_key_violation', TABLE = 'analysis_queue',
+                  CONSTRAINT = 'analysis_queue_run_id_target_fkey';
+    END IF;
+    SELECT count(DISTINCT prompt_tracking_id) INTO wanted FROM inserted;
+    SELECT count(*) INTO locked FROM (
+        SELECT FROM prompts p WHERE p.id IN (SELECT prompt_tracking_id FROM inserted)
+        FOR KEY SHARE OF p
+    ) l;
+    IF locked < wanted THEN
+        SELECT i.prompt_tracking_id AS id INTO bad FROM inserted i
+        WHERE NOT EXISTS (SELECT FROM prompts p WHERE p.id = i.prompt_tracking_id)
+        LIMIT 1;
+        RAISE EXCEPTION 'insert into analysis_queue: prompt id % does not exist (prompts.id)',
+                        bad.id
+            USING ERRCODE = 'foreign_key_violation', TABLE = 'analysis_queue',
+                  CONSTRAINT = 'analysis_queue_prompt_tracking_id_fkey';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER analysis_queue_refs_inserted
+    AFTER INSERT ON analysis_queue REFERENCING NEW TABLE AS inserted
+    FOR EACH STATEMENT EXECUTE FUNCTION analysisq_queue_refs_inserted();
+
+-- An UPDATE that moves a queue row to another prompt, run or target (nothing in analysisq
+-- does): the new ones must exist, checked per row (a trigger with a column list cannot have
+-- a transition table, and the claims' UPDATEs, which never set these columns, skip it).
+CREATE FUNCTION analysisq_queue_refs_updated() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM FROM run_targets t WHERE t.run_id = NEW.run_id AND t.target = NEW.target
+    FOR KEY SHARE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'update of analysis_queue item %: run % has no target % (run_targets)',
+                        NEW.id, NEW.run_id, NEW.target
+            USING ERRCODE = 'foreign_key_violation', TABLE = 'analysis_queue',
+                  CONSTRAINT = 'analysis_queue_run_id_target_fkey';
+    END IF;
+    PERFORM FROM prompts p WHERE p.id = NEW.prompt_tracking_id FOR KEY SHARE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'update of analysis_queue item %: prompt id % does not exist (prompts.id)',
+                        NEW.id, NEW.prompt_tracking_id
+            USING ERRCODE = 'foreign_key_violation', TABLE = 'analysis_queue',
+                  CONSTRAINT = 'analysis_queue_prompt_tracking_id_fkey';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER analysis_queue_refs_updated
+    AFTER UPDATE OF run_id, prompt_tracking_id, target ON analysis_queue
+    FOR EACH ROW
+    WHEN (OLD.run_id IS DISTINCT FROM NEW.run_id
+          OR OLD.prompt_tracking_id IS DISTINCT FROM NEW.prompt_tracking_id
+          OR OLD.target IS DISTINCT FROM NEW.target)
+    EXECUTE FUNCTION analysisq_queue_refs_updated();
+
+-- Prompts deleted by a statement: none may still be referenced by the queue (unless the same
+-- statement left a prompt with that id, as NO ACTION allows). One scan of the queue per
+-- statement (no index leads with prompt_tracking_id; the foreign key scanned it per row).
+CREATE FUNCTION analysisq_prompts_deleted() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    bad record;
+BEGIN
+    IF NOT EXISTS (SELECT FROM gone) THEN
+        RETURN NULL;
+    END IF;
+    PERFORM analysisq_guard_needs_read_committed('deleting prompts');
+    SELECT g.id, g.external_id INTO bad FROM gone g
+    WHERE EXISTS (SELECT FROM analysis_queue q WHERE q.prompt_tracking_id = g.id)
+      AND NOT EXISTS (SELECT FROM prompts p WHERE p.id = g.id)
+    LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'delete from prompts: prompt % (id %) is still in the queue of a run',
+                        bad.external_id, bad.id
+            USING ERRCODE = 'foreign_key_violation', TABLE = 'prompts',
+                  CONSTRAINT = 'analysis_queue_prompt_tracking_id_fkey',
+                  HINT = 'deactivate it instead (active = false), or delete those runs first';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER prompts_deleted
+    AFTER DELETE ON prompts REFERENCING OLD TABLE AS gone
+    FOR EACH STATEMENT EXECUTE FUNCTION analysisq_prompts_deleted();
+
+-- A prompt's id changed (UPDATE prompts SET id = DEFAULT): the old id may not be referenced.
+CREATE FUNCTION analysisq_prompts_rekeyed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM analysisq_guard_needs_read_committed('changing a prompt''s id');
+    IF EXISTS (SELECT FROM analysis_queue q WHERE q.prompt_tracking_id = OLD.id)
+       AND NOT EXISTS (SELECT FROM prompts p WHERE p.id = OLD.id) THEN
+        RAISE EXCEPTION 'update of prompts: prompt % (id %) is still in the queue of a run',
+                        OLD.external_id, OLD.id
+            USING ERRCODE = 'foreign_key_violation', TABLE = 'prompts',
+                  CONSTRAINT = 'analysis_queue_prompt_tracking_id_fkey';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER prompts_rekeyed
+    AFTER UPDATE OF id ON prompts
+    FOR EACH ROW WHEN (OLD.id IS DISTINCT FROM NEW.id)
+    EXECUTE FUNCTION analysisq_prompts_rekeyed();
+
+-- Run targets deleted by a statement (directly, or by deleting their run): their queue rows
+-- go with them.
+CREATE FUNCTION analysisq_run_targets_deleted() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM gone) THEN
+        RETURN NULL;
+    END IF;
+    PERFORM analysisq_guard_needs_read_committed('deleting run targets');
+    DELETE FROM analysis_queue q USING gone g
+    WHERE q.run_id = g.run_id AND q.target = g.target;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER run_targets_deleted
+    AFTER DELETE ON run_targets REFERENCING OLD TABLE AS gone
+    FOR EACH STATEMENT EXECUTE FUNCTION analysisq_run_targets_deleted();
+
+-- A run target re-keyed: its old key may not be referenced (it was ON UPDATE NO ACTION).
+CREATE FUNCTION analysisq_run_targets_rekeyed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM analysisq_guard_needs_read_committed('changing a run target''s key');
+    IF EXISTS (SELECT FROM analysis_queue q
+               WHERE q.run_id = OLD.run_id AND q.target = OLD.target)
+       AND NOT EXISTS (SELECT FROM run_targets t
+                       WHERE t.run_id = OLD.run_id AND t.target = OLD.target) THEN
+        RAISE EXCEPTION 'update of run_targets: target % of run % still has queue rows',
+                        OLD.target, OLD.run_id
+            USING ERRCODE = 'foreign_key_violation', TABLE = 'run_targets',
+                  CONSTRAINT = 'analysis_queue_run_id_target_fkey';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER run_targets_rekeyed
+    AFTER UPDATE OF run_id, target ON run_targets
+    FOR EACH ROW WHEN (OLD.run_id IS DISTINCT FROM NEW.run_id OR OLD.target IS DISTINCT FROM NEW.target)
+    EXECUTE FUNCTION analysisq_run_targets_rekeyed();
+
+-- TRUNCATE fires no row trigger: truncating prompts is refused unless the queue is empty once
+-- the statement is done (TRUNCATE prompts, analysis_queue together is fine: the check runs
+-- after every table of the statement was emptied). run_targets needs no such guard: the
+-- foreign keys batch_submissions -> run_targets and analysis_queue -> batch_submissions
+-- already make TRUNCATE run_targets take the queue with it (CASCADE) or fail.
+CREATE FUNCTION analysisq_prompts_truncated() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM analysisq_guard_needs_read_committed('truncating prompts');
+    IF EXISTS (SELECT FROM analysis_queue) THEN
+        RAISE EXCEPTION 'truncate prompts: the queue still references them'
+            USING ERRCODE = 'foreign_key_violation', TABLE = 'prompts',
+                  HINT = 'truncate analysis_queue in the same statement';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER prompts_truncated
+    AFTER TRUNCATE ON prompts
+    FOR EACH STATEMENT EXECUTE FUNCTION analysisq_prompts_truncated();
 
 CREATE TABLE IF NOT EXISTS analysisq_migrations (
     version    integer     PRIMARY KEY,

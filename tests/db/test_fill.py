@@ -58,8 +58,9 @@ async def test_fill_killed_half_way_then_repeated(
 ) -> None:
     """A fill whose backend dies mid-statement leaves nothing half-done behind it.
 
-    A lock on the last prompt stops the fill at its last row (the foreign-key check waits on
-    it) with every earlier row already inserted; then the fill's backend is killed.
+    A lock on the last prompt stops the fill after its last row (the statement's check of the
+    prompts, migration 0011, waits on it) with every row already inserted; then the fill's
+    backend is killed.
     """
     await add_prompts(db, 2_000)
     s = spec(targets=TWO_TARGETS)

@@ -25,7 +25,11 @@ _SNAPSHOT = {
     "indexes": "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1",
     "functions": """
         SELECT p.proname, pg_get_function_arguments(p.oid), pg_get_functiondef(p.oid)
-        FROM pg_proc p WHERE p.pronamespace = 'public'::regnamespace ORDER BY 1""",
+        FROM pg_proc p WHERE p.pronamespace = 'public'::regnamespace ORDER BY 1, 2""",
+    # the triggers that check the queue's references (migration 0011), not the RI ones
+    "triggers": """
+        SELECT tgrelid::regclass::text, tgname, pg_get_triggerdef(oid)
+        FROM pg_trigger WHERE NOT tgisinternal ORDER BY 1, 2""",
 }
 
 

@@ -1,0 +1,223 @@
+"""The queue's references to its prompt and run target (migration 0011's triggers).
+
+They replaced two foreign keys (one RI trigger call per inserted row each) with checks once
+per statement; every guarantee the foreign keys gave is proven here: a row with a missing
+parent is refused, a referenced prompt cannot be deleted, re-keyed or truncated away, a
+deleted run target takes its items with it, and so under concurrency as well.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import pytest
+
+from analysisq.queue import runs
+from support import add_prompts, new_run, spec
+
+pytestmark = pytest.mark.db
+
+TWO_TARGETS = [
+    {"name": "a", "provider": "echo", "model": "m"},
+    {"name": "b", "provider": "echo", "model": "m"},
+]
+INSERT = "INSERT INTO analysis_queue (run_id, prompt_tracking_id, target) VALUES ($1, $2, $3)"
+
+
+async def _filled(db: asyncpg.Connection, n: int = 3) -> list[int]:
+    """Run 'r' with targets a and b over *n* prompts, filled; the prompts' ids."""
+    await add_prompts(db, n)
+    await new_run(db, "r", spec(targets=TWO_TARGETS))
+    return [r["id"] for r in await db.fetch("SELECT id FROM prompts ORDER BY id")]
+
+
+async def _queue(db: asyncpg.Connection) -> int:
+    return int(await db.fetchval("SELECT count(*) FROM analysis_queue"))
+
+
+async def test_an_item_of_a_missing_prompt_is_refused(db: asyncpg.Connection) -> None:
+    ids = await _filled(db)
+    with pytest.raises(asyncpg.ForeignKeyViolationError, match="prompt id 999999 does not") as e:
+        await db.execute(INSERT, "r", 999_999, "a")
+    assert e.value.constraint_name == "analysis_queue_prompt_tracking_id_fkey"
+    # one bad row among good ones: the whole statement fails, nothing of it stays
+    with pytest.raises(asyncpg.ForeignKeyViolationError, match="prompt id 999999"):
+        await db.execute(
+            "INSERT INTO analysis_queue (run_id, prompt_tracking_id, target)"
+            " SELECT 'r', unnest($1::bigint[]), 'a' ON CONFLICT DO NOTHING",
+            [*ids, 999_999, *(i + 1000 for i in ids)],
+        )
+    assert await _queue(db) == 6
+
+
+async def test_an_item_of_a_missing_run_target_is_refused(db: asyncpg.Connection) -> None:
+    ids = await _filled(db)
+    with pytest.raises(asyncpg.ForeignKeyViolationError, match="run r has no target c") as e:
+        await db.execute(INSERT, "r", ids[0], "c")
+    assert e.value.constraint_name == "analysis_queue_run_id_target_fkey"
+    with pytest.raises(asyncpg.ForeignKeyViolationError, match="run nope has no target a"):
+        await db.execute(INSERT, "nope", ids[0], "a")
+    assert await _queue(db) == 6
+
+
+async def test_an_update_to_a_missing_parent_is_refused(db: asyncpg.Connection) -> None:
+    await _filled(db)
+    item = await db.fetchval("SELECT min(id) FROM analysis_queue")
+    with pytest.raises(asyncpg.ForeignKeyViolationError, match="prompt id 999999"):
+        await db.execute(
+            "UPDATE analysis_queue SET prompt_tracking_id = 999999 WHERE id = $1", item
+        )
+    with pytest.raises(asyncpg.ForeignKeyViolationError, match="run r has no target zz"):
+        await db.execute("UPDATE analysis_queue SET target = 'zz' WHERE id = $1", item)
+
+
+async def test_a_referenced_prompt_cannot_be_deleted(db: asyncpg.Connection) -> None:
+    await _filled(db)
+    with pytest.raises(
+        asyncpg.ForeignKeyViolationError, match=r"prompt p000001 .* is still in the queue"
+    ) as e:
+        await db.execute("DELETE FROM prompts WHERE external_id = 'p000001'")
+    assert e.value.constraint_name == "analysis_queue_prompt_tracking_id_fkey"
+    with pytest.raises(asyncpg.ForeignKeyViolationError, match="is still in the queue"):
+        await db.execute("UPDATE prompts SET id = DEFAULT WHERE external_id = 'p000002'")
+    with pytest.raises(asyncpg.ForeignKeyViolationError, match="truncate prompts"):
+        await db.execute("TRUNCATE prompts CASCADE")
+    assert await db.fetchval("SELECT count(*) FROM prompts") == 3
+    # a prompt no run uses may go; so may all of them with the queue in the same statement
+    await add_prompts(db, 1, prefix="unused")
+    assert await db.execute("DELETE FROM prompts WHERE external_id LIKE 'unused%'") == "DELETE 1"
+    await db.execute("TRUNCATE prompts, analysis_queue")
+
+
+async def test_a_deleted_run_target_takes_its_items(db: asyncpg.Connection) -> None:
+    await _filled(db)
+    await add_prompts(db, 2, prefix="o")
+    await new_run(db, "other", spec(targets=TWO_TARGETS))
+    await db.execute("DELETE FROM run_targets WHERE run_id = 'r' AND target = 'a'")
+    left = await db.fetch("SELECT run_id, target, count(*) FROM analysis_queue GROUP BY 1, 2")
+    assert sorted(map(tuple, left)) == [("other", "a", 5), ("other", "b", 5), ("r", "b", 3)]
+    # deleting the run cascades to its targets and from them to the items
+    await runs.delete_run(db, "r")
+    assert await db.fetchval("SELECT count(*) FROM analysis_queue WHERE run_id = 'r'") == 0
+    assert await _queue(db) == 10
+
+
+async def test_a_referenced_run_target_cannot_be_rekeyed_or_truncated(
+    db: asyncpg.Connection,
+) -> None:
+    await _filled(db)
+    with pytest.raises(asyncpg.ForeignKeyViolationError, match="target a of run r still has"):
+        await db.execute("UPDATE run_targets SET target = 'c' WHERE target = 'a'")
+    # TRUNCATE run_targets takes the queue with it (CASCADE, through batch_submissions) or fails
+    with pytest.raises(asyncpg.FeatureNotSupportedError, match="analysis_queue"):
+        await db.execute("TRUNCATE run_targets, batch_submissions")
+    assert await db.fetchval("SELECT count(*) FROM run_targets WHERE run_id = 'r'") == 2
+
+
+async def test_parents_are_guarded_only_at_read_committed(db: asyncpg.Connection) -> None:
+    """At a higher isolation level the guards could not see rows committed after the
+    transaction's snapshot: they refuse rather than risk an orphan."""
+    await _filled(db)
+    await add_prompts(db, 1, prefix="unused")
+    for stmt in (
+        "DELETE FROM prompts WHERE external_id = 'unused000000'",
+        "DELETE FROM run_targets WHERE target = 'a'",
+    ):
+        async with db.transaction(isolation="repeatable_read"):
+            with pytest.raises(asyncpg.FeatureNotSupportedError, match="needs READ COMMITTED"):
+                await db.execute(stmt)
+
+
+async def _blocked_on_lock(db: asyncpg.Connection, like: str) -> None:
+    """Until a backend waits on a lock running a statement LIKE *like*."""
+    for _ in range(1000):
+        if await db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock' AND query LIKE $1",
+            like,
+        ):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no statement {like!r} waited on a lock")
+
+
+async def test_a_prompt_deleted_while_a_fill_is_open_is_refused(
+    db: asyncpg.Connection, db_url: str, client_options: dict[str, Any]
+) -> None:
+    """The fill locks the prompts it references: a delete waits for its commit and then sees
+    its items (the race a check without the lock would lose)."""
+    await add_prompts(db, 5)
+    s = spec(targets=TWO_TARGETS)
+    await runs.create_run(db, "r", s)
+    filler = await asyncpg.connect(db_url, **client_options)
+    deleter = await asyncpg.connect(db_url, **client_options)
+    try:
+        tx = filler.transaction()
+        await tx.start()
+        assert (await runs.fill(filler, "r", s)).inserted == 10
+        delete = asyncio.create_task(
+            deleter.execute("DELETE FROM prompts WHERE external_id = 'p000003'")
+        )
+        await _blocked_on_lock(db, "DELETE FROM prompts%")
+        await tx.commit()
+        with pytest.raises(asyncpg.ForeignKeyViolationError, match="p000003"):
+            await delete
+    finally:
+        await filler.close()
+        await deleter.close()
+    assert await db.fetchval("SELECT count(*) FROM prompts") == 5
+
+
+async def test_a_fill_after_an_uncommitted_delete_is_refused(
+    db: asyncpg.Connection, db_url: str, client_options: dict[str, Any]
+) -> None:
+    """The other order: the fill waits for the delete's commit and then finds the prompt gone."""
+    await add_prompts(db, 5)
+    deleter = await asyncpg.connect(db_url, **client_options)
+    watcher = await asyncpg.connect(db_url, **client_options)
+    try:
+        tx = deleter.transaction()
+        await tx.start()
+        pid = await db.fetchval("SELECT id FROM prompts WHERE external_id = 'p000003'")
+        await deleter.execute("DELETE FROM prompts WHERE id = $1", pid)
+        s = spec(targets=TWO_TARGETS)
+        await runs.create_run(db, "r", s)
+        # the fill's own statement no longer sees the prompt only once the delete commits:
+        # insert the id directly, as a fill that read it before the delete would
+        insert = asyncio.create_task(db.execute(INSERT, "r", pid, "a"))
+        await _blocked_on_lock(watcher, "INSERT INTO analysis_queue%")
+        await tx.commit()
+        with pytest.raises(asyncpg.ForeignKeyViolationError, match=f"prompt id {pid} does not"):
+            await insert
+    finally:
+        await deleter.close()
+        await watcher.close()
+    assert await _queue(db) == 0
+
+
+async def test_a_run_target_deleted_while_a_fill_is_open_takes_its_items(
+    db: asyncpg.Connection, db_url: str, client_options: dict[str, Any]
+) -> None:
+    """Deleting a target waits for an open fill of it and then deletes what it inserted."""
+    await add_prompts(db, 5)
+    s = spec(targets=TWO_TARGETS)
+    await runs.create_run(db, "r", s)
+    filler = await asyncpg.connect(db_url, **client_options)
+    deleter = await asyncpg.connect(db_url, **client_options)
+    try:
+        tx = filler.transaction()
+        await tx.start()
+        assert (await runs.fill(filler, "r", s)).inserted == 10
+        delete = asyncio.create_task(
+            deleter.execute("DELETE FROM run_targets WHERE run_id = 'r' AND target = 'a'")
+        )
+        await _blocked_on_lock(db, "DELETE FROM run_targets%")
+        await tx.commit()
+        assert await delete == "DELETE 1"
+    finally:
+        await filler.close()
+        await deleter.close()
+    assert await db.fetchval("SELECT count(*) FROM analysis_queue WHERE target = 'a'") == 0
+    assert await _queue(db) == 5
