@@ -2,20 +2,22 @@
 
 For each case the queue and prompt tables are emptied, the prompts loaded with COPY and
 analysed, the run recorded, and then only the ``fill_run`` statement is timed (DESIGN:
-10k items < 1 s, 1M items < 60 s). The same statement is then run again on the filled run:
-the idempotent re-fill after a crash, which inserts nothing.
+10k items < 1 s, 1M items < 60 s; issue 15: 1M < 10 s). The same statement is then run
+again on the filled run: the idempotent re-fill after a crash, which inserts nothing.
 
 ``--explain`` runs ``EXPLAIN (ANALYZE, BUFFERS)`` of the largest case on a fresh run, which
-shows the per-row trigger costs of the foreign keys; ``--profile`` re-times the largest case
-on this scratch database with one cost removed at a time (each foreign key, the secondary
-indexes, the ORDER BY, ON CONFLICT) to show what dominates. The schema in ``sql/`` is never
+shows the time of the triggers that check the queue's references; ``--profile`` re-times
+the largest case on this scratch database with one cost removed at a time (the reference
+check, the submission foreign key, each secondary index, the ORDER BY, ON CONFLICT) and
+with the schema of before migration 0011 restored (per-row foreign keys, the full status
+index), which is the before/after comparison in one run; ``--reads`` shows what the narrower
+status index costs the whole-table reads (``fill_reads``). The schema in ``sql/`` is never
 changed: only the throwaway benchmark database is.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import asyncpg
@@ -24,10 +26,12 @@ from analysisq.db.sql import query
 from analysisq.queue import runs
 from analysisq.spec import AnalysisRunSpec, parse_spec
 
+from . import fill_reads
 from .common import Reporter, bench_database, copy_prompts, stopwatch, table
 
 NAME = "fill"
-TARGETS_MS = {10_000: 1_000.0, 1_000_000: 60_000.0}
+# DESIGN: 10k < 1 s, 1M < 60 s; issue 15 asked for 1M under 10 s on the 2-core machine
+TARGETS_MS = {10_000: 1_000.0, 1_000_000: 10_000.0}
 
 
 @dataclass(frozen=True)
@@ -119,79 +123,66 @@ async def explain(conn: asyncpg.Connection, case: Case) -> str:
     return "\n".join(r[0] for r in rows)
 
 
-Variant = Callable[[asyncpg.Connection], Awaitable[None]]
-
-
-async def _noop(conn: asyncpg.Connection) -> None:
-    return None
-
-
-def _drop(sql: str) -> Variant:
-    async def apply(conn: asyncpg.Connection) -> None:
-        await conn.execute(sql)
-
-    return apply
+#: The schema of before migration 0011, restored on the scratch database for a variant.
+BEFORE_0011_FKS = (
+    "DROP TRIGGER analysis_queue_refs_inserted ON analysis_queue;"
+    " ALTER TABLE analysis_queue"
+    " ADD FOREIGN KEY (prompt_tracking_id) REFERENCES prompts (id),"
+    " ADD FOREIGN KEY (run_id, target) REFERENCES run_targets (run_id, target) ON DELETE CASCADE"
+)
+BEFORE_0011_INDEX = (
+    "DROP INDEX analysis_queue_status_idx;"
+    " CREATE INDEX analysis_queue_status_idx ON analysis_queue (status, updated_at)"
+)
+#: (label, SQL applied first, the fill's text: as in sql/, without ORDER BY or ON CONFLICT)
+VARIANTS = [
+    ("as in sql/ (baseline)", "", "fill_run"),
+    (
+        "as before 0011 (per-row FKs, full status index)",
+        f"{BEFORE_0011_FKS}; {BEFORE_0011_INDEX}",
+        "fill_run",
+    ),
+    ("with the per-row FKs of before 0011", BEFORE_0011_FKS, "fill_run"),
+    ("with the full status index of before 0011", BEFORE_0011_INDEX, "fill_run"),
+    (
+        "without the reference check (no guarantee)",
+        "DROP TRIGGER analysis_queue_refs_inserted ON analysis_queue",
+        "fill_run",
+    ),
+    (
+        "without FK analysis_queue_submission_id_fkey",
+        "ALTER TABLE analysis_queue DROP CONSTRAINT analysis_queue_submission_id_fkey",
+        "fill_run",
+    ),
+    ("without analysis_queue_status_idx", "DROP INDEX analysis_queue_status_idx", "fill_run"),
+    ("without analysis_queue_claim_idx", "DROP INDEX analysis_queue_claim_idx", "fill_run"),
+    ("without ORDER BY", "", "no_order"),
+    ("without ON CONFLICT", "", "no_conflict"),
+]
 
 
 async def profile(conn: asyncpg.Connection, case: Case) -> list[tuple[str, float]]:
-    """Time the fill with one cost removed at a time (on this scratch database only).
-
-    Each variant gets a fresh copy of the schema state: the constraint or index is dropped
-    inside a transaction that is rolled back after the timing.
-    """
-    fks = await conn.fetch(
-        "SELECT conname FROM pg_constraint WHERE conrelid = 'analysis_queue'::regclass"
-        " AND contype = 'f' ORDER BY conname"
-    )
-    variants: list[tuple[str, Variant, str]] = [("as in sql/ (baseline)", _noop, "fill_run")]
-    for fk in fks:
-        name = fk["conname"]
-        variants.append(
-            (
-                f"without FK {name}",
-                _drop(f"ALTER TABLE analysis_queue DROP CONSTRAINT {name}"),
-                "fill_run",
-            )
-        )
-    variants.append(
-        (
-            "without both FKs",
-            _drop(
-                "; ".join(
-                    f"ALTER TABLE analysis_queue DROP CONSTRAINT {fk['conname']}" for fk in fks
-                )
-            ),
-            "fill_run",
-        )
-    )
-    variants.append(
-        (
-            "without analysis_queue_status_idx",
-            _drop("DROP INDEX analysis_queue_status_idx"),
-            "fill_run",
-        )
-    )
-    variants.append(
-        (
-            "without analysis_queue_claim_idx",
-            _drop("DROP INDEX analysis_queue_claim_idx"),
-            "fill_run",
-        )
-    )
-    variants.append(("without ORDER BY", _noop, "no_order"))
+    """Time the fill with one cost removed (or the schema of before 0011 restored) at a time,
+    on this scratch database only: each variant's change is made inside a transaction that is
+    rolled back after the timing."""
+    text = query("fill_run").text
+    sql_by_kind = {
+        "fill_run": text,
+        "no_order": text.replace("ORDER BY p.id, t.target\n", ""),
+        "no_conflict": text.replace(
+            "ON CONFLICT (run_id, prompt_tracking_id, target) DO NOTHING", ""
+        ),
+    }
     out: list[tuple[str, float]] = []
     spec = run_spec(case.targets)
-    sql_by_kind = {
-        "fill_run": query("fill_run").text,
-        "no_order": query("fill_run").text.replace("ORDER BY p.id, t.target\n", ""),
-    }
-    for label, apply, kind in variants:
+    for label, change, kind in VARIANTS:
         await prepare(conn, case)
         await runs.create_run(conn, "bench-profile", spec)
         tr = conn.transaction()
         await tr.start()
         try:
-            await apply(conn)
+            if change:
+                await conn.execute(change)
             with stopwatch() as t:
                 await conn.execute(sql_by_kind[kind], *fill_args("bench-profile", spec))
         finally:
@@ -247,6 +238,27 @@ async def main(args: argparse.Namespace, reporter: Reporter) -> None:
             if args.explain:
                 print(f"\nEXPLAIN ANALYZE of the fill, {big.label}:")
                 print(await explain(conn, big))
+            if args.reads:
+                await prepare(conn, big)
+                spec = run_spec(big.targets)
+                await runs.create_run(conn, "bench-reads", spec)
+                await conn.execute(query("fill_run").text, *fill_args("bench-reads", spec))
+                states = await fill_reads.spread_states(conn, "bench-reads")
+                print(f"\nWhole-table reads of the queue, {big.label} ({states}):")
+                reads = await fill_reads.compare(conn)
+                print(
+                    table(
+                        ["read", "scans (as in sql/)", "ms", "scans (full index)", "ms"],
+                        reads,
+                    )
+                )
+                reporter.record(
+                    NAME,
+                    f"reads {big.label}",
+                    {str(r[0]): [r[2], r[4]] for r in reads},
+                    params=vars(big),
+                    db=db,
+                )
             if args.profile:
                 print(f"\nWhat the fill of {big.label} costs (one thing removed at a time):")
                 prof = await profile(conn, big)
@@ -277,6 +289,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "10000x1, 250000x4, 1000000x1",
     )
     p.add_argument("--explain", action="store_true", help="EXPLAIN ANALYZE the largest case")
+    p.add_argument(
+        "--reads",
+        action="store_true",
+        help="the whole-table reads of the queue (runbook) on the largest case, with the "
+        "status index of sql/ and with the full one it replaced",
+    )
     p.add_argument(
         "--profile",
         action="store_true",

@@ -192,8 +192,10 @@ CREATE INDEX analysis_queue_suspect_idx
 -- The rescuer's index: leases that may have expired.
 CREATE INDEX analysis_queue_lease_idx ON analysis_queue (lease_expires_at)
     WHERE status = 'processing';
--- The seed's runbook groups and filters by status over the whole table.
-CREATE INDEX analysis_queue_status_idx ON analysis_queue (status, updated_at);
+-- The runbook's newest failed items (the seed's query, `analysisq failed`) and the failed
+-- errors' summaries, over the whole table; failed rows only (migration 0011): the stuck
+-- queries read analysis_queue_lease_idx, the counts by status read the whole table anyway.
+CREATE INDEX analysis_queue_status_idx ON analysis_queue (updated_at) WHERE status = 'failed';
 CREATE INDEX analysis_queue_submission_idx ON analysis_queue (submission_id)
     WHERE submission_id IS NOT NULL;
 

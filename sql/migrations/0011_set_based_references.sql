@@ -230,3 +230,12 @@ $$;
 CREATE TRIGGER prompts_truncated
     AFTER TRUNCATE ON prompts
     FOR EACH STATEMENT EXECUTE FUNCTION analysisq_prompts_truncated();
+
+-- The status index held every row (status, updated_at): one entry per fill row, claim,
+-- heartbeat and completion. What reads it: the seed's and `analysisq failed`'s newest failed
+-- items (status = 'failed' ORDER BY updated_at DESC LIMIT) and the failed-error summaries;
+-- the stuck queries (status = 'processing') read analysis_queue_lease_idx, which holds the
+-- processing rows; the counts by status read the whole table either way. Built once, from a
+-- scan of the table (no rewrite); writes wait for the build.
+DROP INDEX analysis_queue_status_idx;
+CREATE INDEX analysis_queue_status_idx ON analysis_queue (updated_at) WHERE status = 'failed';
