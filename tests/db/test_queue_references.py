@@ -14,6 +14,8 @@ from typing import Any
 import asyncpg
 import pytest
 
+from analysisq.db.migrate import known_migrations
+from analysisq.db.sql import query
 from analysisq.queue import runs
 from support import add_prompts, new_run, spec
 
@@ -221,3 +223,40 @@ async def test_a_run_target_deleted_while_a_fill_is_open_takes_its_items(
         await deleter.close()
     assert await db.fetchval("SELECT count(*) FROM analysis_queue WHERE target = 'a'") == 0
     assert await _queue(db) == 5
+
+
+async def test_the_migration_keeps_existing_rows_and_guards_them(db: asyncpg.Connection) -> None:
+    """0011 on a database that already holds a filled run: no row lost, no table rewritten,
+    the old rows guarded like new ones, the narrower status index built."""
+    await db.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public;")
+    later = [m for m in known_migrations() if m.version >= 11]
+    for m in known_migrations():
+        if m.version < 11:
+            await db.execute(m.sql)
+    ids = await _filled(db, 50)
+    await db.execute(
+        "UPDATE analysis_queue SET status = 'failed', error_class = 'permanent',"
+        " error_message = 'no', next_attempt_at = NULL WHERE prompt_tracking_id = $1",
+        ids[0],
+    )
+    before = await db.fetch("SELECT * FROM analysis_queue ORDER BY id")
+    node = await db.fetchval("SELECT relfilenode FROM pg_class WHERE relname = 'analysis_queue'")
+    assert later[0].version == 11
+    await db.execute(later[0].sql)
+    assert await db.fetch("SELECT * FROM analysis_queue ORDER BY id") == before
+    assert node == await db.fetchval(
+        "SELECT relfilenode FROM pg_class WHERE relname = 'analysis_queue'"
+    )
+    assert not await db.fetchval(
+        "SELECT count(*) FROM pg_constraint WHERE conrelid = 'analysis_queue'::regclass"
+        " AND conname IN ('analysis_queue_prompt_tracking_id_fkey',"
+        " 'analysis_queue_run_id_target_fkey')"
+    )
+    with pytest.raises(asyncpg.ForeignKeyViolationError, match="p000000"):
+        await db.execute("DELETE FROM prompts WHERE id = $1", ids[0])
+    failed = query("failed_items")
+    args = failed.args(run_id=None, limit=20)
+    await db.execute("SET enable_seqscan = off")
+    plan = "\n".join(r[0] for r in await db.fetch("EXPLAIN " + failed.text, *args))
+    assert "analysis_queue_status_idx" in plan, plan
+    assert len(await db.fetch(failed.text, *args)) == 2
