@@ -18,7 +18,9 @@ changed: only the throwaway benchmark database is.
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import asyncpg
 
@@ -86,27 +88,51 @@ async def prepare(conn: asyncpg.Connection, case: Case) -> None:
     await conn.execute("CHECKPOINT")
 
 
+def server_cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system) used so far by server process *pid* (0 without one): on a
+    shared machine a statement's CPU moves far less with the load than its wall time."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def timed_fill(
-    conn: asyncpg.Connection, run_id: str, spec: AnalysisRunSpec
-) -> tuple[float, int]:
-    """Seconds of the fill statement alone, and the rows it inserted."""
+    conn: asyncpg.Connection, run_id: str, spec: AnalysisRunSpec, pid: int | None
+) -> tuple[float, float, int]:
+    """Seconds of the fill statement alone, its backend's CPU seconds, the rows it inserted."""
+    cpu = server_cpu_s(pid)
     with stopwatch() as t:
         status = await conn.execute(query("fill_run").text, *fill_args(run_id, spec))
-    return t[0], int(status.split()[-1])
+    return t[0], server_cpu_s(pid) - cpu, int(status.split()[-1])
 
 
-async def measure(conn: asyncpg.Connection, case: Case) -> dict[str, float | int]:
+async def measure(
+    conn: asyncpg.Connection, case: Case, pid: int | None, change: str = ""
+) -> dict[str, float | int]:
+    """The fill and the re-fill of *case*; with *change* (the schema of before 0011) applied
+    in a transaction rolled back afterwards."""
     await prepare(conn, case)
     spec = run_spec(case.targets)
     await runs.create_run(conn, "bench-fill", spec)
-    first_s, inserted = await timed_fill(conn, "bench-fill", spec)
-    again_s, again = await timed_fill(conn, "bench-fill", spec)
+    tr = conn.transaction()
+    if change:
+        await tr.start()
+        await conn.execute(change)
+    try:
+        first_s, first_cpu, inserted = await timed_fill(conn, "bench-fill", spec, pid)
+        again_s, again_cpu, again = await timed_fill(conn, "bench-fill", spec, pid)
+    finally:
+        if change:
+            await tr.rollback()
     return {
         "items": case.items,
         "inserted": inserted,
         "fill_s": round(first_s, 3),
+        "fill_cpu_s": round(first_cpu, 2),
         "items_per_s": round(inserted / first_s),
         "refill_s": round(again_s, 3),
+        "refill_cpu_s": round(again_cpu, 2),
         "refill_inserted": again,
     }
 
@@ -134,6 +160,7 @@ BEFORE_0011_INDEX = (
     "DROP INDEX analysis_queue_status_idx;"
     " CREATE INDEX analysis_queue_status_idx ON analysis_queue (status, updated_at)"
 )
+BEFORE_0011 = f"{BEFORE_0011_FKS}; {BEFORE_0011_INDEX}"
 #: (label, SQL applied first, the fill's text: as in sql/, without ORDER BY or ON CONFLICT)
 VARIANTS = [
     ("as in sql/ (baseline)", "", "fill_run"),
@@ -161,7 +188,9 @@ VARIANTS = [
 ]
 
 
-async def profile(conn: asyncpg.Connection, case: Case) -> list[tuple[str, float]]:
+async def profile(
+    conn: asyncpg.Connection, case: Case, pid: int | None
+) -> list[tuple[str, float, float]]:
     """Time the fill with one cost removed (or the schema of before 0011 restored) at a time,
     on this scratch database only: each variant's change is made inside a transaction that is
     rolled back after the timing."""
@@ -173,7 +202,7 @@ async def profile(conn: asyncpg.Connection, case: Case) -> list[tuple[str, float
             "ON CONFLICT (run_id, prompt_tracking_id, target) DO NOTHING", ""
         ),
     }
-    out: list[tuple[str, float]] = []
+    out: list[tuple[str, float, float]] = []
     spec = run_spec(case.targets)
     for label, change, kind in VARIANTS:
         await prepare(conn, case)
@@ -183,11 +212,13 @@ async def profile(conn: asyncpg.Connection, case: Case) -> list[tuple[str, float
         try:
             if change:
                 await conn.execute(change)
+            cpu = server_cpu_s(pid)
             with stopwatch() as t:
                 await conn.execute(sql_by_kind[kind], *fill_args("bench-profile", spec))
+            cpu = server_cpu_s(pid) - cpu
         finally:
             await tr.rollback()
-        out.append((label, t[0]))
+        out.append((label, t[0], cpu))
         print(f"  {label}: {t[0]:.2f} s", flush=True)
     return out
 
@@ -202,38 +233,43 @@ async def main(args: argparse.Namespace, reporter: Reporter) -> None:
         reporter.header("fill: one INSERT ... SELECT ... ON CONFLICT DO NOTHING", db)
         conn = await asyncpg.connect(db.url)
         try:
+            pid = await conn.fetchval("SELECT pg_backend_pid()") if db.embedded else None
+            schemas = [("sql/", "")] + ([("before 0011", BEFORE_0011)] if args.before else [])
             rows = []
             for case in cases:
-                m = await measure(conn, case)
                 target = TARGETS_MS.get(case.items)
-                verdict = (
-                    "-" if target is None else ("met" if m["fill_s"] * 1000 < target else "MISSED")
-                )
-                rows.append(
-                    [
-                        case.label,
-                        case.items,
-                        m["fill_s"],
-                        m["items_per_s"],
-                        m["refill_s"],
-                        f"< {target / 1000:g} s" if target else "-",
-                        verdict,
-                    ]
-                )
-                reporter.record(
-                    NAME,
-                    case.label,
-                    dict(m),
-                    params=vars(case) | {"target_s": target / 1000 if target else None},
-                    db=db,
-                )
-                print(f"  {case.label}: {m['fill_s']:.3f} s", flush=True)
+                for schema, change in schemas:
+                    m = await measure(conn, case, pid, change)
+                    verdict = (
+                        "-"
+                        if target is None
+                        else ("met" if m["fill_s"] * 1000 < target else "MISSED")
+                    )
+                    rows.append(
+                        [
+                            case.label,
+                            schema,
+                            m["fill_s"],
+                            m["fill_cpu_s"],
+                            m["items_per_s"],
+                            m["refill_s"],
+                            m["refill_cpu_s"],
+                            f"< {target / 1000:g} s" if target else "-",
+                            verdict,
+                        ]
+                    )
+                    reporter.record(
+                        NAME,
+                        case.label if not change else f"{case.label}, {schema}",
+                        dict(m),
+                        params=vars(case)
+                        | {"target_s": target / 1000 if target else None, "schema": schema},
+                        db=db,
+                    )
+                    print(f"  {case.label}, {schema}: {m['fill_s']:.3f} s", flush=True)
             print()
-            print(
-                table(
-                    ["case", "items", "fill s", "items/s", "re-fill s", "target", "verdict"], rows
-                )
-            )
+            headers = ["case", "schema", "fill s", "fill CPU s", "items/s", "re-fill s"]
+            print(table([*headers, "re-fill CPU s", "target", "verdict"], rows))
             big = max(cases, key=lambda c: c.items)
             if args.explain:
                 print(f"\nEXPLAIN ANALYZE of the fill, {big.label}:")
@@ -261,18 +297,18 @@ async def main(args: argparse.Namespace, reporter: Reporter) -> None:
                 )
             if args.profile:
                 print(f"\nWhat the fill of {big.label} costs (one thing removed at a time):")
-                prof = await profile(conn, big)
-                base = prof[0][1]
+                prof = await profile(conn, big, pid)
+                base, base_cpu = prof[0][1], prof[0][2] or 1.0
                 print(
                     table(
-                        ["variant", "fill s", "vs baseline"],
-                        [[k, v, f"{v / base:.2f}x"] for k, v in prof],
+                        ["variant", "fill s", "vs baseline", "CPU s", "CPU vs baseline"],
+                        [[k, v, f"{v / base:.2f}x", c, f"{c / base_cpu:.2f}x"] for k, v, c in prof],
                     )
                 )
                 reporter.record(
                     NAME,
                     f"profile {big.label}",
-                    {k: round(v, 3) for k, v in prof},
+                    {k: [round(v, 3), round(c, 2)] for k, v, c in prof},
                     params=vars(big),
                     db=db,
                 )
@@ -287,6 +323,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="PROMPTSxTARGETS",
         help="a case such as 10000x1 or 250000x4 (repeatable); default: "
         "10000x1, 250000x4, 1000000x1",
+    )
+    p.add_argument(
+        "--before",
+        action="store_true",
+        help="time each case also with the schema of before migration 0011 (per-row foreign "
+        "keys, the full status index), right after the current one",
     )
     p.add_argument("--explain", action="store_true", help="EXPLAIN ANALYZE the largest case")
     p.add_argument(
