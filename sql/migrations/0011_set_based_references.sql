@@ -1,12 +1,13 @@
 -- 0011_set_based_references: the queue's references to its prompt and its run target are
 -- checked once per statement instead of once per row, and the status index holds only the
--- rows the runbook looks up by status. The 1M-item fill spent most of its time in the two
+-- failed rows, the one status the runbook looks rows up by. The 1M-item fill spent most of its time in the two
 -- foreign keys' RI triggers (one call per inserted row each) and the rest in index entries
 -- (docs/benchmarks.md, "fill"). The guarantees are those of the foreign keys they replace:
 --   * a queue row's prompt and run target exist: checked after each INSERT (and each UPDATE
---     that changes them), the referenced rows locked FOR KEY SHARE as the RI check locks
---     them, so that a concurrent delete of one waits for the inserting transaction and then
---     sees its rows;
+--     that changes them), so that a concurrent delete of one waits for the inserting
+--     transaction and then sees its rows: the run targets (and, per row, an UPDATE's new
+--     parents) are locked FOR KEY SHARE as the RI check locks them; the prompts of an INSERT,
+--     up to 1M of them, are ordered against their deletes by one lock instead (below);
 --   * a prompt the queue references cannot be deleted, re-keyed or truncated away (it was
 --     ON DELETE NO ACTION; prompts are deactivated, not deleted);
 --   * deleting a run target deletes its queue rows (it was ON DELETE CASCADE; deleting a run
@@ -37,15 +38,37 @@ BEGIN
 END
 $$;
 
+-- What orders the queue's inserts against deletes of prompts at READ COMMITTED: a
+-- transaction adding queue rows holds this lock shared from its check to its end; one
+-- deleting or re-keying prompts takes it exclusively before its own check. So either the
+-- deleter waits for the inserter's commit and then sees its rows, or the inserter waits for
+-- the deleter's and then sees the prompt gone. One lock per transaction where the RI check
+-- locked every referenced prompt FOR KEY SHARE: for a 1M-prompt fill that was 1M row locks
+-- (docs/benchmarks.md, "fill"). Transaction-scoped, so it works behind a pooler in
+-- transaction mode. Key: the first 8 bytes of sha256('analysisq.queue_prompt_refs') as a
+-- signed bigint.
+CREATE FUNCTION analysisq_prompt_refs_lock(p_exclusive boolean) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_exclusive THEN
+        PERFORM pg_advisory_xact_lock(-6363128512641802598);
+    ELSE
+        PERFORM pg_advisory_xact_lock_shared(-6363128512641802598);
+    END IF;
+END
+$$;
+
 -- After each INSERT into the queue: every new row's run target and prompt exist. The run
--- targets are a few per statement; the prompts are counted, not looked up one by one: the
--- rows locked (a row deleted meanwhile is skipped by the lock) against the distinct ids.
+-- targets are a few per statement and are locked FOR KEY SHARE as the RI check locks them
+-- (a concurrent delete of one waits for this transaction, then deletes its items too). The
+-- prompts are checked by one anti-join after the lock above, at READ COMMITTED; at a higher
+-- isolation level the transaction's snapshot may predate a delete, so the prompts are locked
+-- FOR KEY SHARE instead (a prompt deleted after the snapshot is a serialization failure).
 CREATE FUNCTION analysisq_queue_refs_inserted() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     bad record;
-    wanted bigint;
-    locked bigint;
+    missing bigint;
 BEGIN
     PERFORM FROM run_targets t
     WHERE (t.run_id, t.target) IN (SELECT DISTINCT i.run_id, i.target FROM inserted i)
@@ -60,17 +83,19 @@ BEGIN
             USING ERRCODE = 'foreign_key_violation', TABLE = 'analysis_queue',
                   CONSTRAINT = 'analysis_queue_run_id_target_fkey';
     END IF;
-    SELECT count(DISTINCT prompt_tracking_id) INTO wanted FROM inserted;
-    SELECT count(*) INTO locked FROM (
-        SELECT FROM prompts p WHERE p.id IN (SELECT prompt_tracking_id FROM inserted)
-        FOR KEY SHARE OF p
-    ) l;
-    IF locked < wanted THEN
-        SELECT i.prompt_tracking_id AS id INTO bad FROM inserted i
-        WHERE NOT EXISTS (SELECT FROM prompts p WHERE p.id = i.prompt_tracking_id)
-        LIMIT 1;
+    IF current_setting('transaction_isolation') = 'read committed' THEN
+        PERFORM analysisq_prompt_refs_lock(false);
+    ELSE
+        PERFORM FROM prompts p WHERE p.id IN (SELECT prompt_tracking_id FROM inserted)
+        FOR KEY SHARE OF p;
+    END IF;
+    -- a statement of its own: at READ COMMITTED its snapshot is taken after the lock
+    SELECT i.prompt_tracking_id INTO missing FROM inserted i
+    WHERE NOT EXISTS (SELECT FROM prompts p WHERE p.id = i.prompt_tracking_id)
+    LIMIT 1;
+    IF FOUND THEN
         RAISE EXCEPTION 'insert into analysis_queue: prompt id % does not exist (prompts.id)',
-                        bad.id
+                        missing
             USING ERRCODE = 'foreign_key_violation', TABLE = 'analysis_queue',
                   CONSTRAINT = 'analysis_queue_prompt_tracking_id_fkey';
     END IF;
@@ -127,6 +152,7 @@ BEGIN
         RETURN NULL;
     END IF;
     PERFORM analysisq_guard_needs_read_committed('deleting prompts');
+    PERFORM analysisq_prompt_refs_lock(true);
     SELECT g.id, g.external_id INTO bad FROM gone g
     WHERE EXISTS (SELECT FROM analysis_queue q WHERE q.prompt_tracking_id = g.id)
       AND NOT EXISTS (SELECT FROM prompts p WHERE p.id = g.id)
@@ -151,6 +177,7 @@ CREATE FUNCTION analysisq_prompts_rekeyed() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM analysisq_guard_needs_read_committed('changing a prompt''s id');
+    PERFORM analysisq_prompt_refs_lock(true);
     IF EXISTS (SELECT FROM analysis_queue q WHERE q.prompt_tracking_id = OLD.id)
        AND NOT EXISTS (SELECT FROM prompts p WHERE p.id = OLD.id) THEN
         RAISE EXCEPTION 'update of prompts: prompt % (id %) is still in the queue of a run',

@@ -58,9 +58,9 @@ async def test_fill_killed_half_way_then_repeated(
 ) -> None:
     """A fill whose backend dies mid-statement leaves nothing half-done behind it.
 
-    A lock on the last prompt stops the fill after its last row (the statement's check of the
-    prompts, migration 0011, waits on it) with every row already inserted; then the fill's
-    backend is killed.
+    An open delete of the last prompt stops the fill after its last row (the statement's
+    check of the prompts waits for the deleting transaction, migration 0011) with every row
+    already inserted; then the fill's backend is killed and the delete rolled back.
     """
     await add_prompts(db, 2_000)
     s = spec(targets=TWO_TARGETS)
@@ -70,9 +70,7 @@ async def test_fill_killed_half_way_then_repeated(
     try:
         tx = blocker.transaction()
         await tx.start()
-        await blocker.execute(
-            "SELECT 1 FROM prompts WHERE id = (SELECT max(id) FROM prompts) FOR UPDATE"
-        )
+        await blocker.execute("DELETE FROM prompts WHERE id = (SELECT max(id) FROM prompts)")
         fill = asyncio.create_task(runs.fill(victim, "k", s))
         # The fill's backend, found by what it waits on (behind a pooler the client's
         # get_server_pid() is the pooler's, not the backend's).
