@@ -146,11 +146,11 @@ async def _blocked_on_lock(db: asyncpg.Connection, like: str) -> None:
     raise AssertionError(f"no statement {like!r} waited on a lock")
 
 
-async def test_a_prompt_deleted_while_a_fill_is_open_is_refused(
-    db: asyncpg.Connection, db_url: str, client_options: dict[str, Any]
-) -> None:
-    """The fill locks the prompts it references: a delete waits for its commit and then sees
-    its items (the race a check without the lock would lose)."""
+async def _delete_during_open_fill(
+    db: asyncpg.Connection, db_url: str, client_options: dict[str, Any], delete: str
+) -> str:
+    """Fill run r (5 prompts x 2 targets) in an open transaction, start *delete* on another
+    connection, see it wait for the fill, commit the fill: the delete's outcome."""
     await add_prompts(db, 5)
     s = spec(targets=TWO_TARGETS)
     await runs.create_run(db, "r", s)
@@ -160,16 +160,24 @@ async def test_a_prompt_deleted_while_a_fill_is_open_is_refused(
         tx = filler.transaction()
         await tx.start()
         assert (await runs.fill(filler, "r", s)).inserted == 10
-        delete = asyncio.create_task(
-            deleter.execute("DELETE FROM prompts WHERE external_id = 'p000003'")
-        )
-        await _blocked_on_lock(db, "DELETE FROM prompts%")
+        task = asyncio.create_task(deleter.execute(delete))
+        await _blocked_on_lock(db, delete.split(" WHERE")[0] + "%")
         await tx.commit()
-        with pytest.raises(asyncpg.ForeignKeyViolationError, match="p000003"):
-            await delete
+        return str(await task)
     finally:
         await filler.close()
         await deleter.close()
+
+
+async def test_a_prompt_deleted_while_a_fill_is_open_is_refused(
+    db: asyncpg.Connection, db_url: str, client_options: dict[str, Any]
+) -> None:
+    """The open fill holds the prompts' lock: a delete waits for its commit and then sees its
+    items (the race a check without the lock would lose)."""
+    with pytest.raises(asyncpg.ForeignKeyViolationError, match="p000003"):
+        await _delete_during_open_fill(
+            db, db_url, client_options, "DELETE FROM prompts WHERE external_id = 'p000003'"
+        )
     assert await db.fetchval("SELECT count(*) FROM prompts") == 5
 
 
@@ -204,24 +212,8 @@ async def test_a_run_target_deleted_while_a_fill_is_open_takes_its_items(
     db: asyncpg.Connection, db_url: str, client_options: dict[str, Any]
 ) -> None:
     """Deleting a target waits for an open fill of it and then deletes what it inserted."""
-    await add_prompts(db, 5)
-    s = spec(targets=TWO_TARGETS)
-    await runs.create_run(db, "r", s)
-    filler = await asyncpg.connect(db_url, **client_options)
-    deleter = await asyncpg.connect(db_url, **client_options)
-    try:
-        tx = filler.transaction()
-        await tx.start()
-        assert (await runs.fill(filler, "r", s)).inserted == 10
-        delete = asyncio.create_task(
-            deleter.execute("DELETE FROM run_targets WHERE run_id = 'r' AND target = 'a'")
-        )
-        await _blocked_on_lock(db, "DELETE FROM run_targets%")
-        await tx.commit()
-        assert await delete == "DELETE 1"
-    finally:
-        await filler.close()
-        await deleter.close()
+    delete = "DELETE FROM run_targets WHERE run_id = 'r' AND target = 'a'"
+    assert await _delete_during_open_fill(db, db_url, client_options, delete) == "DELETE 1"
     assert await db.fetchval("SELECT count(*) FROM analysis_queue WHERE target = 'a'") == 0
     assert await _queue(db) == 5
 
