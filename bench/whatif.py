@@ -19,6 +19,9 @@ runs the production worker and the experiment side by side.
 - ``separate``: the worker as it was before it adopted ``complete_and_claim``: a flush only
   writes its batch, and the claim loop claims the freed slots in a statement of its own (two
   round trips and two transactions per batch instead of one).
+- ``noprefetch``: the worker as it was before it held a batch beyond ``batchSize``
+  (``ANALYSISQ_PREFETCH=false``): the next batch's attempts wait for the statement that
+  writes the last batch and claims the next.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from analysisq.queue.items import Outcome
 from analysisq.worker import Worker
 from analysisq.worker.inflight import InFlight, InFlightClaim
 
-WHATIFS = ("noreset", "eager", "norate", "separate")
+WHATIFS = ("noreset", "eager", "norate", "separate", "noprefetch")
 
 
 async def _no_reset(conn: asyncpg.Connection) -> None:
@@ -117,6 +120,17 @@ class SeparateClaimWorker(Worker):
         return 0
 
 
+def _no_prefetch(cls: type[Worker]) -> type[Worker]:
+    """``noprefetch``: a subclass of *cls* holding no claim beyond ``batchSize``."""
+
+    class NoPrefetchWorker(cls):  # type: ignore[valid-type,misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.capacity = self.spec.batch_size
+
+    return NoPrefetchWorker
+
+
 def worker_class(whatif: frozenset[str]) -> type[Worker]:
     unknown = whatif - set(WHATIFS)
     if unknown:
@@ -128,4 +142,6 @@ def worker_class(whatif: frozenset[str]) -> type[Worker]:
         cls = EagerSlotWorker
     elif "separate" in whatif:
         cls = SeparateClaimWorker
+    if "noprefetch" in whatif:
+        cls = _no_prefetch(cls)
     return _no_rate_connection(cls) if "norate" in whatif else cls

@@ -64,6 +64,10 @@ class WorkerSettings(_Base):
     retry_cap_seconds: float = Field(default=300.0, ge=0, le=86_400)
     #: 429s an item may take without burning an attempt.
     max_deferrals: int = Field(default=20, ge=0, le=1000)
+    #: Hold one batch of claims beyond ``batchSize``, claimed while the last batch is
+    #: written, so the next attempts need not wait for that round trip (a worker that dies
+    #: then leaves up to 2 x ``batchSize`` items to the rescuer instead of ``batchSize``).
+    prefetch: bool = True
     #: On SIGTERM, in-flight items get this long to finish before they are released.
     shutdown_grace_seconds: float = Field(default=20.0, ge=0, le=3600)
     #: Database pool size per worker process.

@@ -216,7 +216,8 @@ async def test_shutdown_releases_in_flight_items_uncounted(pool: asyncpg.Pool) -
             await asyncio.sleep(0.02)
         w.stop()
         stats = await asyncio.wait_for(task, 5)
-    assert stats.released == 5
+    assert stats.released == 10  # 5 running, 5 prefetched (tests/db/test_worker_prefetch.py)
+    assert fake.stats().requests == 5
     async with pool.acquire() as db:
         rows = await db.fetch("SELECT status, attempts FROM analysis_queue")
     assert {tuple(r) for r in rows} == {("pending", 0)}

@@ -6,12 +6,18 @@ claim with a new token, and everything here checks the token, so the stale claim
 bookkeeping (its refused write, its cancelled task) can never remove the new one.
 ``add`` returns the stale record it replaced so the caller cancels its task.
 
+A held claim is not always running: the worker holds up to one batch beyond ``batchSize``
+(prefetch), claimed while the last batch is written, so that no attempt waits for the
+database. ``queue`` puts a new claim in line, ``next_ready`` hands out the next one still
+held, and ``started`` / ``ended`` count the attempts running, which ``batchSize`` bounds.
+
 Next: ``attempt`` (one attempt of a claim), ``results`` (buffered completions), ``loops``.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -26,6 +32,8 @@ class InFlightClaim:
     #: A final write (complete, fail, release) is under way: a heartbeat that does not renew
     #: this claim has not lost it.
     finishing: bool = False
+    #: Its attempt runs (counted against ``batchSize``); False before it starts and after.
+    running: bool = False
 
 
 class InFlight:
@@ -33,6 +41,9 @@ class InFlight:
 
     def __init__(self) -> None:
         self._by_id: dict[int, InFlightClaim] = {}
+        self._ready: deque[InFlightClaim] = deque()
+        #: Claims whose attempt runs now.
+        self.running = 0
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -46,6 +57,30 @@ class InFlight:
         record = InFlightClaim(item)
         self._by_id[item.id] = record
         return record, (stale if stale is not None and stale.item.key != item.key else None)
+
+    def queue(self, record: InFlightClaim) -> None:
+        """Put a new claim in line for an attempt."""
+        self._ready.append(record)
+
+    def next_ready(self) -> InFlightClaim | None:
+        """The oldest claim in line that is still held and not started, or None."""
+        while self._ready:
+            record = self._ready.popleft()
+            if self.get(record.item) is record and record.task is None:
+                return record
+        return None
+
+    def started(self, record: InFlightClaim) -> None:
+        record.running = True
+        self.running += 1
+
+    def ended(self, record: InFlightClaim) -> bool:
+        """The attempt of *record* is over; True the first time (a slot is free)."""
+        if not record.running:
+            return False
+        record.running = False
+        self.running -= 1
+        return True
 
     def get(self, item: ClaimedItem) -> InFlightClaim | None:
         """The record of exactly this claim, or None if it is no longer held."""

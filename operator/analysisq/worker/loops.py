@@ -2,12 +2,14 @@
 
 One asyncio process, four loops sharing a small database pool:
 
-- ``_claim_loop`` keeps up to ``batchSize`` claims in flight: it claims as many items as there
-  are free slots and starts one task per claim (``attempt``: rate slot -> provider -> verdict);
+- ``_claim_loop`` keeps up to ``batchSize`` attempts running (one task per claim,
+  ``attempt``: rate slot -> provider -> verdict) and, with ``prefetch`` (the default), one
+  more batch of claims ready beside them, so that the next attempts start while the last
+  batch is written instead of after the write's round trip;
 - ``Leases.heartbeat_loop`` renews the lease of every held claim every third of a lease, and
   drops the claims whose lease was lost (their late writes would be refused anyway);
 - ``_flush_loop`` writes buffered answers in batches (``results``), and in the same statement
-  claims the slots a batch frees while the claim loop runs;
+  claims the places a batch frees while the claim loop runs;
 - ``Leases.rescue_loop`` runs the stuck-item reset for the run every quarter lease (at most
   15 s), so a crashed worker's items come back within about 1.25 leases.
 
@@ -16,15 +18,18 @@ A verdict that is not an answer is a ``Decision`` that ``settle`` hands to
 ``mode: batch`` are left to a ``worker.batch.BatchDriver`` running beside these loops (the
 sync claim skips them). At start the worker resets its run's stuck items
 (``Leases.rescue_at_start``), as the seed's ``process-queue`` did. On stop (SIGTERM) it
-claims nothing more, gives in-flight items ``shutdown_grace_seconds`` to finish, then
-releases what it still holds (a release is not an attempt) and exits. ``startup.serve``
-builds a worker for a process.
+claims nothing more and starts no held claim, gives running items
+``shutdown_grace_seconds`` to finish, then releases what it still holds, prefetched claims
+included (a release is not an attempt) and exits. A worker that dies holds at most
+``capacity`` claims (2 x ``batchSize`` with prefetch), back through the rescuer.
+``startup.serve`` builds a worker for a process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -40,7 +45,6 @@ from analysisq.db.connect import acquire
 from analysisq.errors import (
     BudgetExhausted,
     DatabaseError,
-    ErrorClass,
     redact,
 )
 from analysisq.providers import BatchClient, make_batch_client, make_provider, resolve_api_key
@@ -49,7 +53,6 @@ from analysisq.providers.client import make_http_client
 from analysisq.queue import budget, items, runs
 from analysisq.queue.decisions import (
     Decision,
-    Fail,
     Release,
 )
 from analysisq.queue.items import ClaimedItem, Outcome
@@ -107,6 +110,8 @@ class Worker:
         self._clock = clock
         self._stopping = asyncio.Event()
         self.inflight = InFlight()
+        #: Claims held at most: the running batch, the batch being written or prefetched.
+        self.capacity = self.spec.batch_size * (2 if settings.prefetch else 1)
         self.results = ResultBuffer(self.spec.batch_size, self._refill())
         #: While the claim loop runs, flushes claim too (never after it has ended).
         self._claiming = False
@@ -154,7 +159,8 @@ class Worker:
         )
         try:
             await self.leases.rescue_at_start()
-            self._log(logging.INFO, "worker started", batch_size=self.spec.batch_size)
+            self._log(logging.INFO, "worker started", batch_size=self.spec.batch_size,
+                      capacity=self.capacity)  # fmt: skip
             async with asyncio.TaskGroup() as tg:
                 claim = tg.create_task(self._claim_loop())
                 background = [
@@ -180,7 +186,7 @@ class Worker:
                     await driving
                 for t in background:
                     t.cancel()
-            await self._flush()
+            await self.settler.write_results()
         finally:
             if self._client is not None:
                 await self._client.aclose()
@@ -208,7 +214,7 @@ class Worker:
                 t.cancel()
             if still:
                 await asyncio.gather(*still, return_exceptions=True)
-        await self._flush()
+        await self.settler.write_results()
         for record in self.inflight:
             if record.finishing or self.results.holds(record.item):
                 continue
@@ -228,11 +234,11 @@ class Worker:
         )
 
     def _refill_slots(self, batch: list[Outcome]) -> int:
-        """Claims a flush of *batch* takes: the slots its written claims free."""
+        """Claims a flush of *batch* takes: the places its written claims free."""
         if not self._claiming or self._stopping.is_set() or self._budget_hold.is_set():
             return 0
         held = sum(1 for o in batch if self.inflight.get(o.item) is not None)
-        return max(0, self.spec.batch_size - len(self.inflight) + held)
+        return max(0, self.capacity - len(self.inflight) + held)
 
     def _refill_suspects(self, batch: list[Outcome]) -> int:
         """One suspect at a time, as the claim loop: none while one outside *batch* is held."""
@@ -253,12 +259,11 @@ class Worker:
             self._claiming = False
 
     async def _claim_until_stopped(self) -> None:
-        concurrency = self.spec.batch_size
         while not self._stopping.is_set():
             if self._budget_hold.is_set():
                 await self._wait_for_budget()
                 continue
-            free = concurrency - len(self.inflight)
+            free = min(self.spec.batch_size, self.capacity - len(self.inflight))
             if free <= 0:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
@@ -292,7 +297,27 @@ class Worker:
             # The rescuer took the item from us (we stalled) and we claimed it again: the old
             # claim is lost and its task must not write, nor touch the new claim.
             self.settler.abandon(stale, "lease lost; item claimed again")
-        record.task = asyncio.create_task(self._process(record))
+        self.inflight.queue(record)
+        self._run_ready()
+
+    def _run_ready(self) -> None:
+        """Start held claims while fewer than ``batchSize`` attempts run; none once stopping
+        (a claim not started is released at shutdown, unspent)."""
+        while not self._stopping.is_set() and self.inflight.running < self.spec.batch_size:
+            record = self.inflight.next_ready()
+            if record is None:
+                return
+            self.inflight.started(record)
+            record.task = asyncio.create_task(self._process(record))
+            # Also when the task is cancelled before it ran a line of ``_process``.
+            record.task.add_done_callback(functools.partial(self._task_done, record))
+
+    def _task_done(self, record: InFlightClaim, _: asyncio.Task[None]) -> None:
+        self._attempt_ended(record)
+
+    def _attempt_ended(self, record: InFlightClaim) -> None:
+        if self.inflight.ended(record):
+            self._run_ready()
 
     async def _wait_for_budget(self) -> None:
         await self._sleep(self._poll_delay() * 4)
@@ -325,7 +350,10 @@ class Worker:
         item = record.item
         try:
             try:
-                verdict: Completion | Decision = await self.attempts.run(item)
+                try:
+                    verdict: Completion | Decision = await self.attempts.run(item)
+                finally:
+                    self._attempt_ended(record)  # its write no longer holds a running slot
             except DatabaseError as exc:
                 # The database failed us, not the item: give it back unspent once we can.
                 self._log(logging.WARNING, "releasing item", item, error=exc.message)
@@ -354,38 +382,9 @@ class Worker:
 
     # -- background loops --------------------------------------------------------------------
 
-    async def _flush(self) -> None:
-        if not len(self.results):
-            return
-        batch = self.results.take()
-        records = {o.item.key: self.inflight.get(o.item) for o in batch}
-        for r in records.values():
-            if r is not None:
-                r.finishing = True
-        report = await self.results.write(self.pool, batch)
-        for o in report.kept:
-            if (r := records[o.item.key]) is not None:
-                r.finishing = False  # the lease is still renewed; the next flush retries
-        if report.unavailable:
-            self._log(logging.WARNING, "results not written yet", error=report.unavailable)
-        for o in report.written:
-            self.stats.completed += 1
-            if (r := records[o.item.key]) is not None:
-                self.settler.forget(r)
-        for o in report.fenced:
-            if (r := records[o.item.key]) is not None and self.inflight.get(o.item) is r:
-                self.settler.after_write(r, False)
-        for o, reason in report.refused:
-            if (r := records[o.item.key]) is not None:
-                r.finishing = False
-                refusal = Fail(
-                    ErrorClass.PERMANENT, f"the database refused to store the answer: {reason}"
-                )
-                await self.settler.settle(r, refusal)
-
     async def _flush_loop(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._flush_now.wait(), timeout=0.05)
             self._flush_now.clear()
-            await self._flush()
+            await self.settler.write_results()

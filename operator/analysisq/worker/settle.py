@@ -3,7 +3,8 @@
 ``Settler.settle`` hands the ``Decision`` to ``queue.decisions.apply`` and keeps trying while
 the database is away or its transaction lost a conflict (the claim stays held, so the
 heartbeat keeps renewing its lease); a write the database refuses deterministically fails the
-item for good with the database's reason instead of looping. ``forget``, ``after_write`` and
+item for good with the database's reason instead of looping. ``write_results`` writes the
+buffered answers as one batch and ends the claims it wrote. ``forget``, ``after_write`` and
 ``abandon`` end a claim's record in ``inflight`` and free its slot; ``WorkerStats`` counts what
 happened.
 """
@@ -123,6 +124,37 @@ class Settler:
             self._count(item, decision, applied)
             self.after_write(record, applied.written)
             return
+
+    async def write_results(self) -> None:
+        """Write the buffered answers as one batch (``ResultBuffer.write``) and end the
+        claims it wrote or found fenced; a refused answer fails its item, saying why."""
+        if not len(self.results):
+            return
+        batch = self.results.take()
+        records = {o.item.key: self.inflight.get(o.item) for o in batch}
+        for r in records.values():
+            if r is not None:
+                r.finishing = True
+        report = await self.results.write(self.pool, batch)
+        for o in report.kept:
+            if (r := records[o.item.key]) is not None:
+                r.finishing = False  # the lease is still renewed; the next flush retries
+        if report.unavailable:
+            self._log(logging.WARNING, "results not written yet", error=report.unavailable)
+        for o in report.written:
+            self.stats.completed += 1
+            if (r := records[o.item.key]) is not None:
+                self.forget(r)
+        for o in report.fenced:
+            if (r := records[o.item.key]) is not None and self.inflight.get(o.item) is r:
+                self.after_write(r, False)
+        for o, reason in report.refused:
+            if (r := records[o.item.key]) is not None:
+                r.finishing = False
+                refusal = Fail(
+                    ErrorClass.PERMANENT, f"the database refused to store the answer: {reason}"
+                )
+                await self.settle(r, refusal)
 
     def _count(self, item: ClaimedItem, decision: Decision, applied: Applied) -> None:
         match decision:

@@ -1,0 +1,137 @@
+"""Prefetch: a worker holds one batch of claims beyond ``batchSize``, never more running.
+
+A provider that answers only when the test lets it shows, from the queue's rows and from the
+provider's side, that the next batch is claimed while a batch runs, that no more than
+``batchSize`` requests are ever in flight, and what happens to the prefetched claims when the
+worker stops (released, attempts unspent) or dies (rescued, each item completed once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import pytest
+
+from analysisq.completion import Completion
+from analysisq.queue import rescue, runs
+from analysisq.queue.runs import Run
+from analysisq.settings import Settings
+from analysisq.worker import Worker
+from support import add_prompts, new_run, spec
+
+pytestmark = [pytest.mark.db, pytest.mark.timeout(120)]
+
+FAST = Settings(database_url="unused", poll_seconds=0.05, shutdown_grace_seconds=5)
+BATCH = 5
+
+
+class Gated:
+    """Answers only once ``gate`` is set; counts the requests it was sent and holds."""
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+        self.gate = asyncio.Event()
+        self.sent = 0
+        self.running = 0
+        self.most = 0
+
+    async def complete(self, prompt: str) -> Completion:
+        self.sent += 1
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            await self.gate.wait()
+        finally:
+            self.running -= 1
+        return Completion(f"answer to {prompt}", None, 1, 1, "m", 1.0)
+
+
+async def start(pool: asyncpg.Pool, n: int, **kw: Any) -> tuple[Run, Gated]:
+    s = spec(batchSize=BATCH, **kw)
+    async with pool.acquire() as db:
+        await add_prompts(db, n)
+        await new_run(db, s=s)
+        run = await runs.get_run(db, "run-1")
+    return run, Gated(s.targets[0])
+
+
+async def holds(pool: asyncpg.Pool, worker: str) -> int:
+    """The claims *worker* holds, as the queue says."""
+    async with pool.acquire() as db:
+        return int(
+            await db.fetchval(
+                "SELECT count(*) FROM analysis_queue WHERE status = 'processing'"
+                " AND lease_owner = $1",
+                worker,
+            )
+        )
+
+
+async def held_by(pool: asyncpg.Pool, worker: str, n: int) -> int:
+    """Wait (at most 10 s) until *worker* holds *n* claims; the number it holds then."""
+    for _ in range(200):
+        if (held := await holds(pool, worker)) >= n:
+            return held
+        await asyncio.sleep(0.05)
+    return held
+
+
+async def test_the_next_batch_is_claimed_while_a_batch_runs(pool: asyncpg.Pool) -> None:
+    run, gated = await start(pool, 4 * BATCH)
+    w = Worker(pool, run, FAST, name="w", exit_when_done=True, providers={"echo": gated})
+    task = asyncio.create_task(w.run_until_stopped())
+    assert await held_by(pool, "w", 2 * BATCH) == 2 * BATCH  # a batch runs, one more is held
+    await asyncio.sleep(0.3)  # and it stays at one more: the worker claims nothing beyond
+    assert await holds(pool, "w") == 2 * BATCH
+    assert (gated.running, gated.sent) == (BATCH, BATCH)  # batchSize bounds what runs
+    gated.gate.set()
+    stats = await asyncio.wait_for(task, 60)
+    assert (stats.completed, stats.claimed, gated.sent) == (4 * BATCH, 4 * BATCH, 4 * BATCH)
+    assert gated.most == BATCH
+    async with pool.acquire() as db:
+        counts = await runs.counts(db, "run-1")
+        results = await db.fetchval("SELECT count(DISTINCT queue_id) FROM analysis_results")
+    assert counts.completed == results == 4 * BATCH
+
+
+async def test_a_graceful_stop_hands_prefetched_claims_back_unspent(pool: asyncpg.Pool) -> None:
+    run, gated = await start(pool, 4 * BATCH)
+    w = Worker(pool, run, FAST, name="w", providers={"echo": gated})
+    task = asyncio.create_task(w.run_until_stopped())
+    assert await held_by(pool, "w", 2 * BATCH) == 2 * BATCH
+    w.stop()
+    gated.gate.set()  # the running batch answers within the grace period
+    stats = await asyncio.wait_for(task, 30)
+    # The running batch was written; the prefetched one never started and went back.
+    assert (stats.completed, stats.released, gated.sent) == (BATCH, BATCH, BATCH)
+    async with pool.acquire() as db:
+        rows = await db.fetch("SELECT status, attempts, count(*) AS n FROM analysis_queue"
+                              " GROUP BY 1, 2")  # fmt: skip
+    assert {tuple(r) for r in rows} == {("completed", 1, BATCH), ("pending", 0, 3 * BATCH)}
+
+
+async def test_a_dead_workers_prefetched_claims_are_rescued(pool: asyncpg.Pool) -> None:
+    run, gated = await start(pool, 4 * BATCH, leaseSeconds=5)
+    w = Worker(pool, run, FAST, name="dead", providers={"echo": gated})
+    task = asyncio.create_task(w.run_until_stopped())
+    assert await held_by(pool, "dead", 2 * BATCH) == 2 * BATCH
+    held = {r.item.id for r in w.inflight}
+    # Death, as far as the database can tell: nothing of the worker runs or writes again.
+    for t in [task, *w.inflight.tasks()]:
+        t.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await asyncio.sleep(5.5)  # the lease runs out
+    async with pool.acquire() as db:
+        res = await rescue.rescue_stuck(db, "run-1", 900)
+    assert res.reset == 2 * BATCH
+    survivor = Worker(pool, run, FAST, name="survivor", exit_when_done=True)
+    stats = await asyncio.wait_for(survivor.run_until_stopped(), 60)
+    assert stats.completed == 4 * BATCH
+    async with pool.acquire() as db:
+        rows = await db.fetch("SELECT q.id, q.lease_losses, r.attempt FROM analysis_queue q"
+                              " JOIN analysis_results r ON r.queue_id = q.id")  # fmt: skip
+    assert len(rows) == len({r["id"] for r in rows}) == 4 * BATCH  # each written once
+    assert {r["id"] for r in rows if r["lease_losses"] == 1} == held
+    assert {r["attempt"] for r in rows} == {1}  # the dead worker's claims spent no attempt
