@@ -1,6 +1,7 @@
 """SIGTERM to a busy ``analysisq worker`` process, as ``kubectl delete pod`` and a scale-down
 send it: the worker claims nothing more, lets in-flight calls finish within its shutdown grace,
-releases what is still in flight (not an attempt) and exits 0, before a kubelet's SIGKILL.
+releases what is still in flight and the batch it prefetched (not an attempt) and exits 0,
+before a kubelet's SIGKILL.
 The real-node tier proves the same in the image on a kubelet (tests/node).
 """
 
@@ -10,6 +11,7 @@ import asyncio
 import signal
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -48,19 +50,19 @@ def start_worker(db_url: str, tmp_path: Path) -> Iterator[Start]:
 async def _busy(
     db: asyncpg.Connection, fake: FakeProvider, start_worker: Start, grace: float
 ) -> tuple[WorkerProcs, subprocess.Popen[bytes], list[int]]:
-    """A worker process of a new run of 20 prompts, once it has a full batch in flight, and
-    the ids it holds."""
+    """A worker process of a new run of 20 prompts, once it has a full batch in flight and
+    one more prefetched, and the ids it holds."""
     await add_prompts(db, 20)
     await new_run(db, s=fake_spec(fake.url, leaseSeconds=30, batchSize=BATCH))
     procs = start_worker(grace)
     (proc,) = procs.procs
     await wait_for(db, "SELECT count(*) FROM analysis_queue WHERE status = 'processing'",
-                   lambda n: n == BATCH, 60)  # fmt: skip
+                   lambda n: n == 2 * BATCH, 60)  # fmt: skip
     rows = await db.fetch(
         "SELECT id FROM analysis_queue WHERE status = 'processing' AND lease_owner LIKE $1",
         f"%:{proc.pid}",
     )
-    assert len(rows) == BATCH
+    assert len(rows) == 2 * BATCH
     return procs, proc, [r["id"] for r in rows]
 
 
@@ -94,10 +96,12 @@ async def test_sigterm_lets_calls_within_the_grace_finish(
         code = await asyncio.to_thread(proc.wait, 40)
     assert code == 0, procs.logs()
     rows = await db.fetch(
-        "SELECT q.status, q.lease_losses, r.attempt FROM analysis_queue q"
+        "SELECT q.status, q.attempts, q.lease_losses, r.attempt FROM analysis_queue q"
         " LEFT JOIN analysis_results r ON r.queue_id = q.id WHERE q.id = ANY($1::bigint[])",
         held,
     )
-    assert {tuple(r) for r in rows} == {("completed", 0, 1)}, procs.logs()
+    # The batch in flight finished; the prefetched one never started and went back unspent.
+    ended = Counter(tuple(r) for r in rows)
+    assert ended == {("completed", 1, 0, 1): BATCH, ("pending", 0, 0, None): BATCH}, procs.logs()
     # Nothing was claimed after the signal.
     assert await db.fetchval("SELECT count(*) FROM analysis_queue WHERE status <> 'pending'") == 5

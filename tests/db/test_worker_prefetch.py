@@ -135,3 +135,19 @@ async def test_a_dead_workers_prefetched_claims_are_rescued(pool: asyncpg.Pool) 
     assert len(rows) == len({r["id"] for r in rows}) == 4 * BATCH  # each written once
     assert {r["id"] for r in rows if r["lease_losses"] == 1} == held
     assert {r["attempt"] for r in rows} == {1}  # the dead worker's claims spent no attempt
+
+
+async def test_without_prefetch_a_worker_holds_one_batch(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ANALYSISQ_PREFETCH", "false")
+    settings = Settings(database_url="unused", poll_seconds=0.05)
+    run, gated = await start(pool, 4 * BATCH)
+    w = Worker(pool, run, settings, name="w", exit_when_done=True, providers={"echo": gated})
+    task = asyncio.create_task(w.run_until_stopped())
+    assert await held_by(pool, "w", BATCH) == BATCH
+    await asyncio.sleep(0.3)
+    assert await holds(pool, "w") == BATCH
+    gated.gate.set()
+    stats = await asyncio.wait_for(task, 60)
+    assert stats.completed == 4 * BATCH and gated.most == BATCH
