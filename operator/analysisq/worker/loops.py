@@ -159,8 +159,12 @@ class Worker:
         )
         try:
             await self.leases.rescue_at_start()
-            self._log(logging.INFO, "worker started", batch_size=self.spec.batch_size,
-                      capacity=self.capacity)  # fmt: skip
+            self._log(
+                logging.INFO,
+                "worker started",
+                batch_size=self.spec.batch_size,
+                capacity=self.capacity,
+            )
             async with asyncio.TaskGroup() as tg:
                 claim = tg.create_task(self._claim_loop())
                 background = [
