@@ -151,3 +151,23 @@ async def test_without_prefetch_a_worker_holds_one_batch(
     gated.gate.set()
     stats = await asyncio.wait_for(task, 60)
     assert stats.completed == 4 * BATCH and gated.most == BATCH
+
+
+async def test_a_worker_never_holds_more_than_two_batches(pool: asyncpg.Pool) -> None:
+    """The claim loop and the flush's claim run at the same time (the flush of the first
+    batch meets the claim of the prefetched one): neither may count on the other's places."""
+    run, _ = await start(pool, 60 * BATCH)
+    w = Worker(pool, run, FAST, name="w", exit_when_done=True)
+    most = 0
+
+    async def watch() -> None:
+        nonlocal most
+        while True:
+            most = max(most, len(w.inflight))
+            await asyncio.sleep(0)
+
+    watcher = asyncio.create_task(watch())
+    stats = await asyncio.wait_for(w.run_until_stopped(), 60)
+    watcher.cancel()
+    assert stats.completed == 60 * BATCH
+    assert most == 2 * BATCH

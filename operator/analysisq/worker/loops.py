@@ -116,11 +116,21 @@ class Worker:
         #: While the claim loop runs, flushes claim too (never after it has ended).
         self._claiming = False
         self._slot_freed = asyncio.Event()
+        #: Places promised to a claim statement under way (the claim loop's, a flush's): the
+        #: two run at once, and each must leave the other's places alone.
+        self._claim_out = 0
+        self._refill_out = 0
         self._flush_now = asyncio.Event()
         #: Set when the run's budget refused a request: claim nothing until it is raised.
         self._budget_hold = asyncio.Event()
         self.settler = Settler(
-            pool, self.inflight, self.results, self.stats, self._log, self._slot_freed.set
+            pool,
+            self.inflight,
+            self.results,
+            self.stats,
+            self._log,
+            self._slot_freed.set,
+            self._start_claimed,
         )
         self.leases = Leases(
             pool,
@@ -190,7 +200,7 @@ class Worker:
                     await driving
                 for t in background:
                     t.cancel()
-            await self.settler.write_results()
+            await self._flush()
         finally:
             if self._client is not None:
                 await self._client.aclose()
@@ -218,7 +228,7 @@ class Worker:
                 t.cancel()
             if still:
                 await asyncio.gather(*still, return_exceptions=True)
-        await self.settler.write_results()
+        await self._flush()
         for record in self.inflight:
             if record.finishing or self.results.holds(record.item):
                 continue
@@ -234,7 +244,6 @@ class Worker:
             sync_targets_skipped(self.spec),
             self._refill_slots,
             self._refill_suspects,
-            self._start_claimed,
         )
 
     def _refill_slots(self, batch: list[Outcome]) -> int:
@@ -242,7 +251,9 @@ class Worker:
         if not self._claiming or self._stopping.is_set() or self._budget_hold.is_set():
             return 0
         held = sum(1 for o in batch if self.inflight.get(o.item) is not None)
-        return max(0, self.capacity - len(self.inflight) + held)
+        free = self.capacity - len(self.inflight) - self._claim_out
+        self._refill_out = max(0, free + held)
+        return self._refill_out
 
     def _refill_suspects(self, batch: list[Outcome]) -> int:
         """One suspect at a time, as the claim loop: none while one outside *batch* is held."""
@@ -267,11 +278,13 @@ class Worker:
             if self._budget_hold.is_set():
                 await self._wait_for_budget()
                 continue
-            free = min(self.spec.batch_size, self.capacity - len(self.inflight))
+            free = self.capacity - len(self.inflight) - self._refill_out
+            free = min(self.spec.batch_size, free)
             if free <= 0:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
                 continue
+            self._claim_out = free
             try:
                 async with acquire(self.pool) as conn:
                     claimed = await items.claim(
@@ -287,6 +300,8 @@ class Worker:
                 self._log(logging.WARNING, "claim failed; retrying", error=exc.message)
                 await self._sleep(self._poll_delay() * 4)
                 continue
+            finally:
+                self._claim_out = 0
             if not claimed:
                 if self.exit_when_done and not len(self.inflight) and await self._run_done():
                     self._log(logging.INFO, "run complete; worker exits")
@@ -386,9 +401,15 @@ class Worker:
 
     # -- background loops --------------------------------------------------------------------
 
+    async def _flush(self) -> None:
+        try:
+            await self.settler.write_results()
+        finally:
+            self._refill_out = 0  # its claims are held now, or there are none
+
     async def _flush_loop(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._flush_now.wait(), timeout=0.05)
             self._flush_now.clear()
-            await self.settler.write_results()
+            await self._flush()

@@ -36,6 +36,9 @@ class WriteReport:
     kept: list[Outcome] = field(default_factory=list)
     #: Why the database was away, when it was.
     unavailable: str | None = None
+    #: The claims the statement made along with the batch (``Refill``), for the worker to
+    #: start once it has forgotten the written ones: it never holds more than it may.
+    claimed: list[ClaimedItem] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -50,9 +53,6 @@ class Refill:
     slots: Callable[[list[Outcome]], int]
     #: How many of them may be suspects (items that lost a lease before; None = any).
     max_suspects: Callable[[list[Outcome]], int | None]
-    #: Takes the new claims; called before the batch's own claims are forgotten, so that a
-    #: claim loop woken by the freed slots finds them filled.
-    start: Callable[[list[ClaimedItem]], None]
 
 
 class ResultBuffer:
@@ -90,7 +90,7 @@ class ResultBuffer:
         report = WriteReport()
         try:
             async with acquire(pool) as conn:
-                done = await self._complete(conn, batch)
+                done, report.claimed = await self._complete(conn, batch)
         except DatabaseTransient as exc:
             self.put_back(batch)
             report.kept, report.unavailable = batch, exc.message
@@ -102,12 +102,15 @@ class ResultBuffer:
             (report.written if o.item.id in done else report.fenced).append(o)
         return report
 
-    async def _complete(self, conn: asyncpg.Connection, batch: list[Outcome]) -> set[int]:
-        """The batch's one fenced statement, claiming the slots it frees; the ids written."""
+    async def _complete(
+        self, conn: asyncpg.Connection, batch: list[Outcome]
+    ) -> tuple[set[int], list[ClaimedItem]]:
+        """The batch's one fenced statement, claiming the places it frees; the ids written
+        and the new claims."""
         r = self.refill
         slots = r.slots(batch) if r is not None else 0
         if r is None or slots <= 0:
-            return await items.complete(conn, batch)
+            return await items.complete(conn, batch), []
         done, claimed = await items.complete_and_claim(
             conn,
             batch,
@@ -118,9 +121,7 @@ class ResultBuffer:
             max_suspects=r.max_suspects(batch),
             skip_targets=r.skip_targets,
         )
-        if claimed:
-            r.start(claimed)
-        return done
+        return done, claimed
 
     async def _one_by_one(self, pool: asyncpg.Pool, batch: list[Outcome]) -> WriteReport:
         report = WriteReport()

@@ -65,6 +65,7 @@ class Settler:
         stats: WorkerStats,
         log: Log,
         on_free: Callable[[], None],
+        on_claimed: Callable[[list[ClaimedItem]], None],
     ) -> None:
         self.pool = pool
         self.inflight = inflight
@@ -72,6 +73,7 @@ class Settler:
         self.stats = stats
         self._log = log
         self._on_free = on_free
+        self._on_claimed = on_claimed
 
     async def settle(
         self, record: InFlightClaim, decision: Decision, *, wait_for_db: bool = True
@@ -126,8 +128,9 @@ class Settler:
             return
 
     async def write_results(self) -> None:
-        """Write the buffered answers as one batch (``ResultBuffer.write``) and end the
-        claims it wrote or found fenced; a refused answer fails its item, saying why."""
+        """Write the buffered answers as one batch (``ResultBuffer.write``), end the claims
+        it wrote or found fenced and start those it made; a refused answer fails its item,
+        saying why."""
         if not len(self.results):
             return
         batch = self.results.take()
@@ -148,6 +151,10 @@ class Settler:
         for o in report.fenced:
             if (r := records[o.item.key]) is not None and self.inflight.get(o.item) is r:
                 self.after_write(r, False)
+        if report.claimed:
+            # Right after the written claims are forgotten, with no wait in between: the
+            # claim loop, woken by the freed places, finds them filled.
+            self._on_claimed(report.claimed)
         for o, reason in report.refused:
             if (r := records[o.item.key]) is not None:
                 r.finishing = False
