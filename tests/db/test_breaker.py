@@ -108,8 +108,9 @@ async def test_a_target_fault_pauses_the_target_and_burns_no_item(
                 )
                 == 0
             )
-            # 40 good answers plus the typo answers in flight when it tripped (3 x batch 5)
-            assert requests <= 40 + 3 * s.batch_size + 3
+            # 40 good answers plus the typo answers of the claims held when it tripped: 3
+            # workers x (the batch in flight + the batch prefetched beside it) of 5
+            assert requests <= 40 + 3 * 2 * s.batch_size + 3
 
             # the user fixes the setting and resumes the target: everything completes
             fixed = spec(targets=[target("good", "gpt-good", fake.url),
