@@ -171,3 +171,19 @@ async def test_a_worker_never_holds_more_than_two_batches(pool: asyncpg.Pool) ->
     watcher.cancel()
     assert stats.completed == 60 * BATCH
     assert most == 2 * BATCH
+
+
+async def test_the_heartbeat_keeps_prefetched_claims(pool: asyncpg.Pool) -> None:
+    """Claims waiting in line longer than a lease are renewed like running ones: a rescue
+    then takes none of them."""
+    run, gated = await start(pool, 4 * BATCH, leaseSeconds=5)
+    w = Worker(pool, run, FAST, name="w", exit_when_done=True, providers={"echo": gated})
+    task = asyncio.create_task(w.run_until_stopped())
+    assert await held_by(pool, "w", 2 * BATCH) == 2 * BATCH
+    await asyncio.sleep(6)  # longer than the lease: only renewals keep the claims
+    async with pool.acquire() as db:
+        res = await rescue.rescue_stuck(db, "run-1", 900)
+    assert res.reset == 0 and await holds(pool, "w") == 2 * BATCH
+    gated.gate.set()
+    stats = await asyncio.wait_for(task, 60)
+    assert stats.completed == 4 * BATCH and stats.lost == 0
