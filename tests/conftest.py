@@ -25,6 +25,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from analysisq.db.connect import Pooler, connect, create_pool
 from analysisq.db.embedded import EmbeddedPostgres
 from analysisq.db.migrate import migrate
 from failures import FAILED_KEY
@@ -148,9 +149,19 @@ async def db_url(
         await admin.close()
 
 
+@pytest.fixture(scope="session")
+def pooler(pgbouncer: PgBouncer | None) -> Pooler:
+    """What the tests' database sits behind, in the words of ``ANALYSISQ_DATABASE_POOLER``."""
+    return "none" if pgbouncer is None else "transaction"
+
+
+# The tests' connections are production's (db.connect): UTC sessions, TCP keepalive, and a
+# pool that releases without a reset, so a test sees what a worker sees.
+
+
 @pytest.fixture
-async def db(db_url: str, client_options: dict[str, Any]) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(db_url, **client_options)
+async def db(db_url: str, pooler: Pooler) -> AsyncIterator[asyncpg.Connection]:
+    conn = await connect(db_url, pooler=pooler)
     try:
         yield conn
     finally:
@@ -158,9 +169,8 @@ async def db(db_url: str, client_options: dict[str, Any]) -> AsyncIterator[async
 
 
 @pytest.fixture
-async def pool(db_url: str, client_options: dict[str, Any]) -> AsyncIterator[asyncpg.Pool]:
-    p = await asyncpg.create_pool(db_url, min_size=1, max_size=8, **client_options)
-    assert p is not None
+async def pool(db_url: str, pooler: Pooler) -> AsyncIterator[asyncpg.Pool]:
+    p = await create_pool(db_url, pooler=pooler, min_size=1, max_size=8)
     try:
         yield p
     finally:
