@@ -56,3 +56,37 @@ def test_our_own_errors_keep_their_traceback(
         logging.getLogger("analysisq.worker").exception("unexpected")
     record = json.loads(capsys.readouterr().err)
     assert "Traceback" in record["exc"]
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_extra_fields_are_shown_and_redacted_in_both_formats(
+    fmt: str, capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    setup_logging("INFO", fmt)
+    logging.getLogger("analysisq.worker").warning(
+        "claim failed",
+        extra={
+            "run": "daily-1",
+            "error": "connect to postgresql://app:hunter2@db/x: Bearer sk-live-abcdef123456",
+            "items": 3,
+        },
+    )
+    line = capsys.readouterr().err.strip()
+    assert "hunter2" not in line and "sk-live-abcdef123456" not in line
+    if fmt == "json":
+        record = json.loads(line)
+        assert record["run"] == "daily-1" and record["items"] == 3
+        assert record["error"].startswith("connect to postgresql://***@db/x")
+    else:
+        assert "claim failed" in line
+        assert "run=daily-1" in line and "items=3" in line
+        assert "error='connect to postgresql://***@db/x" in line
+
+
+def test_a_text_message_is_redacted(
+    capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    setup_logging("INFO", "text")
+    logging.getLogger("analysisq").info("using api_key=sk-abcdefghijkl for %s", "openai")
+    line = capsys.readouterr().err
+    assert "sk-abcdefghijkl" not in line and "for openai" in line
