@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from analysisq.queue import items, ratelimit, runs
+from analysisq.queue import items, runs
 from analysisq.settings import Settings
 from analysisq.worker import Worker
 from support import add_prompts, new_run, spec
@@ -93,6 +93,15 @@ async def test_a_pool_without_room_does_not_hold_back_the_other_targets(
     assert [c.target for c in claimed].count("slow") <= 2
 
 
+async def until(db: asyncpg.Connection, query: str) -> None:
+    """Poll until *query* is true (at most a minute)."""
+    for _ in range(3000):
+        if await db.fetchval(query):
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail(f"never true: {query}")
+
+
 async def sample_processing(pool: asyncpg.Pool, seen: list[int], stop: asyncio.Event) -> None:
     """The slow target's items processing, every 20 ms, until *stop*."""
     while not stop.is_set():
@@ -125,13 +134,11 @@ async def test_a_slow_pool_neither_holds_leases_nor_starves_a_fast_target(
     sampling = asyncio.create_task(sample_processing(pool, seen, stop))
     work = asyncio.create_task(worker.run_until_stopped())
     async with pool.acquire() as db:
-        while (
-            await db.fetchval(
-                "SELECT count(*) FROM analysis_queue WHERE target = 'fast' AND status <> 'completed'"
-            )
-            > 0
-        ):
-            await asyncio.sleep(0.02)
+        await until(
+            db,
+            "SELECT NOT EXISTS (SELECT 1 FROM analysis_queue"
+            " WHERE target = 'fast' AND status <> 'completed')",
+        )
         slow_done = await db.fetchval(
             "SELECT count(*) FROM analysis_queue WHERE target = 'slow' AND status = 'completed'"
         )
@@ -159,8 +166,7 @@ async def test_a_killed_worker_leaves_at_most_the_horizon_s_slots_unused(
     worker = Worker(pool, run, FAST, name="w")
     work = asyncio.create_task(worker.run_until_stopped())
     async with pool.acquire() as db:
-        while await db.fetchval("SELECT count(*) FROM analysis_queue WHERE status <> 'pending'") < 3:
-            await asyncio.sleep(0.02)
+        await until(db, "SELECT count(*) >= 3 FROM analysis_queue WHERE status <> 'pending'")
     work.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await work
