@@ -158,7 +158,8 @@ async def test_a_killed_worker_leaves_at_most_the_horizon_s_slots_unused(
 ) -> None:
     """A 1 req/s pool, batchSize 10: a worker killed (its task cancelled: no release, no
     write) holds a few items and the pool's schedule is at most the horizon (+ one slot)
-    ahead (before: the 10 slots its 10 claims had reserved)."""
+    ahead (measured: 2.8 s and 3 items; before: 9.9 s, the 10 slots its 10 claims had
+    reserved, and 10 items)."""
     async with pool.acquire() as db:
         await add_prompts(db, 20)
         await new_run(db, s=spec(targets=[target(requestsPerSecond=1)], batchSize=10))
