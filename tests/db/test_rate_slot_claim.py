@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
 
 import asyncpg
 import pytest
+from test_ratelimit import target
 
 from analysisq.queue import items, runs
 from analysisq.settings import Settings
@@ -22,13 +22,6 @@ FAST = Settings(
     database_url="unused", poll_seconds=0.05, retry_base_seconds=0.05, retry_cap_seconds=0.5,
     shutdown_grace_seconds=5,
 )  # fmt: skip
-
-
-def target(name: str = "t", **rate: Any) -> dict[str, Any]:
-    t: dict[str, Any] = {"name": name, "provider": "echo", "model": "m"}
-    if rate:
-        t["rateLimit"] = rate
-    return t
 
 
 async def horizon(db: asyncpg.Connection) -> float:
