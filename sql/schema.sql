@@ -62,7 +62,11 @@ CREATE TABLE rate_pools (
     -- Seconds the token schedule has been pushed back by answers that cost more than they
     -- reserved (a running sum): a request holding an earlier slot waits out what was added
     -- since it reserved, so the correction reaches requests already scheduled.
-    token_debt          double precision NOT NULL DEFAULT 0
+    token_debt          double precision NOT NULL DEFAULT 0,
+    -- The slots claims promised to the items they handed out, until the items' attempts
+    -- reserve them (0010, analysisq_complete_and_claim): a claim counts those of the claims
+    -- just before it.
+    claim_tat           timestamptz NOT NULL DEFAULT '-infinity'
 );
 
 -- One row per (run, target): its pause state (auth failures), its pool, its prices.
@@ -322,6 +326,15 @@ BEGIN
 END
 $$;
 
+-- How far ahead, in seconds, a rate pool's schedule may be for the claim to hand out its
+-- items: what a claimed item waits for its slot at most. Two seconds: a worker claims again
+-- with every write of answers and, when idle, every poll (poll_seconds x 0.5-1.5, 0.75 s at
+-- most by default), so more than a second of a pool's schedule stays reserved ahead of any
+-- worker's next claim and one worker alone keeps the pool busy; a worker killed leaves at
+-- most two seconds of the pool's slots unused.
+CREATE FUNCTION rate_claim_horizon() RETURNS double precision
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT 2.0::double precision $$;
+
 -- The worker's one statement per batch (``queue.items.complete_and_claim``): write a finished
 -- batch and claim the slots it frees, in one round trip and one transaction. Either half may
 -- be empty: no answers = a plain claim (``items.claim``), p_limit = 0 = a plain completion
@@ -343,6 +356,11 @@ $$;
 -- planned on every execution (planning cost as much as running it: docs/benchmarks.md). The
 -- generic plan is the right one: every scan is an index scan bounded by the run and the
 -- LIMIT, whatever the values.
+-- A claim for a run with targets limited by requestsPerSecond first locks their pools' rows
+-- (in name order: two runs sharing two pools cannot deadlock), so that it reads their
+-- schedule and promises (claim_tat) as the claim before it left them: the room it computes
+-- is exact across workers. The lock is held for the statement's few milliseconds; a claim of
+-- a run without such targets takes none.
 CREATE FUNCTION analysisq_complete_and_claim(
     p_ids bigint[], p_tokens uuid[], p_models text[], p_response_texts text[], p_parsed text[],
     p_tokens_in integer[], p_tokens_out integer[], p_latency_ms double precision[],
@@ -358,6 +376,14 @@ SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 BEGIN
+    IF p_limit > 0 THEN
+        PERFORM 1 FROM rate_pools rp
+        WHERE rp.name IN (SELECT t.pool FROM run_targets t
+                          WHERE t.run_id = p_run_id AND t.target <> ALL (p_skip_targets))
+          AND rp.requests_per_second IS NOT NULL
+        ORDER BY rp.name
+        FOR NO KEY UPDATE OF rp;
+    END IF;
     RETURN QUERY
     WITH input AS (
         SELECT * FROM unnest(p_ids, p_tokens, p_models, p_response_texts, p_parsed,
@@ -390,40 +416,51 @@ BEGIN
                i.parsed::jsonb, i.tokens_in, i.tokens_out, i.latency_ms, d.attempts, p_via_batch
         FROM done d JOIN input i ON i.id = d.id
         RETURNING queue_id
+    ), rooms AS (
+        -- How many items of each target to serve this claim may hand out, from the state of
+        -- its rate pool. Targets in mode batch are claimed by batch_claim only. A pool a
+        -- provider's Retry-After blocks: none until the block ends. A pool whose token
+        -- schedule (tokensPerMinute) is more than rate_claim_horizon() seconds ahead: none
+        -- until it comes nearer (the tokens an item costs are the worker's estimate, so the
+        -- claim cannot count them). A pool limited by requestsPerSecond: as many as have a
+        -- slot starting within the horizon, after the slots reserved (rate_tat) and promised
+        -- (claim_tat). Items that could only wait for their slot stay in the queue rather
+        -- than in a worker that holds their leases: an idle claim is exposed to that worker's
+        -- death (the stuck reset charges it to the items it held, and the slots they reserved
+        -- go unused), and it fills the worker's batchSize slots, which a faster target of the
+        -- run then lacks.
+        SELECT t.target, t.pool, rp.requests_per_second AS rps, CASE
+            WHEN rp.blocked_until > now() THEN 0
+            WHEN rp.token_tat > now() + make_interval(secs => rate_claim_horizon()) THEN 0
+            WHEN rp.requests_per_second IS NULL THEN p_limit
+            ELSE greatest(0, ceil((rate_claim_horizon() - extract(epoch FROM
+                                       greatest(rp.rate_tat, rp.claim_tat, now()) - now()))
+                                  * rp.requests_per_second))
+        END::bigint AS room
+        FROM run_targets t JOIN rate_pools rp ON rp.name = t.pool
+        WHERE t.run_id = p_run_id AND t.target <> ALL (p_skip_targets)
     ), open AS (
-        -- Whether any target is left to claim for. Targets in mode batch are claimed by
-        -- batch_claim only; a target whose rate pool a provider's Retry-After blocks is not
-        -- claimed for until the block ends: its items stay in the queue instead of waiting in a
-        -- worker that holds their leases (an idle claim is exposed to that worker's death, which
-        -- the stuck reset charges to the items it held). With no target left the scans below do
-        -- not run at all (rather than walk every due item of the blocked targets).
-        SELECT EXISTS (
-            SELECT 1 FROM run_targets t JOIN rate_pools rp ON rp.name = t.pool
-            WHERE t.run_id = p_run_id AND t.target <> ALL (p_skip_targets)
-              AND rp.blocked_until <= now()
-        ) AS targets_left
+        -- With no target left to claim for the scans below do not run at all (rather than
+        -- walk every due item of the targets without room).
+        SELECT EXISTS (SELECT 1 FROM rooms WHERE room > 0) AS targets_left
     ), suspects AS (
         -- Items that lost a lease: a worker holding one died or hung. A worker takes at most one
         -- at a time (it passes p_max_suspects = 0 while it holds one), so a prompt that kills its
         -- worker
         -- takes only fresh batch-mates down with it, once, and is poisoned alone. Few items are
         -- suspects: analysis_queue_suspect_idx holds only them.
-        SELECT q.id, (q.status = 'failed') AS retry, q.next_attempt_at AS due, q.attempts
+        SELECT q.id, (q.status = 'failed') AS retry, q.next_attempt_at AS due, q.attempts,
+               q.target
         FROM analysis_queue q
         WHERE q.run_id = p_run_id
           AND q.status IN ('pending', 'failed')
           AND q.next_attempt_at IS NOT NULL
           AND q.next_attempt_at <= now()
           AND q.lease_losses > 0
-          -- the targets to serve, not `q.target <> ALL (p_skip_targets)`: the planner rates
-          -- that near 0 rows for a run of one or a few targets and, in a generic plan, trades
-          -- the index's order for a full scan and a sort
-          AND q.target = ANY (ARRAY(SELECT t.target FROM run_targets t
-                                    WHERE t.run_id = p_run_id AND t.target <> ALL (p_skip_targets)))
-          -- the item's pool is not blocked (see `open`); a scalar subquery, evaluated for the
-          -- rows the index scan reaches, keeps the scan in index order up to the LIMIT
-          AND (SELECT rp.blocked_until FROM run_targets t JOIN rate_pools rp ON rp.name = t.pool
-               WHERE t.run_id = q.run_id AND t.target = q.target) <= now()
+          -- the targets with room (see `rooms`), as an array, not `q.target <> ALL (...)`: the
+          -- planner rates that near 0 rows for a run of one or a few targets and, in a generic
+          -- plan, trades the index's order for a full scan and a sort
+          AND q.target = ANY (ARRAY(SELECT r.target FROM rooms r WHERE r.room > 0))
           AND (SELECT targets_left FROM open)
         ORDER BY (q.status = 'failed'), q.next_attempt_at
         LIMIT least(p_limit, p_max_suspects)
@@ -433,35 +470,66 @@ BEGIN
         -- defers pending items released after a 429, and parks the items of a paused target at
         -- 'infinity', so this scan needs no other condition and walks analysis_queue_claim_idx
         -- in order, stopping at the LIMIT.
-        SELECT q.id, (q.status = 'failed') AS retry, q.next_attempt_at AS due, q.attempts
+        SELECT q.id, (q.status = 'failed') AS retry, q.next_attempt_at AS due, q.attempts,
+               q.target
         FROM analysis_queue q
         WHERE q.run_id = p_run_id
           AND q.status IN ('pending', 'failed')
           AND q.next_attempt_at IS NOT NULL
           AND q.next_attempt_at <= now()
           AND q.lease_losses = 0
-          -- the targets to serve, not `q.target <> ALL (p_skip_targets)`: the planner rates
-          -- that near 0 rows for a run of one or a few targets and, in a generic plan, trades
-          -- the index's order for a full scan and a sort
-          AND q.target = ANY (ARRAY(SELECT t.target FROM run_targets t
-                                    WHERE t.run_id = p_run_id AND t.target <> ALL (p_skip_targets)))
-          -- the item's pool is not blocked (see `open`); a scalar subquery, evaluated for the
-          -- rows the index scan reaches, keeps the scan in index order up to the LIMIT
-          AND (SELECT rp.blocked_until FROM run_targets t JOIN rate_pools rp ON rp.name = t.pool
-               WHERE t.run_id = q.run_id AND t.target = q.target) <= now()
+          -- the targets whose room is the whole claim (see `rooms`; the others have `capped`),
+          -- as an array, not `q.target <> ALL (...)`: the planner rates that near 0 rows for a
+          -- run of one or a few targets and, in a generic plan, trades the index's order for a
+          -- full scan and a sort
+          AND q.target = ANY (ARRAY(SELECT r.target FROM rooms r WHERE r.room >= p_limit))
           AND (SELECT targets_left FROM open)
         ORDER BY (q.status = 'failed'), q.next_attempt_at
         LIMIT p_limit - (SELECT count(*) FROM suspects)
         -- rows another worker is claiming are skipped, not waited for
         FOR UPDATE OF q SKIP LOCKED
+    ), capped AS (
+        -- Each target with some room but less than the claim: a scan of its own, up to its
+        -- room, in the same order, so that its items ahead in the queue do not take the
+        -- claim's other slots from the other targets.
+        SELECT f.id, f.retry, f.due, f.attempts, f.target
+        FROM rooms r CROSS JOIN LATERAL (
+            SELECT q.id, (q.status = 'failed') AS retry, q.next_attempt_at AS due, q.attempts,
+                   q.target
+            FROM analysis_queue q
+            WHERE q.run_id = p_run_id
+              AND q.status IN ('pending', 'failed')
+              AND q.next_attempt_at IS NOT NULL
+              AND q.next_attempt_at <= now()
+              AND q.lease_losses = 0
+              AND q.target = r.target
+            ORDER BY (q.status = 'failed'), q.next_attempt_at
+            LIMIT r.room
+            FOR UPDATE OF q SKIP LOCKED
+        ) f
+        WHERE r.room > 0 AND r.room < p_limit AND (SELECT targets_left FROM open)
     ), candidates AS (
         -- the scans' own rows, not joined back to analysis_queue: LIMIT p_limit - count(*) is no
-        -- constant, the planner takes it for 10% of the queue and would hash a scan of it all
-        SELECT c.id, c.n, c.retry, c.due, c.attempts >= r.max_attempts AS exhausted, r.max_attempts
-        FROM (SELECT id, 0 AS n, retry, due, attempts FROM suspects
-              UNION ALL SELECT id, 1, retry, due, attempts FROM fresh) c
-        CROSS JOIN analysis_runs r
-        WHERE r.id = p_run_id
+        -- constant, the planner takes it for 10% of the queue and would hash a scan of it all.
+        -- `take`: the items claimed, in the order they are served, at most a target's room of
+        -- each (a suspect and its target's capped scan may both have found one) and p_limit in
+        -- all (the capped scans read beyond `fresh`'s LIMIT); the rows not taken stay
+        -- waiting, their row locks gone at commit.
+        SELECT c.id, c.n, c.retry, c.due, c.exhausted,
+               c.allowed AND row_number() OVER (PARTITION BY c.allowed
+                                                ORDER BY c.n, c.retry, c.due) <= p_limit AS take
+        FROM (SELECT s.id, s.n, s.retry, s.due, s.exhausted,
+                     NOT s.exhausted
+                     AND row_number() OVER (PARTITION BY s.target, s.exhausted
+                                            ORDER BY s.n, s.retry, s.due)
+                         <= (SELECT r.room FROM rooms r WHERE r.target = s.target) AS allowed
+              FROM (SELECT u.id, u.n, u.retry, u.due, u.target,
+                           u.attempts >= r.max_attempts AS exhausted
+                    FROM (SELECT id, 0 AS n, retry, due, attempts, target FROM suspects
+                          UNION ALL SELECT id, 1, retry, due, attempts, target FROM fresh
+                          UNION ALL SELECT id, 1, retry, due, attempts, target FROM capped) u
+                    CROSS JOIN analysis_runs r
+                    WHERE r.id = p_run_id) s) c
     ), exhausted AS (
         -- Waiting items with no attempt left end here, failed for good (fail_exhausted,
         -- shared with batch_claim; free when there is none)
@@ -478,13 +546,24 @@ BEGIN
             updated_at = now()
         FROM prompts p, analysis_runs r
         -- an id array, not a join with `candidates`, for the same reason as there
-        WHERE q.id = ANY (ARRAY(SELECT c.id FROM candidates c WHERE NOT c.exhausted))
+        WHERE q.id = ANY (ARRAY(SELECT c.id FROM candidates c WHERE c.take))
           AND p.id = q.prompt_tracking_id AND r.id = q.run_id
           -- a condition on no row: evaluated once, before the scan, so `exhausted` runs even
           -- when nothing is left to claim (a SELECT in WITH runs only where it is read)
           AND (SELECT failed FROM exhausted) IS NOT NULL
         RETURNING q.id, q.claim_token, q.run_id, q.prompt_tracking_id, q.target, q.attempts,
                   q.deferrals, q.lease_losses, r.max_attempts, p.external_id, p.text
+    ), promised AS (
+        -- the slots of the items claimed for pools limited by requestsPerSecond, promised
+        -- after those reserved and promised before (see `rooms`); their attempts reserve them
+        UPDATE rate_pools rp SET
+            claim_tat = greatest(rp.rate_tat, rp.claim_tat, now())
+                        + make_interval(secs => n.items / rp.requests_per_second)
+        FROM (SELECT r.pool, count(*) AS items
+              FROM claimed c JOIN rooms r ON r.target = c.target
+              WHERE r.rps IS NOT NULL
+              GROUP BY r.pool) n
+        WHERE rp.name = n.pool
     )
     SELECT true AS written, s.queue_id AS id, NULL::uuid AS claim_token, NULL::text AS run_id,
            NULL::bigint AS prompt_tracking_id, NULL::text AS target, NULL::integer AS attempts,

@@ -10,7 +10,10 @@ later requests and for those already waiting for their slot (``token_debt``). Th
 database clock is the only clock, so workers on different machines agree. A 429's
 ``Retry-After`` sets the pool's ``blocked_until``: no worker of any run sends to the pool
 before then, whether the target has a limit or not (the claim hands out no item of a
-blocked pool).
+blocked pool). Nor does the claim hand out more items of a ``requestsPerSecond`` pool than
+have a slot within ``rate_claim_horizon()`` (2 s; it promises them on the row, ``claim_tat``,
+until their ``acquire``), so an item waits for its slot in the queue, not in a worker that
+holds its lease (migration 0010, docs/quotas.md).
 
 Limits of a shared pool: every unfinished run using it must state the same ones; a run that
 states others is refused at creation (``register``). Once no unfinished run uses the pool,
