@@ -15,6 +15,7 @@ import asyncpg
 import pytest
 
 from analysisq.completion import Completion
+from analysisq.errors import AuthError
 from analysisq.queue import rescue, runs
 from analysisq.queue.runs import Run
 from analysisq.settings import Settings
@@ -187,3 +188,88 @@ async def test_the_heartbeat_keeps_prefetched_claims(pool: asyncpg.Pool) -> None
     gated.gate.set()
     stats = await asyncio.wait_for(task, 60)
     assert stats.completed == 4 * BATCH and stats.lost == 0
+
+
+class Refusing(Gated):
+    """Once ``gate`` is set, refuses our credentials (a 401) until ``refuse`` is cleared."""
+
+    def __init__(self, target: Any) -> None:
+        super().__init__(target)
+        self.refuse = True
+
+    async def complete(self, prompt: str) -> Completion:
+        answer = await super().complete(prompt)
+        if self.refuse:
+            raise AuthError("HTTP 401: invalid api key")
+        return answer
+
+
+async def test_a_paused_target_sends_none_of_the_prefetched_claims(pool: asyncpg.Pool) -> None:
+    """A 401 pauses the target: each worker sent only the attempts already running, its
+    prefetched claims went back unspent and parked, and once the target is resumed the same
+    workers claim it again and finish the run."""
+    run, _ = await start(pool, 4 * BATCH)
+    workers, providers, tasks = [], [], []
+    for name in ("a", "b"):
+        refusing = Refusing(run.spec.targets[0])
+        w = Worker(pool, run, FAST, name=name, exit_when_done=True, providers={"echo": refusing})
+        tasks.append(asyncio.create_task(w.run_until_stopped()))
+        workers.append(w)
+        providers.append(refusing)
+        assert await held_by(pool, name, 2 * BATCH) == 2 * BATCH
+    for p in providers:
+        assert (p.running, p.sent) == (BATCH, BATCH)
+        p.gate.set()
+    for _ in range(200):  # until every claim went back
+        if not await holds(pool, "a") and not await holds(pool, "b"):
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)  # and nothing more is sent or claimed
+    assert [p.sent for p in providers] == [BATCH, BATCH]  # the attempts in flight, no more
+    assert [w.stats.released for w in workers] == [BATCH, BATCH]
+    async with pool.acquire() as db:
+        rows = await db.fetch("SELECT status, attempts, next_attempt_at = 'infinity' AS parked,"
+                              " count(*) AS n FROM analysis_queue GROUP BY 1, 2, 3")  # fmt: skip
+        assert {tuple(r) for r in rows} == {("pending", 0, True, 4 * BATCH)}
+        assert await runs.resume_targets(db, "run-1") == ["echo"]
+    for p in providers:
+        p.refuse = False
+    stats = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+    assert sum(s.completed for s in stats) == 4 * BATCH
+    async with pool.acquire() as db:
+        assert await db.fetchval("SELECT max(attempt) FROM analysis_results") == 1
+        assert await db.fetchval("SELECT count(DISTINCT queue_id) FROM analysis_results") == (
+            4 * BATCH
+        )
+
+
+async def test_a_slow_rate_limited_pool_fills_no_prefetch(pool: asyncpg.Pool) -> None:
+    """At 1 request/s the claim hands out a pool's items only with a slot within its 2 s
+    horizon; a worker whose running slots are all taken (the provider holds the requests)
+    must not keep claiming as those promises pass: it holds no claim it cannot start."""
+    limited = [{"name": "echo", "provider": "echo", "model": "echo-1",
+                "rateLimit": {"requestsPerSecond": 1}}]  # fmt: skip
+    run, gated = await start(pool, 2 * BATCH + 2, targets=limited)
+    w = Worker(pool, run, FAST, name="w", exit_when_done=True, providers={"echo": gated})
+    waiting = 0
+
+    async def watch() -> None:
+        nonlocal waiting
+        while True:
+            waiting = max(waiting, len(w.inflight.waiting()))
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(watch())
+    task = asyncio.create_task(w.run_until_stopped())
+    for _ in range(400):  # every running slot taken, at 1 request/s
+        if gated.running == BATCH:
+            break
+        await asyncio.sleep(0.05)
+    assert gated.running == BATCH
+    await asyncio.sleep(5)  # the horizon passes twice over: the pool would hand out more
+    assert await holds(pool, "w") == BATCH and waiting == 0
+    gated.gate.set()
+    stats = await asyncio.wait_for(task, 60)
+    watcher.cancel()
+    assert stats.completed == gated.sent == 2 * BATCH + 2
+    assert waiting == 0

@@ -77,11 +77,13 @@ class Pause:
 
 @dataclass(frozen=True)
 class Release:
-    """Give the item back unspent (shutdown, or the database failed before any answer)."""
+    """Give the item back unspent (shutdown, the database failed before any answer, its
+    target was paused while the claim waited: ``park`` then parks it like ``Pause``)."""
 
     action: ClassVar[Action] = Action.RELEASE
     delay: ClassVar[None] = None
     message: str | None = None
+    park: bool = False
 
 
 Decision = Retry | Fail | Defer | Pause | Release
@@ -114,7 +116,7 @@ async def apply(conn: asyncpg.Connection, item: ClaimedItem, decision: Decision)
             paused = await runs.pause_target(conn, item.run_id, item.target, msg)
             ok = await items.release(conn, item, error_class=cls, message=msg, park=True)
             return Applied(ok, paused_target=paused)
-        case Release(message=msg):
-            return Applied(await items.release(conn, item, message=msg))
+        case Release(message=msg, park=park):
+            return Applied(await items.release(conn, item, message=msg, park=park))
         case _:
             assert_never(decision)

@@ -9,7 +9,8 @@ bookkeeping (its refused write, its cancelled task) can never remove the new one
 A held claim is not always running: the worker holds up to one batch beyond ``batchSize``
 (prefetch), claimed while the last batch is written, so that no attempt waits for the
 database. ``queue`` puts a new claim in line, ``next_ready`` hands out the next one still
-held, and ``started`` / ``ended`` count the attempts running, which ``batchSize`` bounds.
+held, ``waiting`` lists those not started, and ``started`` / ``ended`` count the attempts
+running, which ``batchSize`` bounds.
 
 Next: ``attempt`` (one attempt of a claim), ``results`` (buffered completions), ``loops``.
 """
@@ -69,6 +70,10 @@ class InFlight:
             if self.get(record.item) is record and record.task is None:
                 return record
         return None
+
+    def waiting(self) -> list[InFlightClaim]:
+        """The claims held whose attempt has not started (prefetched)."""
+        return [r for r in self._by_id.values() if r.task is None]
 
     def started(self, record: InFlightClaim) -> None:
         record.running = True

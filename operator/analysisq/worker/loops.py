@@ -21,7 +21,9 @@ sync claim skips them). At start the worker resets its run's stuck items
 claims nothing more and starts no held claim, gives running items
 ``shutdown_grace_seconds`` to finish, then releases what it still holds, prefetched claims
 included (a release is not an attempt) and exits. A worker that dies holds at most
-``capacity`` claims (2 x ``batchSize`` with prefetch), back through the rescuer.
+``capacity`` claims (2 x ``batchSize`` with prefetch), back through the rescuer. Which
+targets a claim takes (none of a paused one; a rate-limited one only for a place that starts
+at once) is ``claim_targets``'; a 401 releases the held claims of its target not started.
 ``startup.serve`` builds a worker for a process.
 """
 
@@ -53,6 +55,7 @@ from analysisq.providers.client import make_http_client
 from analysisq.queue import budget, items, runs
 from analysisq.queue.decisions import (
     Decision,
+    Pause,
     Release,
 )
 from analysisq.queue.items import ClaimedItem, Outcome
@@ -61,7 +64,8 @@ from analysisq.queue.runs import Run
 from analysisq.settings import Settings
 from analysisq.worker.attempt import Attempts
 from analysisq.worker.batch import BatchDriver
-from analysisq.worker.batch_plan import batch_targets, sync_targets_skipped
+from analysisq.worker.batch_plan import batch_targets
+from analysisq.worker.claim_targets import ClaimTargets
 from analysisq.worker.inflight import InFlight, InFlightClaim
 from analysisq.worker.leases import Leases
 from analysisq.worker.results import Refill, ResultBuffer
@@ -110,6 +114,8 @@ class Worker:
         self._clock = clock
         self._stopping = asyncio.Event()
         self.inflight = InFlight()
+        #: The targets the claims skip (batch, paused) and the rate-limited ones.
+        self.targets = ClaimTargets(run.id, self.spec, clock, 4 * settings.poll_seconds)
         #: Claims held at most: the running batch, the batch being written or prefetched.
         self.capacity = self.spec.batch_size * (2 if settings.prefetch else 1)
         self.results = ResultBuffer(self.spec.batch_size, self._refill())
@@ -232,7 +238,9 @@ class Worker:
         for record in self.inflight:
             if record.finishing or self.results.holds(record.item):
                 continue
-            await self.settler.settle(record, Release("released at shutdown"), wait_for_db=False)
+            paused = record.item.target in self.targets.paused
+            release = Release("released at shutdown", park=paused)
+            await self.settler.settle(record, release, wait_for_db=False)
 
     # -- claiming ----------------------------------------------------------------------------
 
@@ -241,19 +249,25 @@ class Worker:
             self.run.id,
             self.name,
             self.lease,
-            sync_targets_skipped(self.spec),
-            self._refill_slots,
+            self._refill_places,
             self._refill_suspects,
         )
 
-    def _refill_slots(self, batch: list[Outcome]) -> int:
-        """Claims a flush of *batch* takes: the places its written claims free."""
+    def _refill_places(self, batch: list[Outcome]) -> tuple[int, list[str]]:
+        """Claims a flush of *batch* takes (the places its written claims free) and the
+        targets it skips."""
         if not self._claiming or self._stopping.is_set() or self._budget_hold.is_set():
-            return 0
+            return 0, []
         held = sum(1 for o in batch if self.inflight.get(o.item) is not None)
         free = self.capacity - len(self.inflight) - self._claim_out
-        self._refill_out = max(0, free + held)
-        return self._refill_out
+        places, skip = self.targets.places(max(0, free + held), self._startable(self._claim_out))
+        self._refill_out = places
+        return places, skip
+
+    def _startable(self, promised: int) -> int:
+        """Claims that could start an attempt at once, besides *promised* ones on the way."""
+        waiting = len(self.inflight.waiting())
+        return self.spec.batch_size - self.inflight.running - waiting - promised
 
     def _refill_suspects(self, batch: list[Outcome]) -> int:
         """One suspect at a time, as the claim loop: none while one outside *batch* is held."""
@@ -278,8 +292,11 @@ class Worker:
             if self._budget_hold.is_set():
                 await self._wait_for_budget()
                 continue
+            await self.targets.refresh(self.pool)
             free = self.capacity - len(self.inflight) - self._refill_out
-            free = min(self.spec.batch_size, free)
+            free, skip = self.targets.places(
+                min(self.spec.batch_size, free), self._startable(self._refill_out)
+            )
             if free <= 0:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
@@ -294,7 +311,7 @@ class Worker:
                         limit=free,
                         lease_seconds=self.lease,
                         max_suspects=0 if self.inflight.holds_suspect() else 1,
-                        skip_targets=sync_targets_skipped(self.spec),
+                        skip_targets=skip,
                     )
             except DatabaseError as exc:
                 self._log(logging.WARNING, "claim failed; retrying", error=exc.message)
@@ -316,8 +333,26 @@ class Worker:
             # The rescuer took the item from us (we stalled) and we claimed it again: the old
             # claim is lost and its task must not write, nor touch the new claim.
             self.settler.abandon(stale, "lease lost; item claimed again")
+        if item.target in self.targets.paused:
+            self._park(record)  # a claim made while the pause was on its way to us
+            return
         self.inflight.queue(record)
         self._run_ready()
+
+    def _target_paused(self, target: str) -> None:
+        """The provider refused our credentials for *target*: the claims of it still waiting
+        to start go back unspent and parked (``Release(park=True)``) instead of meeting the
+        same refusal, and the claims skip it until it is resumed."""
+        self.targets.pause(target)
+        for record in self.inflight.waiting():
+            if record.item.target == target:
+                self._park(record)
+
+    def _park(self, record: InFlightClaim) -> None:
+        release = Release("released unspent: its target is paused", park=True)
+        # A task of its own, so that ``next_ready`` never starts the claim and the drain
+        # waits for its write; the heartbeat renews the lease until the release is written.
+        record.task = asyncio.create_task(self.settler.settle(record, release))
 
     def _run_ready(self) -> None:
         """Start held claims while fewer than ``batchSize`` attempts run; none once stopping
@@ -337,6 +372,8 @@ class Worker:
     def _attempt_ended(self, record: InFlightClaim) -> None:
         if self.inflight.ended(record):
             self._run_ready()
+            if self.targets.limited:
+                self._slot_freed.set()  # a claim of a limited target may start now
 
     async def _wait_for_budget(self) -> None:
         await self._sleep(self._poll_delay() * 4)
@@ -371,6 +408,9 @@ class Worker:
             try:
                 try:
                     verdict: Completion | Decision = await self.attempts.run(item)
+                    if isinstance(verdict, Pause):
+                        # Before its slot is free: no waiting claim of the target starts.
+                        self._target_paused(item.target)
                 finally:
                     self._attempt_ended(record)  # its write no longer holds a running slot
             except DatabaseError as exc:

@@ -48,9 +48,9 @@ class Refill:
     run_id: str
     worker: str
     lease_seconds: float
-    skip_targets: Sequence[str]
-    #: How many items to claim along with this batch: the slots it frees (0 = none).
-    slots: Callable[[list[Outcome]], int]
+    #: How many items to claim along with this batch (the slots it frees; 0 = none) and the
+    #: targets to skip (``worker.claim_targets``).
+    places: Callable[[list[Outcome]], tuple[int, Sequence[str]]]
     #: How many of them may be suspects (items that lost a lease before; None = any).
     max_suspects: Callable[[list[Outcome]], int | None]
 
@@ -108,7 +108,7 @@ class ResultBuffer:
         """The batch's one fenced statement, claiming the places it frees; the ids written
         and the new claims."""
         r = self.refill
-        slots = r.slots(batch) if r is not None else 0
+        slots, skip = r.places(batch) if r is not None else (0, ())
         if r is None or slots <= 0:
             return await items.complete(conn, batch), []
         done, claimed = await items.complete_and_claim(
@@ -119,7 +119,7 @@ class ResultBuffer:
             limit=slots,
             lease_seconds=r.lease_seconds,
             max_suspects=r.max_suspects(batch),
-            skip_targets=r.skip_targets,
+            skip_targets=skip,
         )
         return done, claimed
 
