@@ -86,9 +86,11 @@ class FakeServer:
                 self._proc.kill()
                 self._proc.wait()
 
-    def stats(self) -> dict[str, Any]:
-        """The provider's counters (``FakeStats`` as JSON)."""
-        r = httpx.get(f"http://127.0.0.1:{self.port}/stats", timeout=10)
+    def stats(self, *, histogram: bool = False) -> dict[str, Any]:
+        """The provider's counters (``FakeStats`` as JSON; with *histogram* also
+        ``requests_per_second``: [second, requests] pairs)."""
+        query = "?histogram=1" if histogram else ""
+        r = httpx.get(f"http://127.0.0.1:{self.port}/stats{query}", timeout=10)
         r.raise_for_status()
         data: dict[str, Any] = r.json()
         return data

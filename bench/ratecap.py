@@ -107,7 +107,7 @@ async def main(args: argparse.Namespace, reporter: Reporter) -> None:
             finally:
                 stop_processes(procs)
             wall = time.perf_counter() - started
-            stats = fake.stats()
+            stats = fake.stats(histogram=True)
         counts = await run_counts(db.url)
     ratio = wall / bound
     codes = [p.returncode for p in procs]
@@ -126,6 +126,7 @@ async def main(args: argparse.Namespace, reporter: Reporter) -> None:
         "provider_max_requests_10s": stats["max_requests_10s"],
         "provider_max_requests_1s": stats["max_requests_1s"],
         "provider_first_to_last_request_s": stats["elapsed_s"],
+        **idle_seconds(stats["requests_per_second"], args.rps),
         "prompts_completed_more_than_once": stats["prompts_completed_more_than_once"],
         "worker_exit_codes": sorted(set(codes)),
         **{f"run_{k}": v for k, v in counts.items()},
@@ -143,6 +144,10 @@ async def main(args: argparse.Namespace, reporter: Reporter) -> None:
                 ["provider: 429 sent", metrics["provider_429"]],
                 ["provider: max requests in any 10 s", stats["max_requests_10s"]],
                 ["provider: max requests in any 1 s", stats["max_requests_1s"]],
+                [
+                    "provider: seconds with no request / under half the cap",
+                    f"{metrics['provider_idle_s']} / {metrics['provider_under_half_s']}",
+                ],
                 ["prompts answered more than once", stats["prompts_completed_more_than_once"]],
                 ["items completed / failed", f"{counts['completed']} / {counts['failed']}"],
                 ["results / distinct items", f"{counts['results']} / {counts['distinct_items']}"],
@@ -164,6 +169,20 @@ async def main(args: argparse.Namespace, reporter: Reporter) -> None:
             "latency_ms": args.latency_ms,
         },
     )
+
+
+def idle_seconds(per_second: list[list[int]], rps: float) -> dict[str, int]:
+    """Seconds between the first and the last request in which the pool's schedule lay idle:
+    with no request at all, and with fewer than half the cap's (a request refused with a 429
+    counts: it used a slot, the time it cost shows in the 429s, not here)."""
+    counts = dict((int(sec), int(n)) for sec, n in per_second)
+    if not counts:
+        return {"provider_idle_s": 0, "provider_under_half_s": 0}
+    span = range(min(counts), max(counts) + 1)
+    return {
+        "provider_idle_s": sum(1 for sec in span if sec not in counts),
+        "provider_under_half_s": sum(1 for sec in span if counts.get(sec, 0) < rps / 2),
+    }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

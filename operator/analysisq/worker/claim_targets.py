@@ -22,7 +22,7 @@ import asyncpg
 
 from analysisq.db.connect import acquire
 from analysisq.errors import DatabaseError
-from analysisq.queue import runs
+from analysisq.queue import ratelimit, runs
 from analysisq.spec import AnalysisRunSpec
 from analysisq.worker.batch_plan import sync_targets_skipped
 
@@ -47,11 +47,7 @@ class ClaimTargets:
         self._sync = {t.name for t in spec.targets if t.mode != "batch"}
         #: Sync targets with a rate limit (requests or tokens): no prefetch for them.
         self.limited = frozenset(
-            t.name
-            for t in spec.targets
-            if t.name in self._sync
-            and t.rate_limit is not None
-            and (t.rate_limit.requests_per_second or t.rate_limit.tokens_per_minute)
+            t.name for t in spec.targets if t.name in self._sync and ratelimit.is_limited(t)
         )
 
     def pause(self, target: str) -> None:
@@ -72,10 +68,13 @@ class ClaimTargets:
             return 0, rest
         return free, rest
 
+    def recheck_due(self) -> bool:
+        return bool(self.paused) and self._clock() >= self._recheck_at
+
     async def refresh(self, pool: asyncpg.Pool) -> None:
         """While a target is held paused, re-read the run's paused targets now and then: a
         resumed target is claimed again (its parked items are due)."""
-        if not self.paused or self._clock() < self._recheck_at:
+        if not self.recheck_due():
             return
         self._recheck_at = self._clock() + self._recheck_seconds
         try:
