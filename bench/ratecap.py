@@ -33,6 +33,7 @@ from .common import (
     table,
 )
 from .fake_server import FakeServer
+from .waits import WaitSampler
 
 NAME = "ratecap"
 RUN_ID = "bench-ratecap"
@@ -99,11 +100,14 @@ async def main(args: argparse.Namespace, reporter: Reporter) -> None:
             started = time.perf_counter()
             procs = spawn_workers(db.url, RUN_ID, args.workers, logdir / "workers.log")
             try:
-                deadline = started + max(3 * bound, 120)
-                while any(p.poll() is None for p in procs):
-                    if time.perf_counter() > deadline:
-                        raise RuntimeError(f"workers still running after 3x the bound; {logdir}")
-                    await asyncio.sleep(0.2)
+                async with WaitSampler(db.url) as waits:
+                    deadline = started + max(3 * bound, 120)
+                    while any(p.poll() is None for p in procs):
+                        if time.perf_counter() > deadline:
+                            raise RuntimeError(
+                                f"workers still running after 3x the bound; {logdir}"
+                            )
+                        await asyncio.sleep(0.2)
             finally:
                 stop_processes(procs)
             wall = time.perf_counter() - started
@@ -127,6 +131,7 @@ async def main(args: argparse.Namespace, reporter: Reporter) -> None:
         "provider_max_requests_1s": stats["max_requests_1s"],
         "provider_first_to_last_request_s": stats["elapsed_s"],
         **idle_seconds(stats["requests_per_second"], args.rps),
+        **waits.figures(),
         "prompts_completed_more_than_once": stats["prompts_completed_more_than_once"],
         "worker_exit_codes": sorted(set(codes)),
         **{f"run_{k}": v for k, v in counts.items()},
@@ -152,6 +157,8 @@ async def main(args: argparse.Namespace, reporter: Reporter) -> None:
                 ["items completed / failed", f"{counts['completed']} / {counts['failed']}"],
                 ["results / distinct items", f"{counts['results']} / {counts['distinct_items']}"],
                 ["429 deferrals recorded on items", counts["deferrals"]],
+                ["database: active backends waiting for a lock", metrics["db_lock_waiting"]],
+                ["database: active backends by wait", metrics["db_active_by_wait"]],
                 ["worker exit codes", ", ".join(str(c) for c in sorted(set(codes)))],
             ],
         )
