@@ -372,6 +372,8 @@ class Worker:
     def _attempt_ended(self, record: InFlightClaim) -> None:
         if self.inflight.ended(record):
             self._run_ready()
+            if self.targets.limited:
+                self._slot_freed.set()  # a claim of a limited target may start now
 
     async def _wait_for_budget(self) -> None:
         await self._sleep(self._poll_delay() * 4)
