@@ -349,10 +349,19 @@ class Worker:
                 self._park(record)
 
     def _park(self, record: InFlightClaim) -> None:
-        release = Release("released unspent: its target is paused", park=True)
         # A task of its own, so that ``next_ready`` never starts the claim and the drain
         # waits for its write; the heartbeat renews the lease until the release is written.
-        record.task = asyncio.create_task(self.settler.settle(record, release))
+        record.task = asyncio.create_task(self._release_parked(record))
+
+    async def _release_parked(self, record: InFlightClaim) -> None:
+        release = Release("released unspent: its target is paused", park=True)
+        try:
+            await self.settler.settle(record, release)
+        except Exception as exc:  # a bug in analysisq: never hold the claim for ever
+            self._log(logging.ERROR, "unexpected error; item left to its lease", record.item,
+                      error=redact(repr(exc)))  # fmt: skip
+            if self.inflight.get(record.item) is record:
+                self.settler.forget(record)
 
     def _run_ready(self) -> None:
         """Start held claims while fewer than ``batchSize`` attempts run; none once stopping
