@@ -4,12 +4,17 @@ For each case the queue and prompt tables are emptied, the prompts loaded with C
 analysed, the run recorded, and then only the ``fill_run`` statement is timed (DESIGN:
 10k items < 1 s, 1M items < 60 s; issue 15: 1M < 10 s). The same statement is then run
 again on the filled run: the idempotent re-fill after a crash, which inserts nothing.
+``--before`` times the fill statement of before migration 0013 (``INSERT ... ON CONFLICT``,
+checked by the reference trigger) right after each case, ``--before-0011`` that statement on
+the schema of before 0011.
 
-``--explain`` runs ``EXPLAIN (ANALYZE, BUFFERS)`` of the largest case on a fresh run, which
-shows the time of the triggers that check the queue's references; ``--profile`` re-times
-the largest case on this scratch database with one cost removed at a time (the reference
-check, the submission foreign key, each secondary index, the ORDER BY, ON CONFLICT) and
-with the schema of before migration 0011 restored (per-row foreign keys, the full status
+``--explain`` runs ``EXPLAIN (ANALYZE, BUFFERS)`` of the statement of before 0013 for the
+largest case on a fresh run, which shows the time of the triggers that check the queue's
+references; ``--profile`` re-times
+the largest case on this scratch database: the fill of ``sql/``, the statement of before
+0013, and that statement with one cost removed at a time (the reference check, the
+submission foreign key, each secondary index, the ORDER BY, ON CONFLICT) or with the schema
+of before migration 0011 restored (per-row foreign keys, the full status
 index), which is the before/after comparison in one run; ``--reads`` shows what the narrower
 status index costs the whole-table reads (``fill_reads``). The schema in ``sql/`` is never
 changed: only the throwaway benchmark database is.
@@ -97,21 +102,42 @@ def server_cpu_s(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+#: The fill statement of before migration 0013 (the INSERT ... ON CONFLICT of 0011, checked
+#: by the statement-level reference trigger like any client's INSERT), same parameters.
+BEFORE_0013_FILL = """INSERT INTO analysis_queue (run_id, prompt_tracking_id, target)
+SELECT $1, p.id, t.target
+FROM prompts p
+CROSS JOIN unnest($2::text[]) AS t(target)
+WHERE (CASE WHEN cardinality($4::text[]) > 0 THEN p.external_id = ANY ($4::text[])
+            ELSE p.active END)
+  AND (cardinality($3::text[]) = 0 OR p.tags && $3::text[])
+ORDER BY p.id, t.target
+ON CONFLICT (run_id, prompt_tracking_id, target) DO NOTHING"""
+
+
+async def run_fill(conn: asyncpg.Connection, text: str, args: tuple[object, ...]) -> int:
+    """Run a fill statement (``fill_run``'s function call, or an INSERT): the rows added."""
+    if text.lstrip().startswith("INSERT"):
+        return int((await conn.execute(text, *args)).split()[-1])
+    return int(await conn.fetchval(text, *args))
+
+
 async def timed_fill(
-    conn: asyncpg.Connection, run_id: str, spec: AnalysisRunSpec, pid: int | None
+    conn: asyncpg.Connection, run_id: str, spec: AnalysisRunSpec, pid: int | None, text: str
 ) -> tuple[float, float, int]:
     """Seconds of the fill statement alone, its backend's CPU seconds, the rows it inserted."""
     cpu = server_cpu_s(pid)
     with stopwatch() as t:
-        status = await conn.execute(query("fill_run").text, *fill_args(run_id, spec))
-    return t[0], server_cpu_s(pid) - cpu, int(status.split()[-1])
+        inserted = await run_fill(conn, text, fill_args(run_id, spec))
+    return t[0], server_cpu_s(pid) - cpu, inserted
 
 
 async def measure(
-    conn: asyncpg.Connection, case: Case, pid: int | None, change: str = ""
+    conn: asyncpg.Connection, case: Case, pid: int | None, change: str = "", text: str = ""
 ) -> dict[str, float | int]:
-    """The fill and the re-fill of *case*; with *change* (the schema of before 0011) applied
-    in a transaction rolled back afterwards."""
+    """The fill and the re-fill of *case* by *text* (``fill_run`` when empty); with *change*
+    (the schema of before 0011) applied in a transaction rolled back afterwards."""
+    text = text or query("fill_run").text
     await prepare(conn, case)
     spec = run_spec(case.targets)
     await runs.create_run(conn, "bench-fill", spec)
@@ -120,8 +146,8 @@ async def measure(
         await tr.start()
         await conn.execute(change)
     try:
-        first_s, first_cpu, inserted = await timed_fill(conn, "bench-fill", spec, pid)
-        again_s, again_cpu, again = await timed_fill(conn, "bench-fill", spec, pid)
+        first_s, first_cpu, inserted = await timed_fill(conn, "bench-fill", spec, pid, text)
+        again_s, again_cpu, again = await timed_fill(conn, "bench-fill", spec, pid, text)
     finally:
         if change:
             await tr.rollback()
@@ -138,12 +164,15 @@ async def measure(
 
 
 async def explain(conn: asyncpg.Connection, case: Case) -> str:
-    """EXPLAIN ANALYZE of the fill for *case* on a fresh run (it does insert)."""
+    """EXPLAIN ANALYZE of the fill statement of before 0013 for *case* on a fresh run (it does
+    insert): the plan of the INSERT and the time of the triggers; the function of 0013 runs
+    the same SELECT with an anti-join against the run's (absent) rows instead of ON
+    CONFLICT."""
     await prepare(conn, case)
     spec = run_spec(case.targets)
     await runs.create_run(conn, "bench-explain", spec)
     rows = await conn.fetch(
-        "EXPLAIN (ANALYZE, BUFFERS, VERBOSE OFF) " + query("fill_run").text,
+        "EXPLAIN (ANALYZE, BUFFERS, VERBOSE OFF) " + BEFORE_0013_FILL,
         *fill_args("bench-explain", spec),
     )
     return "\n".join(r[0] for r in rows)
@@ -161,28 +190,30 @@ BEFORE_0011_INDEX = (
     " CREATE INDEX analysis_queue_status_idx ON analysis_queue (status, updated_at)"
 )
 BEFORE_0011 = f"{BEFORE_0011_FKS}; {BEFORE_0011_INDEX}"
-#: (label, SQL applied first, the fill's text: as in sql/, without ORDER BY or ON CONFLICT)
+#: (label, SQL applied first, the fill's text: as in sql/, the INSERT of before 0013, it
+#: without ORDER BY or ON CONFLICT); the variants after the first two change that INSERT
 VARIANTS = [
     ("as in sql/ (baseline)", "", "fill_run"),
+    ("the INSERT ... ON CONFLICT of before 0013", "", "insert"),
     (
         "as before 0011 (per-row FKs, full status index)",
         f"{BEFORE_0011_FKS}; {BEFORE_0011_INDEX}",
-        "fill_run",
+        "insert",
     ),
-    ("with the per-row FKs of before 0011", BEFORE_0011_FKS, "fill_run"),
-    ("with the full status index of before 0011", BEFORE_0011_INDEX, "fill_run"),
+    ("with the per-row FKs of before 0011", BEFORE_0011_FKS, "insert"),
+    ("with the full status index of before 0011", BEFORE_0011_INDEX, "insert"),
     (
         "without the reference check (no guarantee)",
         "DROP TRIGGER analysis_queue_refs_inserted ON analysis_queue",
-        "fill_run",
+        "insert",
     ),
     (
         "without FK analysis_queue_submission_id_fkey",
         "ALTER TABLE analysis_queue DROP CONSTRAINT analysis_queue_submission_id_fkey",
-        "fill_run",
+        "insert",
     ),
-    ("without analysis_queue_status_idx", "DROP INDEX analysis_queue_status_idx", "fill_run"),
-    ("without analysis_queue_claim_idx", "DROP INDEX analysis_queue_claim_idx", "fill_run"),
+    ("without analysis_queue_status_idx", "DROP INDEX analysis_queue_status_idx", "insert"),
+    ("without analysis_queue_claim_idx", "DROP INDEX analysis_queue_claim_idx", "insert"),
     ("without ORDER BY", "", "no_order"),
     ("without ON CONFLICT", "", "no_conflict"),
 ]
@@ -194,9 +225,10 @@ async def profile(
     """Time the fill with one cost removed (or the schema of before 0011 restored) at a time,
     on this scratch database only: each variant's change is made inside a transaction that is
     rolled back after the timing."""
-    text = query("fill_run").text
+    text = BEFORE_0013_FILL
     sql_by_kind = {
-        "fill_run": text,
+        "fill_run": query("fill_run").text,
+        "insert": text,
         "no_order": text.replace("ORDER BY p.id, t.target\n", ""),
         "no_conflict": text.replace(
             "ON CONFLICT (run_id, prompt_tracking_id, target) DO NOTHING", ""
@@ -214,7 +246,7 @@ async def profile(
                 await conn.execute(change)
             cpu = server_cpu_s(pid)
             with stopwatch() as t:
-                await conn.execute(sql_by_kind[kind], *fill_args("bench-profile", spec))
+                await run_fill(conn, sql_by_kind[kind], fill_args("bench-profile", spec))
             cpu = server_cpu_s(pid) - cpu
         finally:
             await tr.rollback()
@@ -230,16 +262,20 @@ async def main(args: argparse.Namespace, reporter: Reporter) -> None:
         else (QUICK_CASES if args.quick else DEFAULT_CASES)
     )
     async with bench_database(NAME) as db:
-        reporter.header("fill: one INSERT ... SELECT ... ON CONFLICT DO NOTHING", db)
+        reporter.header("fill: the fill_run statement (analysisq_fill_run, migration 0013)", db)
         conn = await asyncpg.connect(db.url)
         try:
             pid = await conn.fetchval("SELECT pg_backend_pid()") if db.embedded else None
-            schemas = [("sql/", "")] + ([("before 0011", BEFORE_0011)] if args.before else [])
+            schemas = [("sql/", "", "")]
+            if args.before:
+                schemas += [("before 0013", "", BEFORE_0013_FILL)]
+            if args.before_0011:
+                schemas += [("before 0011", BEFORE_0011, BEFORE_0013_FILL)]
             rows = []
             for case in cases:
                 target = TARGETS_MS.get(case.items)
-                for schema, change in schemas:
-                    m = await measure(conn, case, pid, change)
+                for schema, change, text in schemas:
+                    m = await measure(conn, case, pid, change, text)
                     verdict = (
                         "-"
                         if target is None
@@ -260,7 +296,7 @@ async def main(args: argparse.Namespace, reporter: Reporter) -> None:
                     )
                     reporter.record(
                         NAME,
-                        case.label if not change else f"{case.label}, {schema}",
+                        case.label if not text else f"{case.label}, {schema}",
                         dict(m),
                         params=vars(case)
                         | {"target_s": target / 1000 if target else None, "schema": schema},
@@ -278,7 +314,7 @@ async def main(args: argparse.Namespace, reporter: Reporter) -> None:
                 await prepare(conn, big)
                 spec = run_spec(big.targets)
                 await runs.create_run(conn, "bench-reads", spec)
-                await conn.execute(query("fill_run").text, *fill_args("bench-reads", spec))
+                await run_fill(conn, query("fill_run").text, fill_args("bench-reads", spec))
                 states = await fill_reads.spread_states(conn, "bench-reads")
                 print(f"\nWhole-table reads of the queue, {big.label} ({states}):")
                 reads = await fill_reads.compare(conn)
@@ -327,8 +363,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--before",
         action="store_true",
-        help="time each case also with the schema of before migration 0011 (per-row foreign "
-        "keys, the full status index), right after the current one",
+        help="time each case also with the fill statement of before migration 0013 (INSERT ... "
+        "ON CONFLICT, its rows checked by the reference trigger), right after the current one",
+    )
+    p.add_argument(
+        "--before-0011",
+        action="store_true",
+        help="time each case also with that statement on the schema of before migration 0011 "
+        "(per-row foreign keys, the full status index)",
     )
     p.add_argument("--explain", action="store_true", help="EXPLAIN ANALYZE the largest case")
     p.add_argument(

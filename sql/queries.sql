@@ -88,19 +88,13 @@ WITH open_batches AS (
 SELECT n FROM open_batches;
 
 -- name: fill_run
--- The one idempotent fill: every selected prompt x every target of the run. ON CONFLICT makes
--- a second run, or a run after a crash half-way, add exactly what is missing.
+-- The one idempotent fill: every selected prompt x every target of the run; a second run, or
+-- a run after a crash half-way, adds exactly what is missing. Returns how many rows it added.
 -- Selection: explicit ids (active or not) when given; else every active prompt; tags, when
--- given, keep the prompts having at least one of them.
-INSERT INTO analysis_queue (run_id, prompt_tracking_id, target)
-SELECT :run_id, p.id, t.target
-FROM prompts p
-CROSS JOIN unnest(:targets::text[]) AS t(target)
-WHERE (CASE WHEN cardinality(:ids::text[]) > 0 THEN p.external_id = ANY (:ids::text[])
-            ELSE p.active END)
-  AND (cardinality(:tags::text[]) = 0 OR p.tags && :tags::text[])
-ORDER BY p.id, t.target
-ON CONFLICT (run_id, prompt_tracking_id, target) DO NOTHING;
+-- given, keep the prompts having at least one of them. analysisq_fill_run (migration 0013)
+-- inserts without ON CONFLICT unless a concurrent fill got there first, and its rows skip the
+-- per-row reference check (they come from prompts under the prompts' lock).
+SELECT analysisq_fill_run(:run_id, :targets::text[], :tags::text[], :ids::text[]);
 
 -- name: mark_filled
 UPDATE analysis_runs SET filled_at = coalesce(filled_at, now()) WHERE id = :run_id;

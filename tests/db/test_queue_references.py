@@ -226,7 +226,14 @@ async def test_the_migration_keeps_existing_rows_and_guards_them(db: asyncpg.Con
     for m in known_migrations():
         if m.version < 11:
             await db.execute(m.sql)
-    ids = await _filled(db, 50)
+    # filled as the fill of that schema did (the fill function came with 0013)
+    await add_prompts(db, 50)
+    await runs.create_run(db, "r", spec(targets=TWO_TARGETS))
+    await db.execute(
+        "INSERT INTO analysis_queue (run_id, prompt_tracking_id, target)"
+        " SELECT 'r', p.id, t FROM prompts p, unnest('{a,b}'::text[]) t"
+    )
+    ids = [r["id"] for r in await db.fetch("SELECT id FROM prompts ORDER BY id")]
     await db.execute(
         "UPDATE analysis_queue SET status = 'failed', error_class = 'permanent',"
         " error_message = 'no', next_attempt_at = NULL WHERE prompt_tracking_id = $1",

@@ -116,7 +116,7 @@ async def fill(conn: asyncpg.Connection, run_id: str, spec: AnalysisRunSpec) -> 
     """Enqueue the selected prompts x targets; safe to repeat after any crash."""
     sel = spec.prompts
     with translated(f"filling run {run_id}"):
-        status = await sql.execute(
+        inserted = await sql.fetchval(
             conn,
             "fill_run",
             run_id=run_id,
@@ -130,7 +130,7 @@ async def fill(conn: asyncpg.Connection, run_id: str, spec: AnalysisRunSpec) -> 
             if sel.ids
             else []
         )
-    return FillResult(inserted=int(status.split()[-1]), missing_ids=missing)
+    return FillResult(inserted=int(inserted), missing_ids=missing)
 
 
 async def get_run(conn: asyncpg.Connection, run_id: str) -> Run:
