@@ -191,10 +191,16 @@ BEFORE_0011_INDEX = (
 )
 BEFORE_0011 = f"{BEFORE_0011_FKS}; {BEFORE_0011_INDEX}"
 #: (label, SQL applied first, the fill's text: as in sql/, the INSERT of before 0013, it
-#: without ORDER BY or ON CONFLICT); the variants after the first two change that INSERT
+#: without ORDER BY or ON CONFLICT); the variants after the first four change that INSERT
 VARIANTS = [
     ("as in sql/ (baseline)", "", "fill_run"),
     ("the INSERT ... ON CONFLICT of before 0013", "", "insert"),
+    (
+        "0013 without FK analysis_queue_submission_id_fkey",
+        "ALTER TABLE analysis_queue DROP CONSTRAINT analysis_queue_submission_id_fkey",
+        "fill_run",
+    ),
+    ("0013 without analysis_queue_claim_idx", "DROP INDEX analysis_queue_claim_idx", "fill_run"),
     (
         "as before 0011 (per-row FKs, full status index)",
         f"{BEFORE_0011_FKS}; {BEFORE_0011_INDEX}",
@@ -251,7 +257,7 @@ async def profile(
         finally:
             await tr.rollback()
         out.append((label, t[0], cpu))
-        print(f"  {label}: {t[0]:.2f} s", flush=True)
+        print(f"  {label}: {t[0]:.2f} s, backend CPU {cpu:.2f} s", flush=True)
     return out
 
 
