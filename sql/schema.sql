@@ -347,9 +347,9 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT 2.0::double precision $$;
 -- p_lease_seconds, of which at most p_max_suspects (NULL = any number) lost a lease before,
 -- skipping the targets p_skip_targets (those in mode batch). The run's maxAttempts is read
 -- here, from the database, so a lowered maximum applies at once to every worker, old or new.
--- Rows with written = true are the completed ids; the others are the new claims. The UPDATEs
--- of analysis_queue touch disjoint rows: `done` only items processing under the writer's
--- token, the claim's only waiting ones.
+-- Rows with written = true are the completed ids; the others are the new claims. One UPDATE
+-- of analysis_queue writes both (migration 0012), on disjoint rows: the answers only items
+-- processing under the writer's token, the claims only waiting ones.
 -- A PL/pgSQL function with its generic plan forced, not a statement sent each time: the
 -- server plans it once per connection and keeps the plan, also behind a pooler in transaction
 -- mode, where no prepared statement survives and a statement sent as such was parsed and
@@ -389,33 +389,6 @@ BEGIN
         SELECT * FROM unnest(p_ids, p_tokens, p_models, p_response_texts, p_parsed,
                              p_tokens_in, p_tokens_out, p_latency_ms)
             AS i(id, token, model, response_text, parsed, tokens_in, tokens_out, latency_ms)
-    ), done AS (
-        UPDATE analysis_queue q SET
-            status = 'completed', completed_at = now(), updated_at = now(),
-            error_class = NULL, error_message = NULL,
-            lease_owner = NULL, lease_expires_at = NULL, claim_token = NULL, submission_id = NULL
-        FROM input i
-        -- By key, and the token is the fence: a claim token exists exactly while the item
-        -- is processing (CHECK processing_has_lease), so no status condition is needed, and
-        -- none is written: with one the generic plan read every processing item by the
-        -- status index when the statistics had seen few (a batch reading what all workers
-        -- hold).
-        WHERE q.id = ANY (p_ids) AND q.id = i.id AND q.claim_token = i.token
-        RETURNING q.id, q.run_id, q.prompt_tracking_id, q.target, q.attempts
-    ), healthy AS (
-        -- an answer: the target works, so a streak of target faults (the breaker) is broken
-        UPDATE run_targets t SET fault = NULL, fault_streak = 0, fault_items = '{}'
-        FROM (SELECT DISTINCT run_id, target FROM done) d
-        WHERE t.run_id = d.run_id AND t.target = d.target AND t.fault IS NOT NULL
-          AND t.paused_at IS NULL
-    ), saved AS (
-        INSERT INTO analysis_results (queue_id, run_id, prompt_tracking_id, target, model,
-                                      response_text, parsed, tokens_in, tokens_out, latency_ms,
-                                      attempt, via_batch)
-        SELECT d.id, d.run_id, d.prompt_tracking_id, d.target, i.model, i.response_text,
-               i.parsed::jsonb, i.tokens_in, i.tokens_out, i.latency_ms, d.attempts, p_via_batch
-        FROM done d JOIN input i ON i.id = d.id
-        RETURNING queue_id
     ), rooms AS (
         -- How many items of each target to serve this claim may hand out, from the state of
         -- its rate pool. Targets in mode batch are claimed by batch_claim only. A pool a
@@ -534,25 +507,60 @@ BEGIN
         -- Waiting items with no attempt left end here, failed for good (fail_exhausted,
         -- shared with batch_claim; free when there is none)
         SELECT fail_exhausted(ARRAY(SELECT c.id FROM candidates c WHERE c.exhausted)) AS failed
-    ), claimed AS (
+    ), changed AS (
+        -- Both halves' writes of the queue in one UPDATE (migration 0012): the answered items
+        -- (`done`: completed, fenced by their claim token) and the items claimed (`done` false:
+        -- processing, a new lease and token). One ModifyTable node, not two: the server sets
+        -- up a table's update (its result relation, its seven indexes, its ten CHECK
+        -- constraints, compiled from their stored text) once per execution of each node, and
+        -- that was a tenth of its CPU per batch (docs/benchmarks.md, "the database's CPU per
+        -- item"). The two sets are disjoint: `done` rows are processing under the writer's
+        -- token, the claims waiting ones.
         UPDATE analysis_queue q SET
-            status = 'processing',
-            attempts = q.attempts + 1,
-            lease_owner = p_worker,
-            lease_expires_at = now() + make_interval(secs => p_lease_seconds),
+            status = CASE WHEN w.done THEN 'completed' ELSE 'processing' END,
+            completed_at = CASE WHEN w.done THEN now() END,
+            updated_at = now(),
+            error_class = CASE WHEN w.done THEN NULL ELSE q.error_class END,
+            error_message = CASE WHEN w.done THEN NULL ELSE q.error_message END,
+            attempts = q.attempts + CASE WHEN w.done THEN 0 ELSE 1 END,
+            lease_owner = CASE WHEN w.done THEN NULL ELSE p_worker END,
+            lease_expires_at = CASE WHEN w.done THEN NULL
+                                    ELSE now() + make_interval(secs => p_lease_seconds) END,
             -- the fence: every later write for this claim must present this token
-            claim_token = gen_random_uuid(),
+            claim_token = CASE WHEN w.done THEN NULL ELSE gen_random_uuid() END,
+            -- NULL for both: a processing item has none, nor has a waiting one (CHECKs)
             next_attempt_at = NULL,
-            updated_at = now()
-        FROM prompts p, analysis_runs r
-        -- an id array, not a join with `candidates`, for the same reason as there
-        WHERE q.id = ANY (ARRAY(SELECT c.id FROM candidates c WHERE c.take))
-          AND p.id = q.prompt_tracking_id AND r.id = q.run_id
+            submission_id = NULL
+        FROM (SELECT i.id, i.token, true AS done FROM input i
+              UNION ALL
+              SELECT c.id, NULL::uuid, false FROM candidates c WHERE c.take) w
+        -- By key, and for an answer the token is the fence: a claim token exists exactly
+        -- while the item is processing (CHECK processing_has_lease), so no status condition
+        -- is needed, and none is written: with one the generic plan read every processing
+        -- item by the status index when the statistics had seen few (a batch reading what all
+        -- workers hold). The claims by an id array, not a join with `candidates` (see there).
+        WHERE q.id = ANY (p_ids || ARRAY(SELECT c.id FROM candidates c WHERE c.take))
+          AND q.id = w.id AND (NOT w.done OR q.claim_token = w.token)
           -- a condition on no row: evaluated once, before the scan, so `exhausted` runs even
           -- when nothing is left to claim (a SELECT in WITH runs only where it is read)
           AND (SELECT failed FROM exhausted) IS NOT NULL
-        RETURNING q.id, q.claim_token, q.run_id, q.prompt_tracking_id, q.target, q.attempts,
-                  q.deferrals, q.lease_losses, r.max_attempts, p.external_id, p.text
+        RETURNING w.done, q.id, q.claim_token, q.run_id, q.prompt_tracking_id, q.target,
+                  q.attempts, q.deferrals, q.lease_losses
+    ), healthy AS (
+        -- an answer: the target works, so a streak of target faults (the breaker) is broken
+        UPDATE run_targets t SET fault = NULL, fault_streak = 0, fault_items = '{}'
+        FROM (SELECT DISTINCT run_id, target FROM changed WHERE done) d
+        WHERE t.run_id = d.run_id AND t.target = d.target AND t.fault IS NOT NULL
+          AND t.paused_at IS NULL
+    ), saved AS (
+        INSERT INTO analysis_results (queue_id, run_id, prompt_tracking_id, target, model,
+                                      response_text, parsed, tokens_in, tokens_out, latency_ms,
+                                      attempt, via_batch)
+        SELECT d.id, d.run_id, d.prompt_tracking_id, d.target, i.model, i.response_text,
+               i.parsed::jsonb, i.tokens_in, i.tokens_out, i.latency_ms, d.attempts, p_via_batch
+        FROM changed d JOIN input i ON i.id = d.id
+        WHERE d.done
+        RETURNING queue_id
     ), promised AS (
         -- the slots of the items claimed for pools limited by requestsPerSecond, promised
         -- after those reserved and promised before (see `rooms`); their attempts reserve them
@@ -560,8 +568,8 @@ BEGIN
             claim_tat = greatest(rp.rate_tat, rp.claim_tat, now())
                         + make_interval(secs => n.items / rp.requests_per_second)
         FROM (SELECT r.pool, count(*) AS items
-              FROM claimed c JOIN rooms r ON r.target = c.target
-              WHERE r.rps IS NOT NULL
+              FROM changed c JOIN rooms r ON r.target = c.target
+              WHERE r.rps IS NOT NULL AND NOT c.done
               GROUP BY r.pool) n
         WHERE rp.name = n.pool
     )
@@ -573,8 +581,10 @@ BEGIN
     UNION ALL
     -- the claims in the order they are served: suspects, then fresh items in queue order
     (SELECT false, c.id, c.claim_token, c.run_id, c.prompt_tracking_id, c.target, c.attempts,
-            c.deferrals, c.lease_losses, c.max_attempts, c.external_id, c.text
-     FROM claimed c JOIN candidates k ON k.id = c.id ORDER BY k.n, k.retry, k.due);
+            c.deferrals, c.lease_losses, r.max_attempts, p.external_id, p.text
+     FROM changed c JOIN candidates k ON k.id = c.id
+          JOIN prompts p ON p.id = c.prompt_tracking_id JOIN analysis_runs r ON r.id = c.run_id
+     WHERE NOT c.done ORDER BY k.n, k.retry, k.due);
 END
 $$;
 

@@ -184,7 +184,7 @@ async def test_the_server_keeps_the_plan_without_prepared_statements(
         kept = await conn.fetchval(
             "SELECT count(*) FROM pg_backend_memory_contexts"
             " WHERE name = 'CachedPlan' AND ident LIKE $1",
-            "%UPDATE analysis_queue q SET%status = 'completed'%",
+            "%WITH input AS (%unnest(p_ids, p_tokens%",
         )
     finally:
         await conn.close()
