@@ -30,6 +30,7 @@ BENCHMARKS = (
     "batch",
     "dashboard",
     "params",
+    "dbcpu",
 )
 
 
