@@ -1016,3 +1016,22 @@ ORDER BY page.id;
 UPDATE batch_submissions SET item_count = :item_count, updated_at = now()
 WHERE id = :submission_id AND lease_owner = :worker AND state = 'intent'
 RETURNING id;
+
+-- ---------------------------------------------------------------------------------------
+-- Batch submit throughput: what did not fit a batch goes back in one statement
+-- (analysisq.worker.batch_send)
+-- ---------------------------------------------------------------------------------------
+
+-- name: batch_spill
+-- Items :ids of a submission, under claims :tokens (in the same order), that did not fit its
+-- batch go back to pending unspent (not an attempt), in one statement whatever their number:
+-- `release` for each of them, fenced the same way (the claim, still processing). Returns the
+-- ids released.
+UPDATE analysis_queue q SET
+    status = 'pending', attempts = greatest(q.attempts - 1, 0),
+    next_attempt_at = now(),
+    lease_owner = NULL, lease_expires_at = NULL, claim_token = NULL, submission_id = NULL,
+    updated_at = now()
+FROM unnest(:ids::bigint[], :tokens::uuid[]) AS s(id, token)
+WHERE q.id = s.id AND q.claim_token = s.token AND q.status = 'processing'
+RETURNING q.id;

@@ -193,6 +193,9 @@ class BatchHttp:
 #: A batch's input is spooled to disk past this size, then streamed from there: a 200 MB
 #: file (OpenAI) or a 256 MB body (Anthropic) is never held whole in memory.
 SPOOL_BYTES = 8 * 2**20
+#: Entries are written to the spool this many bytes at a time: one call (and, on disk, one
+#: system call) for many entries, not one for each.
+WRITE_BYTES = 256 * 2**10
 
 
 class BatchInput:
@@ -218,6 +221,9 @@ class BatchInput:
         self._spool.write(head)
         #: Where each entry ends (the first: where the head ends), 8 bytes an entry.
         self._ends = array("q", [len(head)])
+        #: Entries not yet in the spool, fewer than ``WRITE_BYTES`` bytes of them.
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
 
     def __enter__(self) -> BatchInput:
         return self
@@ -237,11 +243,20 @@ class BatchInput:
 
     def write(self, data: bytes) -> None:
         """Append one entry's bytes (``encode``)."""
-        self._spool.write(data)
+        self._pending.append(data)
+        self._pending_bytes += len(data)
         self._ends.append(self._ends[-1] + len(data))
+        if self._pending_bytes >= WRITE_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._spool.write(b"".join(self._pending))
+        self._pending.clear()
+        self._pending_bytes = 0
 
     def cut(self, n: int) -> None:
         """Keep the first *n* entries only."""
+        self._flush()
         if n < self.count:
             del self._ends[n + 1 :]
             self._spool.truncate(self._ends[-1])
@@ -249,6 +264,7 @@ class BatchInput:
 
     def finish(self) -> tuple[IO[bytes], int]:
         """The whole input, positioned at its start, and its size in bytes."""
+        self._flush()
         end = self._ends[-1] - (self._drop_last if self.count else 0)
         self._spool.truncate(end)
         self._spool.seek(end)

@@ -226,6 +226,23 @@ async def prompt_page(
     return [(r["id"], r["text"]) for r in rows]
 
 
+async def spill(
+    conn: asyncpg.Connection, submission_id: int, spilled: Sequence[ClaimedItem]
+) -> int:
+    """Put *spilled* (claimed, not sent: they did not fit the batch) back unspent, in one
+    statement; how many were still held (fenced by each item's claim, as ``items.release``)."""
+    if not spilled:
+        return 0
+    with translated(f"releasing the items that did not fit batch submission {submission_id}"):
+        rows = await sql.fetch(
+            conn,
+            "batch_spill",
+            ids=[i.id for i in spilled],
+            tokens=[i.token for i in spilled],
+        )
+    return len(rows)
+
+
 @dataclass(frozen=True)
 class Finished:
     """A submission ``finish`` ended: items put back, and its budget reservation to release."""

@@ -6,9 +6,10 @@ commit, ``queue.batches.claim``: ids and claims, not prompts) and ``send`` fits 
 its own), reserves its budget and POSTs it; the driver also calls ``send`` for an intent
 whose sender died before its POST. The prompts are read a page at a time
 (``batches.prompt_page``: one statement each, no cursor, so it works behind PgBouncer in
-transaction mode) and each request is written to the batch's spooled input as it is
-built, so the sender's memory does not grow with the batch: a 200 MB input holds one page
-of prompts and the claims (about 8 bytes an entry more for the spool's offsets). Right
+transaction mode), the next page read while one is encoded, and each request is written to
+the batch's spooled input as it is built, so the sender's memory does not grow with the
+batch: a 200 MB input holds two pages of prompts and the claims (about 8 bytes an entry more
+for the spool's offsets). What did not fit goes back in one statement (``batches.spill``). Right
 before the POST the submission records how many requests it sends (``batches.sending``,
 fenced: one no longer ours is not sent), which is how a reconciliation after a crash finds
 an Anthropic batch that was split or cut for the budget.
@@ -20,6 +21,8 @@ sends every item through the retry policy.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -43,10 +46,14 @@ from analysisq.worker.batch_results import fail_all
 log = logging.getLogger("analysisq.worker.batch")
 
 #: Prompts read per page while a batch's input is written: at most this many items, and
-#: prompts of about this many bytes (at least one prompt), so the sender holds one page of
-#: prompts whatever the batch's size (a claim of 50,000 holds none: ``batches.claim``).
+#: prompts of about this many bytes (at least one prompt), so the sender holds two pages of
+#: prompts (one encoded, the next read) whatever the batch's size (a claim of 50,000 holds
+#: none: ``batches.claim``).
 PAGE_ITEMS = 1000
 PAGE_BYTES = 2 * 2**20
+#: Requests added between two turns of the event loop while a page is added: the next
+#: page's rows are received (and the leases renewed) while this one is encoded.
+YIELD_ITEMS = 50
 
 #: Back-pressure after a refusal that named no delay.
 BACK_PRESSURE_SECONDS = 60.0
@@ -112,33 +119,53 @@ class BatchSender:
             await self._post(sub_id, target, client, plan)
 
     async def _fit(self, sub_id: int, plan: Plan, claimed: list[ClaimedItem]) -> None:
-        """Add *claimed* to *plan* in id order, their prompts read a page at a time: the
-        sender holds one page of prompts, never the batch's (see ``PAGE_BYTES``)."""
+        """Add *claimed* to *plan* in id order, their prompts read a page at a time, the next
+        page read while one is added: the sender holds two pages of prompts at most, never
+        the batch's (see ``PAGE_BYTES``), and the database's work and the encoding overlap."""
         ordered = sorted(claimed, key=lambda item: item.id)
-        at = 0
-        while at < len(ordered):
-            page = ordered[at : at + PAGE_ITEMS]
-            async with acquire(self.pool) as conn:
-                texts = dict(
-                    await batches.prompt_page(
-                        conn, sub_id, [i.id for i in page], max_bytes=PAGE_BYTES
-                    )
-                )
-            for item in page:
-                if item.id in texts and texts[item.id] is None:
-                    break  # past the page's bytes: the next page starts here
-                at += 1
-                text = texts.pop(item.id, None)
-                if text is not None:  # else no longer waiting in the submission: not ours
+        reading = asyncio.create_task(self._page(sub_id, ordered, 0)) if ordered else None
+        try:
+            while reading is not None:
+                page, end = await reading
+                reading = None
+                if end < len(ordered):
+                    reading = asyncio.create_task(self._page(sub_id, ordered, end))
+                for n, (item, text) in enumerate(page, 1):
                     plan.add(item, text)
-            del texts
+                    if n % YIELD_ITEMS == 0:
+                        await asyncio.sleep(0)  # the next page's rows come in meanwhile
+                del page
+        finally:
+            if reading is not None:
+                reading.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reading
+
+    async def _page(
+        self, sub_id: int, ordered: list[ClaimedItem], start: int
+    ) -> tuple[list[tuple[ClaimedItem, str]], int]:
+        """The page of *ordered* from *start*: its items still waiting in the submission with
+        their prompts, and where the next page starts (past ``PAGE_BYTES`` of prompts, or
+        ``PAGE_ITEMS`` items; never at *start*: the first item of a page has its prompt)."""
+        ids = [i.id for i in ordered[start : start + PAGE_ITEMS]]
+        async with acquire(self.pool) as conn:
+            texts = dict(await batches.prompt_page(conn, sub_id, ids, max_bytes=PAGE_BYTES))
+        page: list[tuple[ClaimedItem, str]] = []
+        end = start
+        for item in ordered[start : start + len(ids)]:
+            if item.id in texts and texts[item.id] is None:
+                break  # past the page's bytes: the next page starts here
+            end += 1
+            text = texts.pop(item.id, None)
+            if text is not None:  # else no longer waiting in the submission: not ours
+                page.append((item, text))
+        return page, end
 
     async def _post(self, sub_id: int, target: Target, client: BatchClient, plan: Plan) -> None:
         async with acquire(self.pool) as conn:
             for item, refusal in plan.refused:
                 await items.fail(conn, item, refusal.error_class, refusal.message, None)
-            for item in plan.spill:
-                await items.release(conn, item)
+            await batches.spill(conn, sub_id, plan.spill)
         if not plan.sent:
             await self.leases.finish(sub_id, target.name, "nothing to send")
             return
