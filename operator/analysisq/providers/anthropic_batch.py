@@ -31,6 +31,7 @@ from analysisq.providers.batch import (
     file_chunks,
     request_counts,
 )
+from analysisq.providers.batch_json import request_json
 from analysisq.providers.client import Reply, dig, stream_lines
 from analysisq.providers.http_errors import error_for_response
 
@@ -69,7 +70,8 @@ class AnthropicBatchClient(BatchHttp):
 
     def encoded(self, entry: BatchEntry) -> bytes:
         """*entry* as it stands in the body."""
-        return json.dumps(self.request(entry), ensure_ascii=False, separators=(",", ":")).encode()
+        record = self.request(entry)
+        return request_json(record, record["params"], entry.prompt, separators=(",", ":"))
 
     def entry_bytes(self, entry: BatchEntry) -> bytes:
         """What *entry* adds to the body: its request and a comma."""

@@ -28,6 +28,7 @@ from analysisq.providers.batch import (
     MalformedBatch,
     request_counts,
 )
+from analysisq.providers.batch_json import request_json
 from analysisq.providers.client import Reply, dig, stream_lines
 from analysisq.providers.http_errors import error_for_response
 from analysisq.providers.openai import OpenAIProvider
@@ -60,7 +61,7 @@ class OpenAIBatchClient(BatchHttp):
     def line(self, entry: BatchEntry) -> bytes:
         body = self.provider.payload(entry.prompt)
         record = {"custom_id": entry.custom_id, "method": "POST", "url": ENDPOINT, "body": body}
-        return json.dumps(record, ensure_ascii=False).encode() + b"\n"
+        return request_json(record, body, entry.prompt) + b"\n"
 
     def spool(self) -> BatchInput:
         return BatchInput(self.line)
