@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Completion:
     """One answer from a provider, as the results table stores it."""
 
@@ -31,3 +31,7 @@ class Completion:
     #: The provider's headers said its rate limit is exhausted for this long: the target's
     #: rate pool waits it out (``analysisq.queue.quota.settle``).
     limit_reset_s: float | None = None
+    #: The JSON text ``parsed`` was decoded from, when the provider has it: the results
+    #: table stores it as it is (after the same repair, ``db.text.db_json``) instead of
+    #: encoding ``parsed`` again. None: ``parsed`` is encoded.
+    parsed_json: str | None = None

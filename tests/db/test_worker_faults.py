@@ -18,6 +18,7 @@ from analysisq.completion import Completion
 from analysisq.errors import PermanentError
 from analysisq.fake_provider.config import FakeConfig
 from analysisq.fake_provider.server import FakeProvider
+from analysisq.providers.base import parse_json_answer
 from analysisq.queue import rescue, runs
 from analysisq.queue.runs import Run
 from analysisq.settings import Settings
@@ -241,6 +242,39 @@ async def test_an_answer_keeps_what_can_be_stored(pool: asyncpg.Pool) -> None:
     }  # fmt: skip
     assert (first["tokens_in"], first["tokens_out"], first["attempt"]) == (None, 7, 1)
     assert (second["parsed"], second["tokens_in"], second["tokens_out"]) == (None, None, 3)
+
+
+async def test_an_answer_parsed_from_its_text_is_stored_from_it_repaired(
+    pool: asyncpg.Pool,
+) -> None:
+    """A provider's answer carries the JSON text it was parsed from (``parsed_json``), which
+    is stored as it is; text jsonb would refuse (a NUL escape, a lone surrogate escape, NaN)
+    is stored repaired from the parsed value instead, at the first attempt."""
+    s = spec()
+    async with pool.acquire() as db:
+        await add_prompts(db, 3, text="prompt {i}")
+        await new_run(db, s=s)
+    texts = {
+        "0": '```json\n{"nul": "a\\u0000b", "cut": "\\ud83d", "ok": "\u00e9"}\n```',
+        "1": '{"a": [1, 2.50, "\U0001f600"], "b": {"c": null}}',
+        "2": '{"x": NaN}',
+    }
+
+    def answer(prompt: str) -> Completion:
+        text = texts[prompt[-1]]
+        parsed, parsed_json = parse_json_answer(text)
+        return Completion(text, parsed, 1, 1, "m", 1.0, parsed_json=parsed_json)
+
+    await drain_with(pool, Scripted(s.targets[0], answer))
+    async with pool.acquire() as db:
+        rows = await db.fetch(
+            "SELECT r.parsed, r.attempt FROM analysis_results r"
+            " JOIN prompts p ON p.id = r.prompt_tracking_id ORDER BY p.external_id"
+        )
+    assert [r["attempt"] for r in rows] == [1, 1, 1]
+    assert json.loads(rows[0]["parsed"]) == {"nul": "a\ufffdb", "cut": "\ufffd", "ok": "é"}
+    assert json.loads(rows[1]["parsed"]) == {"a": [1, 2.50, "😀"], "b": {"c": None}}
+    assert rows[2]["parsed"] is None
 
 
 async def test_lowering_max_attempts_strands_no_pending_item(pool: asyncpg.Pool) -> None:

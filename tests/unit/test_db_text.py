@@ -37,6 +37,22 @@ def test_json_repairs_each_unstorable_kind_alone() -> None:
     assert db_json({"lit": "\\u0000", 1: (2, "é")}) == '{"lit": "\\\\u0000", "1": [2, "é"]}'
 
 
+def test_json_text_is_stored_as_sent_unless_jsonb_could_refuse_it() -> None:
+    # the text an answer was parsed from is stored as it is: no second encoding per item
+    sent = '{"a":[1,"é 😀"],"b":null}'
+    assert db_json(json.loads(sent), sent) is sent
+    # anything jsonb may refuse goes the way of a value without text, one kind at a time
+    assert db_json({"nul": "a\x00"}, '{"nul":"a\\u0000"}') == '{"nul": "a\ufffd"}'
+    assert db_json(["\ud83d"], '["\\ud83d"]') == '["\ufffd"]'
+    assert db_json(["\ud83d"], '["\ud83d"]') == '["\ufffd"]'
+    assert db_json({"k\x00": 1}, '{"k\x00":1}') == '{"k\ufffd": 1}'
+    assert db_json({"x": float("nan")}, '{"x":NaN}') is None
+    assert db_json([float("-inf")], "[-Infinity]") is None
+    # a harmless escape is re-encoded too (the check is by substring), and stays equal
+    assert json.loads(db_json({"a": "A"}, '{"a":"\\u0041"}') or "") == {"a": "A"}
+    assert db_json(None, "null") is None
+
+
 def test_counts_outside_an_integer_column_are_null() -> None:
     assert [db_int(v) for v in (0, 7, MAX_INT4)] == [0, 7, MAX_INT4]
     assert [db_int(v) for v in (None, -1, MAX_INT4 + 1, True)] == [None] * 4

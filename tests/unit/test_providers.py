@@ -40,7 +40,7 @@ from analysisq.providers import (
     resolve_api_key,
 )
 from analysisq.providers.anthropic import AnthropicProvider
-from analysisq.providers.base import parse_json_text
+from analysisq.providers.base import parse_json_answer
 from analysisq.providers.echo import EchoProvider
 from analysisq.providers.http import HttpProvider
 from analysisq.providers.http_errors import MAX_RETRY_AFTER_S, error_for_response, retry_delay
@@ -169,7 +169,9 @@ async def test_openai_request_shape_and_params(client: httpx.AsyncClient) -> Non
         "model": "m-1",
         "messages": [{"role": "user", "content": "hi"}],
     }
-    assert result == Completion('{"a": 1}', {"a": 1}, 11, 3, "m-1-2024", result.latency_ms)
+    assert result == Completion(
+        '{"a": 1}', {"a": 1}, 11, 3, "m-1-2024", result.latency_ms, parsed_json='{"a": 1}'
+    )
 
 
 async def test_openai_compatible_server_without_key(client: httpx.AsyncClient) -> None:
@@ -253,15 +255,20 @@ async def test_echo_is_deterministic_and_offline() -> None:
     assert a.parsed == json.loads(a.text)
     assert a.parsed["sha256"] == "0967115f2813a3541eaef77de9d9d5773f1c0c04314b0bbfe4ff3b3b1c55b5d5"
     assert a.parsed["chars"] == 4 and a.tokens_in == 1 and a.model == "m-1"
+    # the documented answer, compact and in order; it is also the JSON text stored as parsed
+    assert a.text == json.dumps(a.parsed, separators=(",", ":")) and a.parsed_json is a.text
+    odd = await EchoProvider(target("echo", model='m "1" é\\')).complete("x")
+    assert json.loads(odd.text) == odd.parsed and odd.parsed["model"] == 'm "1" é\\'
     assert timed.latency_ms >= 30
 
 
-def test_parse_json_text() -> None:
-    assert parse_json_text('```json\n{"a": [1]}\n```') == {"a": [1]}
-    assert parse_json_text(" [1, 2] ") == [1, 2]
-    assert parse_json_text("42") is None
-    assert parse_json_text("{not json") is None
-    assert parse_json_text("plain words") is None
+def test_parse_json_answer() -> None:
+    # the decoded JSON and the text it was decoded from, which the results table stores
+    assert parse_json_answer('```json\n{"a": [1]}\n```') == ({"a": [1]}, '{"a": [1]}')
+    assert parse_json_answer(" [1, 2] ") == ([1, 2], "[1, 2]")
+    assert parse_json_answer("42") == (None, None)
+    assert parse_json_answer("{not json") == (None, None)
+    assert parse_json_answer("plain words") == (None, None)
 
 
 # --- error mapping --------------------------------------------------------------------------

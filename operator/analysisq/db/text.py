@@ -28,21 +28,36 @@ def db_text(value: str, limit: int | None = None) -> str:
     return clean
 
 
-def db_json(value: Any) -> str | None:
+def db_json(value: Any, text: str | None = None) -> str | None:
     """JSON text for a jsonb column, every string repaired; None when it is not JSON at all
-    (NaN, Infinity, objects that are not JSON types)."""
+    (NaN, Infinity, objects that are not JSON types). *text*, the JSON *value* was decoded
+    from, is that text itself when jsonb takes it as it is (no encoding on the hot path)."""
     if value is None:
         return None
+    if text is not None and _storable_json(text):
+        return text
     try:
-        text = json.dumps(value, ensure_ascii=False, allow_nan=False)
+        dumped = json.dumps(value, ensure_ascii=False, allow_nan=False)
         # Usually nothing needs repair: json.dumps escapes NUL (as \u0000, which jsonb refuses)
         # and leaves lone surrogates as they are, so the text shows both. Repairing first would
         # walk every answer's every string on the worker's hot path.
-        if "\\u0000" not in text and _UNSTORABLE.search(text) is None:
-            return text
+        if "\\u0000" not in dumped and _UNSTORABLE.search(dumped) is None:
+            return dumped
         return json.dumps(_repaired(value), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError, RecursionError):
         return None
+
+
+def _storable_json(text: str) -> bool:
+    """jsonb takes this JSON text as it is: no ``\\u`` escape (``\\u0000``, a lone
+    surrogate), no NaN or Infinity, no NUL or lone surrogate character. Text with any of
+    them, even where it would be harmless, is encoded again from its decoded value."""
+    return (
+        "\\u" not in text
+        and "NaN" not in text
+        and "Infinity" not in text
+        and _UNSTORABLE.search(text) is None
+    )
 
 
 def db_int(value: int | None) -> int | None:

@@ -35,15 +35,16 @@ def check_prompt(prompt: str) -> None:
         raise InvalidInput("the prompt is empty")
 
 
-def parse_json_text(text: str) -> Any | None:
-    """``text`` decoded when it holds a JSON object or array, else ``None``."""
+def parse_json_answer(text: str) -> tuple[Any | None, str | None]:
+    """``text`` decoded when it holds a JSON object or array, and the JSON text it was
+    decoded from (``Completion.parsed``, ``Completion.parsed_json``); else ``(None, None)``."""
     body = text.strip()
     if body.startswith("```"):
         # Models often wrap JSON in ```json ... ``` even when told not to.
         body = body.removeprefix("```json").removeprefix("```").removesuffix("```").strip()
     if not body or body[0] not in "{[":
-        return None
+        return None, None
     try:
-        return json.loads(body)
+        return json.loads(body), body
     except ValueError:
-        return None
+        return None, None

@@ -20,7 +20,7 @@ import httpx
 
 from analysisq.completion import Completion
 from analysisq.errors import ConfigError
-from analysisq.providers.base import check_prompt, parse_json_text
+from analysisq.providers.base import check_prompt, parse_json_answer
 from analysisq.providers.client import decode_json, dig, post_json
 from analysisq.spec import Target
 
@@ -66,9 +66,11 @@ class HttpProvider:
         if self._path:
             answer: Any = dig(reply, decode_json(reply), *self._path)
             text = answer if isinstance(answer, str) else json.dumps(answer)
+        parsed, parsed_json = parse_json_answer(text)
         return Completion(
             text=text,
-            parsed=parse_json_text(text),
+            parsed=parsed,
+            parsed_json=parsed_json,
             tokens_in=None,
             tokens_out=None,
             model=self.target.model,

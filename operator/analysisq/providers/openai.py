@@ -15,7 +15,7 @@ import httpx
 
 from analysisq.completion import Completion
 from analysisq.errors import ConfigError, InvalidInput, TransientError
-from analysisq.providers.base import check_prompt, parse_json_text
+from analysisq.providers.base import check_prompt, parse_json_answer
 from analysisq.providers.client import Reply, decode_json, dig, optional_int, post_json, with_path
 from analysisq.spec import Target
 
@@ -79,9 +79,11 @@ class OpenAIProvider:
             raise TransientError(f"reply from {reply.where} has no text content")
         usage = body.get("usage")
         usage = usage if isinstance(usage, dict) else {}
+        parsed, parsed_json = parse_json_answer(text)
         return Completion(
             text=text,
-            parsed=parse_json_text(text),
+            parsed=parsed,
+            parsed_json=parsed_json,
             tokens_in=optional_int(usage.get("prompt_tokens")),
             tokens_out=optional_int(usage.get("completion_tokens")),
             model=str(body.get("model") or self.target.model),

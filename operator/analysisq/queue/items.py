@@ -8,6 +8,7 @@ wrappers report which writes applied and the worker logs the rest as lost leases
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -127,15 +128,21 @@ async def heartbeat(
     return {r[0] for r in rows}
 
 
+@functools.lru_cache(maxsize=256)
+def _model_text(model: str) -> str:
+    """A model name as stored: a worker sees a handful of them, once per answer each."""
+    return db_text(model, MAX_MODEL_CHARS)
+
+
 def _result_columns(outcomes: Sequence[Outcome]) -> dict[str, list[object]]:
     """The result parameters of ``complete_and_claim``, one array each, made storable: an
     answer is kept even when its parsed JSON or token counts cannot be."""
     return {
         "ids": [o.item.id for o in outcomes],
         "tokens": [o.item.token for o in outcomes],
-        "models": [db_text(o.completion.model, MAX_MODEL_CHARS) for o in outcomes],
+        "models": [_model_text(o.completion.model) for o in outcomes],
         "response_texts": [db_text(o.completion.text) for o in outcomes],
-        "parsed": [db_json(o.completion.parsed) for o in outcomes],
+        "parsed": [db_json(o.completion.parsed, o.completion.parsed_json) for o in outcomes],
         "tokens_in": [db_int(o.completion.tokens_in) for o in outcomes],
         "tokens_out": [db_int(o.completion.tokens_out) for o in outcomes],
         "latency_ms": [max(0.0, float(o.completion.latency_ms)) for o in outcomes],

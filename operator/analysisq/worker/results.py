@@ -146,7 +146,7 @@ class ResultBuffer:
         self, pool: asyncpg.Pool, o: Outcome, reason: str, report: WriteReport
     ) -> set[int] | None:
         """Write *o* without what the database may not take; None when it is refused."""
-        bare = replace(o.completion, parsed=None, tokens_in=None, tokens_out=None)
+        bare = replace(o.completion, parsed=None, parsed_json=None, tokens_in=None, tokens_out=None)
         try:
             async with acquire(pool) as conn:
                 return await items.complete(conn, [Outcome(o.item, bare)])
