@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import itertools
+import random
 import time
 from typing import Any
 
@@ -17,9 +18,12 @@ import pytest
 
 from analysisq.completion import Completion
 from analysisq.errors import SpecError
+from analysisq.providers.echo import EchoProvider
 from analysisq.queue import items, quota, ratelimit, runs
+from analysisq.queue.retry import RetryPolicy
 from analysisq.spec import Target
 from analysisq.tokens import estimate
+from analysisq.worker.attempt import Attempts
 from support import add_prompts, new_run, spec
 
 pytestmark = pytest.mark.db
@@ -193,3 +197,34 @@ async def test_an_answer_with_an_exhausted_limit_blocks_the_pool(pool: asyncpg.P
     async with pool.acquire() as db:
         wait = (await ratelimit.acquire(db, "key", 1)).wait
     assert 2.8 < wait <= 3.05
+
+
+async def test_only_a_target_without_limits_reuses_its_grant(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request to a target without rate limit in a run without budget reserves nothing,
+    so the attempts reuse its one grant; a limited target still reserves every request."""
+    s = spec(targets=[target("free"), target("limited", requestsPerSecond=1000)])
+    async with pool.acquire() as db:
+        await add_prompts(db, 4)
+        await new_run(db, s=s)
+        claimed = await items.claim(db, "run-1", worker="w", limit=8, lease_seconds=60)
+    reserved: list[str] = []
+    real = quota.reserve
+
+    async def counted(*args: Any) -> quota.Grant:
+        reserved.append(args[3].name)
+        return await real(*args)
+
+    monkeypatch.setattr(quota, "reserve", counted)
+    attempts = Attempts(
+        pool,
+        s,
+        {t.name: EchoProvider(t) for t in s.targets},
+        RetryPolicy(base_seconds=1, cap_seconds=1),
+        rng=random.Random(1),
+        clock=time.monotonic,
+    )
+    answers = [await attempts.run(i) for i in claimed]
+    assert len(claimed) == 8 and all(isinstance(a, Completion) for a in answers)
+    assert sorted(reserved) == ["free"] + ["limited"] * 4

@@ -44,6 +44,11 @@ class Grant:
     debt: float = 0.0
 
     @property
+    def reserves_nothing(self) -> bool:
+        """No rate limit, no budget: every request of the target gets this same grant."""
+        return not self.budgeted and not ratelimit.is_limited(self.target)
+
+    @property
     def token_limited(self) -> bool:
         rl = self.target.rate_limit
         return rl is not None and rl.tokens_per_minute is not None

@@ -59,6 +59,9 @@ class Attempts:
         self._clock = clock
         #: Per target: no request before this clock time (this worker's view of Retry-After).
         self._local_backoff: dict[str, float] = {}
+        #: Per target that reserves nothing (no rate limit, no budget): its one grant, so
+        #: that such a request costs no reservation work per item.
+        self._free_grants: dict[tuple[str, str], quota.Grant] = {}
 
     async def run(self, item: ClaimedItem) -> Completion | PolicyDecision:
         try:
@@ -94,9 +97,15 @@ class Attempts:
                 f"prompt {item.external_id!r} has {len(item.text)} characters;"
                 f" the limit is {self.spec.max_prompt_chars}"
             )
-        await self._wait_local_backoff(item.target)
-        grant = await quota.reserve(self.pool, item.run_id, self.spec, target, item.text)
-        await quota.wait(self.pool, grant)
+        if self._local_backoff:
+            await self._wait_local_backoff(item.target)
+        grant = self._free_grants.get((item.run_id, item.target))
+        if grant is None:
+            grant = await quota.reserve(self.pool, item.run_id, self.spec, target, item.text)
+            if grant.reserves_nothing:
+                self._free_grants[item.run_id, item.target] = grant
+        if grant.wait > 0:
+            await quota.wait(self.pool, grant)
         try:
             completion = await self.providers[item.target].complete(item.text)
         except ProviderError:
