@@ -27,7 +27,7 @@ MAX_ERROR_CHARS = 2000
 MAX_MODEL_CHARS = 256
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ClaimedItem:
     """One claim on one item: the item's id and the claim's token (the fence) identify it."""
 
@@ -56,7 +56,7 @@ class ClaimedItem:
         return (self.id, self.token)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Outcome:
     """A completed item's result, ready to be written."""
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from analysisq.queue.items import ClaimedItem
 
 
-@dataclass
+@dataclass(slots=True)
 class InFlightClaim:
     item: ClaimedItem
     #: The task running the attempt (None once it is done or before it starts).
@@ -90,7 +90,9 @@ class InFlight:
     def get(self, item: ClaimedItem) -> InFlightClaim | None:
         """The record of exactly this claim, or None if it is no longer held."""
         record = self._by_id.get(item.id)
-        return record if record is not None and record.item.key == item.key else None
+        if record is None or (record.item is not item and record.item.key != item.key):
+            return None
+        return record
 
     def holds(self, item: ClaimedItem) -> bool:
         return self.get(item) is not None
