@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from typing import Any
 
@@ -136,7 +137,7 @@ async def test_complete_writes_one_result_and_is_fenced(db: asyncpg.Connection) 
     await add_prompts(db, 3)
     await new_run(db)
     a, b, c = await claim(db, 3)
-    forged = ClaimedItem(**{**vars(c), "token": a.token})
+    forged = dataclasses.replace(c, token=a.token)
     written = await items.complete(db, [Outcome(a, OK), Outcome(b, OK), Outcome(forged, OK)])
     assert written == {a.id, b.id}
     assert await items.complete(db, [Outcome(a, OK)]) == set()  # a second write is refused
