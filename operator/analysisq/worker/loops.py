@@ -457,14 +457,8 @@ class Worker:
             self._refill_out = 0  # its claims are held now, or there are none
 
     async def _flush_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            # a full batch sets the event, this timer a partial one's 50 ms (a timer, not
-            # wait_for: no task per flush)
-            timer = loop.call_later(0.05, self._flush_now.set)
-            try:
-                await self._flush_now.wait()
-            finally:
-                timer.cancel()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flush_now.wait(), timeout=0.05)
             self._flush_now.clear()
             await self._flush()
