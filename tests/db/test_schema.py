@@ -26,6 +26,10 @@ _SNAPSHOT = {
     "functions": """
         SELECT p.proname, pg_get_function_arguments(p.oid), pg_get_functiondef(p.oid)
         FROM pg_proc p WHERE p.pronamespace = 'public'::regnamespace ORDER BY 1, 2""",
+    # identity sequences' parameters (migration 0014 caches the queue's ids)
+    "sequences": """
+        SELECT s.seqrelid::regclass::text, s.seqincrement, s.seqcache, s.seqcycle
+        FROM pg_sequence s ORDER BY 1""",
     # the triggers that check the queue's references (migration 0011), not the RI ones
     "triggers": """
         SELECT tgrelid::regclass::text, tgname, pg_get_triggerdef(oid)
