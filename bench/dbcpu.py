@@ -2,7 +2,7 @@
 
 One connection drains a queue of no-op items through ``analysisq_complete_and_claim`` as a
 worker does (each call writes the answers of the batch it claimed before and claims the
-next), and the CPU of its server process is read from ``/proc`` (psutil) around the drain:
+next), and the CPU of its server process is read from ``/proc`` around the drain:
 no worker Python, no second connection, no other system's rounds, so the server's own cost
 per item is what is left. Cases run in alternating rounds on copies of one scratch database:
 
@@ -26,7 +26,7 @@ import asyncpg
 from analysisq.queue import runs
 from analysisq.spec import parse_spec
 
-from .common import ROOT, Reporter, bench_database, copy_prompts, table
+from .common import ROOT, Reporter, bench_database, copy_prompts, server_cpu_s, table
 
 NAME = "dbcpu"
 RUN = "bench-dbcpu"
@@ -62,8 +62,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 async def drain(url: str, items: int, batch: int) -> tuple[float, float]:
     """Fill the queue, drain it on a fresh connection; (server CPU s, WAL bytes)."""
-    import psutil
-
     conn = await asyncpg.connect(url)
     try:
         await conn.execute(
@@ -79,9 +77,9 @@ async def drain(url: str, items: int, batch: int) -> tuple[float, float]:
     try:
         stmt = await conn.prepare(CALL)
         await stmt.fetch([], [], [], [], [], [], [], [], RUN, 0)  # the plan, out of the count
-        proc = psutil.Process(await conn.fetchval("SELECT pg_backend_pid()"))
+        pid = await conn.fetchval("SELECT pg_backend_pid()")
         lsn0 = await conn.fetchval("SELECT pg_current_wal_insert_lsn()")
-        before = proc.cpu_times()
+        before = server_cpu_s(pid)
         held: list[Any] = []
         written = 0
         while True:
@@ -103,13 +101,12 @@ async def drain(url: str, items: int, batch: int) -> tuple[float, float]:
             held = [r for r in rows if not r["written"]]
             if not held:
                 break
-        after = proc.cpu_times()
+        cpu = server_cpu_s(pid) - before
         wal = await conn.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), $1)", lsn0)
     finally:
         await conn.close()
     if written != items:
         raise RuntimeError(f"dbcpu: {written} of {items} items written")
-    cpu = (after.user + after.system) - (before.user + before.system)
     return cpu, float(wal)
 
 

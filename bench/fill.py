@@ -23,9 +23,7 @@ changed: only the throwaway benchmark database is.
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import asyncpg
 
@@ -34,7 +32,7 @@ from analysisq.queue import runs
 from analysisq.spec import AnalysisRunSpec, parse_spec
 
 from . import fill_reads
-from .common import Reporter, bench_database, copy_prompts, stopwatch, table
+from .common import Reporter, bench_database, copy_prompts, server_cpu_s, stopwatch, table
 
 NAME = "fill"
 # DESIGN: 10k < 1 s, 1M < 60 s; issue 15 asked for 1M under 10 s on the 2-core machine
@@ -93,15 +91,6 @@ async def prepare(conn: asyncpg.Connection, case: Case) -> None:
     # pages all-visible, so the timed fill does not pay for the load's first read
     await conn.execute("VACUUM ANALYZE analysis_queue, prompts")
     await conn.execute("CHECKPOINT")
-
-
-def server_cpu_s(pid: int | None) -> float:
-    """CPU seconds (user + system) used so far by server process *pid* (0 without one): on a
-    shared machine a statement's CPU moves far less with the load than its wall time."""
-    if pid is None:
-        return 0.0
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 #: The fill statement of before migration 0013 (the INSERT ... ON CONFLICT of 0011, checked

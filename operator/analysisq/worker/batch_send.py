@@ -147,12 +147,13 @@ class BatchSender:
         """The page of *ordered* from *start*: its items still waiting in the submission with
         their prompts, and where the next page starts (past ``PAGE_BYTES`` of prompts, or
         ``PAGE_ITEMS`` items; never at *start*: the first item of a page has its prompt)."""
-        ids = [i.id for i in ordered[start : start + PAGE_ITEMS]]
+        chunk = ordered[start : start + PAGE_ITEMS]
+        ids = [i.id for i in chunk]
         async with acquire(self.pool) as conn:
             texts = dict(await batches.prompt_page(conn, sub_id, ids, max_bytes=PAGE_BYTES))
         page: list[tuple[ClaimedItem, str]] = []
         end = start
-        for item in ordered[start : start + len(ids)]:
+        for item in chunk:
             if item.id in texts and texts[item.id] is None:
                 break  # past the page's bytes: the next page starts here
             end += 1
